@@ -1,0 +1,1 @@
+"""The engine: scheduling, KV-cache blocks, the paged cache, running and sampling."""

@@ -1,0 +1,174 @@
+"""BlockManager: hands out KV-cache blocks, counts their users, and caches prefixes.
+
+Invariants (checked by `check_invariants`, which the tests call after every operation):
+- a block's `ref_count` equals the number of block tables that hold it;
+- a block is in `free_block_queue` exactly when its ref_count is 0;
+- `cached_block_by_hash[h] == b` implies `blocks[b].hash == h`.
+
+Prefix caching: a full block is identified by a chained hash, xxh64(parent hash +
+its token ids). When its KV has been written, the block is registered under that hash;
+a later sequence whose tokens hash the same (and whose token ids compare equal) reuses
+it instead of recomputing. A freed block keeps its hash and waits in the LRU free queue
+until a new allocation evicts it, so a prefix outlives the request that computed it.
+"""
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+
+from .sequence import Sequence
+
+
+@dataclass(eq=False)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+    parent_hash: int | None = None      # kept, with token_ids, to confirm a hash hit
+    token_ids: tuple[int, ...] = ()
+
+
+def block_hash(parent_hash: int | None, token_ids) -> int:
+    prefix = b"" if parent_hash is None else parent_hash.to_bytes(8, "little")
+    return xxhash.xxh64_intdigest(prefix + np.asarray(token_ids, dtype=np.int64).tobytes())
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_block_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.cached_block_by_hash: dict[int, int] = {}
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_block_queue)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # -- prefix cache lookups -------------------------------------------------------------
+
+    def _extend_hashes(self, seq: Sequence, num_full_blocks: int) -> None:
+        bs = self.block_size
+        while len(seq.block_hashes) < num_full_blocks:
+            i = len(seq.block_hashes)
+            parent = seq.block_hashes[-1] if i else None
+            seq.block_hashes.append(block_hash(parent, seq.token_ids[i * bs:(i + 1) * bs]))
+
+    def cached_prefix(self, seq: Sequence) -> list[int]:
+        """Blocks holding the KV of `seq`'s leading full blocks, as far as cached.
+
+        The last token is never covered, so the step that admits `seq` computes at least
+        one token and produces its logits.
+        """
+        if not self.enable_prefix_caching or seq.request.params.prompt_logprobs is not None:
+            return []  # prompt log-probs need every prompt position computed
+        bs = self.block_size
+        max_blocks = (seq.num_tokens - 1) // bs
+        self._extend_hashes(seq, max_blocks)
+        hits = []
+        for i in range(max_blocks):
+            block_id = self.cached_block_by_hash.get(seq.block_hashes[i])
+            if block_id is None:
+                break
+            block = self.blocks[block_id]
+            parent = seq.block_hashes[i - 1] if i else None
+            if block.parent_hash != parent or block.token_ids != tuple(seq.token_ids[i * bs:(i + 1) * bs]):
+                break  # a hash collision: the tokens differ
+            hits.append(block_id)
+        return hits
+
+    # -- allocation ---------------------------------------------------------------------
+
+    def can_allocate(self, seq: Sequence, prefix_blocks: list[int], num_new_tokens: int) -> bool:
+        """Whether `seq` can be admitted reusing `prefix_blocks` and computing `num_new_tokens`."""
+        num_tokens = len(prefix_blocks) * self.block_size + num_new_tokens
+        new_blocks = self.blocks_needed(num_tokens) - len(prefix_blocks)
+        revived = sum(1 for b in prefix_blocks if self.blocks[b].ref_count == 0)
+        return new_blocks + revived <= self.num_free_blocks
+
+    def allocate(self, seq: Sequence, prefix_blocks: list[int], num_new_tokens: int) -> None:
+        assert not seq.block_table, "sequence already holds blocks"
+        for block_id in prefix_blocks:
+            self._take(block_id)
+        seq.block_table = list(prefix_blocks)
+        seq.num_computed_tokens = len(prefix_blocks) * self.block_size
+        self.append_slots(seq, num_new_tokens)
+
+    def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
+        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        return needed <= self.num_free_blocks
+
+    def append_slots(self, seq: Sequence, num_new_tokens: int) -> None:
+        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        for _ in range(needed):
+            seq.block_table.append(self._take_free_block())
+
+    def free(self, seq: Sequence) -> None:
+        # tail blocks first: they are the least likely to be shared, so evict them first
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_block_queue[block_id] = None
+        seq.block_table = []
+        seq.num_registered_blocks = 0
+
+    def _take(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free_block_queue[block_id]
+        block.ref_count += 1
+
+    def _take_free_block(self) -> int:
+        block_id, _ = self.free_block_queue.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None:  # evict the least recently freed cached prefix
+            if self.cached_block_by_hash.get(block.hash) == block_id:
+                del self.cached_block_by_hash[block.hash]
+            block.hash, block.parent_hash, block.token_ids = None, None, ()
+        block.ref_count = 1
+        return block_id
+
+    # -- registration after the KV is written --------------------------------------------
+
+    def register_computed_blocks(self, seq: Sequence) -> None:
+        """Offer `seq`'s newly computed full blocks to the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        num_full = seq.num_computed_tokens // bs
+        if num_full <= seq.num_registered_blocks:
+            return
+        self._extend_hashes(seq, num_full)
+        for i in range(seq.num_registered_blocks, num_full):
+            block = self.blocks[seq.block_table[i]]
+            h = seq.block_hashes[i]
+            if block.hash is None and h not in self.cached_block_by_hash:
+                block.hash, block.parent_hash = h, (seq.block_hashes[i - 1] if i else None)
+                block.token_ids = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+                self.cached_block_by_hash[h] = block.block_id
+        seq.num_registered_blocks = num_full
+
+    def check_invariants(self, block_tables: list[list[int]]) -> None:
+        holders = [0] * self.num_blocks
+        for table in block_tables:
+            for block_id in table:
+                holders[block_id] += 1
+        for block in self.blocks:
+            assert block.ref_count == holders[block.block_id], f"ref count of {block}"
+            assert (block.ref_count == 0) == (block.block_id in self.free_block_queue), f"{block}"
+        for h, block_id in self.cached_block_by_hash.items():
+            assert self.blocks[block_id].hash == h

@@ -1,0 +1,62 @@
+"""The paged KV cache and the per-step view of it that attention reads through.
+
+PagedKVCache owns one K and one V pool per layer, each `[num_blocks, block_size,
+n_kv_head, head_dim]`. A token's KV lives at `slot = block_id * block_size + offset`;
+which blocks a sequence owns is the BlockManager's business, recorded in its block table.
+
+SequenceKVView binds the cache to the sequences of one step: where each new token's KV
+goes (slot mapping) and which slots each sequence may read (block tables, context
+lengths). Sequences with a single query token (decodes) come first in the flat batch.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+class PagedKVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str):
+        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        # zeros, not empty: padded reads of unused slots are masked out, but a NaN there
+        # would still poison the attention output (0 * NaN = NaN)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_blocks, self.block_size = num_blocks, block_size
+
+    @staticmethod
+    def bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype) -> int:
+        element_size = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * element_size
+
+    def flat_pools(self, layer_idx: int):
+        """K and V of one layer as `[num_slots, n_kv_head, head_dim]`, indexable by slot."""
+        k, v = self.k[layer_idx], self.v[layer_idx]
+        return k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])
+
+
+@dataclass
+class SequenceKVView:
+    cache: PagedKVCache
+    slot_mapping: torch.Tensor    # [num_tokens] where each new token's K/V is written
+    block_tables: torch.Tensor    # [num_seqs, max_blocks] (padded with block 0)
+    query_lens: list[int]         # new tokens of each sequence this step
+    context_lens: list[int]       # keys each sequence sees, its new tokens included
+    num_decode_seqs: int          # the first sequences, with exactly one query token each
+
+    @property
+    def block_size(self) -> int:
+        return self.cache.block_size
+
+    @property
+    def max_query_len(self) -> int:
+        return max(self.query_lens)
+
+    @property
+    def max_context_len(self) -> int:
+        return max(self.context_lens)
+
+    def write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        k_pool, v_pool = self.cache.flat_pools(layer_idx)
+        k_pool.index_copy_(0, self.slot_mapping, k)
+        v_pool.index_copy_(0, self.slot_mapping, v)

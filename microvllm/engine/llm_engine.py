@@ -1,0 +1,233 @@
+"""LLMEngine: requests in, one scheduled forward per step, finished outputs out.
+
+`add_request` validates and queues a request; `step` schedules, runs the model once,
+appends the sampled tokens, applies the stop rules and returns the requests that
+finished; `abort_request` drops a request and frees its blocks at once.
+"""
+
+import itertools
+import random
+import time
+
+import torch
+import xxhash
+
+from ..model.attention import DenseCausalAttention, resolve_attention_backend
+from ..model.loader import load_model
+from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from ..sampling_params import SamplingParams
+from ..tokenizer import Tokenizer
+from .block_manager import BlockManager
+from .config import DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
+from .kv_cache import PagedKVCache
+from .model_runner import ModelRunner, StepOutput
+from .sampler import Sampler
+from .scheduler import Scheduler
+from .sequence import Request, Sequence
+
+FLASH_ATTN_BLOCK_SIZE = 256  # flash_attn's paged kernels need block_size % 256 == 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = config.resolve_device()
+        self.dtype = config.resolve_dtype(self.device)
+        attention_backend = resolve_attention_backend(config.attention_backend, self.device)
+        if attention_backend.__name__ == "FlashPagedAttention" and config.block_size % FLASH_ATTN_BLOCK_SIZE:
+            raise ValueError(f"block_size={config.block_size} is not supported by flash_attn: "
+                             f"use a multiple of {FLASH_ATTN_BLOCK_SIZE}, or attention_backend='sdpa'")
+        self.tokenizer = Tokenizer.find(config.model, config.tokenizer)
+        self.max_model_len = config.max_model_len
+        self.model = load_model(config.model, config.step, self.dtype, self.device,
+                                config.logit_softcap, max_positions=config.max_model_len)
+        model_config = self.model.config
+        if self.tokenizer.vocab_size != model_config.vocab_size:
+            raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's "
+                             f"vocab_size is {model_config.vocab_size}: wrong tokenizer for this checkpoint")
+        self.max_model_len = config.max_model_len or model_config.sequence_len
+        self.vocab_size = model_config.vocab_size
+
+        num_blocks = config.num_blocks or self._num_blocks_for_budget()
+        capacity = num_blocks * config.block_size
+        if capacity < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {capacity} tokens ({num_blocks} blocks of {config.block_size}), "
+                f"fewer than one sequence of max_model_len={self.max_model_len}: give it more memory "
+                f"(kv_cache_memory / num_blocks) or lower max_model_len")
+        self.kv_cache = PagedKVCache(model_config.n_layer, num_blocks, config.block_size,
+                                     model_config.n_kv_head, model_config.head_dim, self.dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.kv_cache, attention_backend,
+                                  Sampler(self.tokenizer.eos_token_ids), self.device)
+        self.requests: dict[str, Request] = {}
+        self._request_counter = itertools.count()
+        self._seq_counter = itertools.count()
+        self._seed_rng = random.Random(config.seed)
+
+    def _num_blocks_for_budget(self) -> int:
+        c, mc = self.config, self.model.config
+        per_block = PagedKVCache.bytes_per_block(mc.n_layer, c.block_size, mc.n_kv_head, mc.head_dim, self.dtype)
+        budget = c.kv_cache_memory
+        if budget is None:
+            budget = (self._free_gpu_memory() if self.device.type == "cuda"
+                      else DEFAULT_CPU_KV_CACHE_MEMORY)
+        return max(int(budget // per_block), 1)
+
+    @torch.inference_mode()
+    def _free_gpu_memory(self) -> int:
+        """GPU bytes left for the KV cache after the weights and a full-size forward."""
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n = min(self.config.max_num_batched_tokens, self.max_model_len)
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, torch.arange(n, device=self.device), ids - 1, DenseCausalAttention(1))
+        self.model.compute_logits(hidden[:self.config.max_num_seqs])
+        peak = torch.cuda.max_memory_allocated(self.device)
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        return int(total * self.config.gpu_memory_utilization - peak)
+
+    # -- requests ---------------------------------------------------------------------
+
+    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty: give at least one token")
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in prompt_token_ids):
+            bad = next(t for t in prompt_token_ids if isinstance(t, bool) or not isinstance(t, int))
+            raise ValueError(f"prompt token ids must be ints, got {bad!r}")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is out of vocabulary: ids must be in "
+                             f"[0, {self.vocab_size})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; it must be shorter than "
+                             f"max_model_len={self.max_model_len} to leave room for output")
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"stop_token_ids {bad} are out of vocabulary: ids must be in "
+                             f"[0, {self.vocab_size})")
+
+    def add_request(self, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+                    request_id: str | None = None) -> str:
+        self.validate_prompt(prompt_token_ids, params)
+        request_id = str(next(self._request_counter)) if request_id is None else str(request_id)
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        request = Request(request_id, prompt, list(prompt_token_ids), params)
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]  # the first token has no predecessor
+        base_seed = self._seed_rng.getrandbits(63) if params.seed is None else params.seed
+        for index in range(params.n):
+            seed = xxhash.xxh64_intdigest(f"{base_seed}:{index}".encode()) >> 1  # fits int64
+            seq = Sequence(next(self._seq_counter), request, index, list(prompt_token_ids), seed)
+            request.sequences.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = request
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.requests.pop(str(request_id), None)
+        if request is None:
+            return
+        for seq in request.sequences:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step loop ----------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled forward; return the outputs of requests that finished in it."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("no request could be scheduled although some are waiting")
+            return []
+        result = self.runner.execute(scheduled)
+        self.scheduler.update(scheduled)
+        self._record_prompt_logprobs(result)
+        touched = self._append_sampled(result)
+        finished = []
+        for request in touched:
+            if request.is_finished:
+                request.finished_time = time.time()
+                del self.requests[request.request_id]
+                finished.append(self.make_output(request))
+        return finished
+
+    def _append_sampled(self, result: StepOutput) -> list[Request]:
+        now = time.time()
+        touched = {}
+        for row, item in enumerate(result.sampled_seqs):
+            seq, sampled = item.seq, result.sampled
+            token = sampled.token_ids[row]
+            seq.token_ids.append(token)
+            if seq.logprobs is not None:
+                seq.cumulative_logprob += sampled.logprobs[row]
+                seq.logprobs.append(self._logprob_entry(
+                    token, sampled.logprobs[row], sampled.ranks[row],
+                    sampled.top_ids[row] if sampled.top_ids else [],
+                    sampled.top_logprobs[row] if sampled.top_logprobs else []))
+            request = seq.request
+            request.first_token_time = request.first_token_time or now
+            self._check_stop(seq, token)
+            touched[request.request_id] = request
+        return list(touched.values())
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        if seq.num_output_tokens >= p.min_tokens:
+            if not p.ignore_eos and token in self.tokenizer.eos_token_ids:
+                return self.scheduler.finish(seq, "stop")
+            if token in p.stop_token_ids:
+                return self.scheduler.finish(seq, "stop", token)
+            if p.stop_strings and self._check_stop_strings(seq):
+                return
+        if seq.num_output_tokens == p.max_tokens or seq.num_tokens >= self.max_model_len:
+            self.scheduler.finish(seq, "length")
+
+    def _check_stop_strings(self, seq: Sequence) -> bool:
+        p = seq.params
+        text = self.tokenizer.decode(seq.output_token_ids, p.skip_special_tokens)
+        # only the tail can hold a stop string that was not there one token ago
+        search_from = max(0, len(seq.text) - max(len(s) for s in p.stop_strings))
+        seq.text = text
+        hits = [(i, s) for s in p.stop_strings if (i := text.find(s, search_from)) >= 0]
+        if not hits:
+            return False
+        index, stop = min(hits)
+        seq.text = text[:index + len(stop)] if p.include_stop_str_in_output else text[:index]
+        self.scheduler.finish(seq, "stop", stop)
+        return True
+
+    def _record_prompt_logprobs(self, result: StepOutput) -> None:
+        for request, first_index, logprobs, ranks, top_ids, top_lps in result.prompt_logprobs:
+            collected = request.prompt_logprobs
+            for offset, logprob in enumerate(logprobs):
+                index = first_index + offset
+                if index == len(collected):  # a recomputed chunk repeats what is known
+                    collected.append(self._logprob_entry(request.prompt_token_ids[index], logprob,
+                                                         ranks[offset], top_ids[offset], top_lps[offset]))
+
+    def _logprob_entry(self, token, logprob, rank, top_ids, top_logprobs) -> dict[int, Logprob]:
+        decode = lambda t: self.tokenizer.decode([t], skip_special_tokens=False)
+        entry = {t: Logprob(lp, r + 1, decode(t)) for r, (t, lp) in enumerate(zip(top_ids, top_logprobs))}
+        entry[token] = Logprob(logprob, rank, decode(token))
+        return entry
+
+    def make_output(self, request: Request) -> RequestOutput:
+        completions = []
+        for seq in request.sequences:
+            p = seq.params
+            text = seq.text if p.stop_strings and seq.finish_reason == "stop" and isinstance(seq.stop_reason, str) \
+                else self.tokenizer.decode(seq.output_token_ids, p.skip_special_tokens)
+            completions.append(CompletionOutput(
+                seq.index, text, seq.output_token_ids, seq.cumulative_logprob, seq.logprobs,
+                seq.finish_reason, seq.stop_reason))
+        return RequestOutput(
+            request.request_id, request.prompt, request.prompt_token_ids, request.prompt_logprobs,
+            completions, request.is_finished,
+            RequestMetrics(request.arrival_time, request.first_token_time, request.finished_time),
+            max(request.sequences[0].num_cached_tokens, 0))

@@ -1,0 +1,108 @@
+"""ModelRunner: turns a scheduled step into tensors, runs the model once, samples.
+
+The flat batch puts single-token sequences (decodes) first, then prefill chunks, so
+the attention backend can treat the two kinds as two groups. Index tensors are built
+with numpy from the sequences' block tables, then moved to the device in one go.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..model.gpt import GPT
+from .kv_cache import PagedKVCache, SequenceKVView
+from .sampler import SampledTokens, Sampler
+from .scheduler import ScheduledSequence
+
+
+@dataclass
+class StepOutput:
+    sampled_seqs: list[ScheduledSequence]   # in the order of `sampled` rows
+    sampled: SampledTokens | None
+    # per sequence computing prompt log-probs: (request, first prompt index covered,
+    # log-probs of those prompt tokens, their ranks, top ids, top log-probs)
+    prompt_logprobs: list[tuple]
+
+
+class ModelRunner:
+    def __init__(self, model: GPT, kv_cache: PagedKVCache, attention_backend, sampler: Sampler,
+                 device: torch.device):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.attention_backend = attention_backend
+        self.sampler = sampler
+        self.device = device
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledSequence]) -> StepOutput:
+        batch = sorted(scheduled, key=lambda s: s.num_new_tokens != 1)
+        input_ids, positions, prev_ids, view = self._prepare(batch)
+        attention = self.attention_backend(view)
+        hidden = self.model(input_ids, positions, prev_ids, attention)
+
+        ends = np.cumsum([s.num_new_tokens for s in batch])
+        sampled_seqs = [s for s in batch if s.samples]
+        last_rows = [int(end) - 1 for s, end in zip(batch, ends) if s.samples]
+        sampled = None
+        if sampled_seqs:
+            logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
+            sampled = self.sampler(logits, [s.seq for s in sampled_seqs])
+        prompt_logprobs = [self._prompt_logprobs(s, hidden, int(end) - s.num_new_tokens)
+                           for s, end in zip(batch, ends) if self._wants_prompt_logprobs(s)]
+        return StepOutput(sampled_seqs, sampled, prompt_logprobs)
+
+    def _prepare(self, batch: list[ScheduledSequence]):
+        bs = self.kv_cache.block_size
+        query_lens = [s.num_new_tokens for s in batch]
+        starts = [s.seq.num_computed_tokens for s in batch]
+        tokens = []
+        for s, start in zip(batch, starts):
+            # one token before the chunk, for smear; -1 marks position 0
+            tokens.append(s.seq.token_ids[start - 1:start + s.num_new_tokens] if start
+                          else [-1] + s.seq.token_ids[:s.num_new_tokens])
+        window = np.concatenate([np.asarray(t, dtype=np.int64) for t in tokens])
+        is_input = np.ones(len(window), dtype=bool)
+        is_input[np.cumsum([0] + [len(t) for t in tokens[:-1]])] = False
+        input_ids = window[is_input]
+        prev_ids = window[np.flatnonzero(is_input) - 1]
+
+        seq_index = np.repeat(np.arange(len(batch)), query_lens)
+        chunk_offset = np.arange(len(input_ids)) - np.repeat(np.cumsum([0] + query_lens[:-1]), query_lens)
+        positions = np.repeat(starts, query_lens) + chunk_offset
+        max_blocks = max(len(s.seq.block_table) for s in batch)
+        block_tables = np.zeros((len(batch), max_blocks), dtype=np.int64)
+        for row, s in enumerate(batch):
+            block_tables[row, :len(s.seq.block_table)] = s.seq.block_table
+        slot_mapping = block_tables[seq_index, positions // bs] * bs + positions % bs
+
+        to_device = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)
+        view = SequenceKVView(
+            cache=self.kv_cache, slot_mapping=to_device(slot_mapping),
+            block_tables=to_device(block_tables), query_lens=query_lens,
+            context_lens=[start + n for start, n in zip(starts, query_lens)],
+            num_decode_seqs=sum(1 for n in query_lens if n == 1))
+        return to_device(input_ids), to_device(positions), to_device(prev_ids), view
+
+    @staticmethod
+    def _wants_prompt_logprobs(s: ScheduledSequence) -> bool:
+        request = s.seq.request
+        return (request.prompt_logprobs is not None and s.seq.index == 0
+                and len(request.prompt_logprobs) < s.seq.num_prompt_tokens)
+
+    def _prompt_logprobs(self, s: ScheduledSequence, hidden, first_row: int) -> tuple:
+        """Log-probs of the prompt tokens that this chunk's positions predict."""
+        seq, k = s.seq, s.seq.params.prompt_logprobs
+        start = seq.num_computed_tokens
+        # position p predicts prompt token p + 1
+        end = min(start + s.num_new_tokens, seq.num_prompt_tokens - 1)
+        if end <= start:
+            return seq.request, start + 1, [], [], [], []
+        logprobs = self.model.compute_logits(hidden[first_row:first_row + end - start]).log_softmax(-1)
+        targets = torch.tensor(seq.token_ids[start + 1:end + 1], device=self.device).unsqueeze(1)
+        chosen = logprobs.gather(1, targets)
+        ranks = ((logprobs > chosen).sum(-1) + 1).tolist()
+        top = logprobs.topk(k, dim=-1) if k else None
+        return (seq.request, start + 1, chosen.squeeze(1).tolist(), ranks,
+                top.indices.tolist() if top is not None else [[] for _ in ranks],
+                top.values.tolist() if top is not None else [[] for _ in ranks])

@@ -1,0 +1,116 @@
+"""Scheduler: decides, every step, which tokens of which sequences run (continuous batching).
+
+One step runs a single forward over: one decode token of each running sequence, the
+next chunk of any unfinished prompt, and prefill chunks of newly admitted sequences,
+together no more than `max_num_batched_tokens` tokens and `max_num_seqs` sequences.
+Running sequences go first, in admission order. When one needs a block and none is
+free, the most recently admitted running sequence is preempted: its blocks are freed
+and it returns to the front of the waiting queue with all its tokens, to be recomputed
+(usually from the prefix cache) when it is admitted again.
+"""
+
+from collections import deque
+from dataclasses import dataclass
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSequence:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the sequence's last token, so it yields a new token."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledSequence]:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledSequence] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.can_append(seq, num_new):
+                victim = self.running[-1]  # never one already scheduled: those are before i
+                self.preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                self.block_manager.append_slots(seq, num_new)
+                scheduled.append(ScheduledSequence(seq, num_new))
+                budget -= num_new
+                i += 1
+        # a step that had to preempt has no room to admit anyone
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            prefix = self._shared_prefix(seq)
+            if prefix is None:
+                break  # a sibling waits until its first sample's prompt is computed
+            num_new = min(seq.num_tokens - len(prefix) * self.block_manager.block_size, budget)
+            if not self.block_manager.can_allocate(seq, prefix, num_new):
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq, prefix, num_new)
+            if seq.num_cached_tokens < 0:
+                seq.num_cached_tokens = seq.num_computed_tokens
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSequence(seq, num_new))
+            budget -= num_new
+        return scheduled
+
+    def _shared_prefix(self, seq: Sequence) -> list[int] | None:
+        """Blocks `seq` can start from: its first sibling's prompt blocks, or cached ones."""
+        first = seq.request.sequences[0]
+        if first is seq or seq.num_output_tokens or first.status is not SequenceStatus.RUNNING:
+            return self.block_manager.cached_prefix(seq)
+        if not first.prompt_is_computed:
+            return None
+        # the n samples of a request share their prompt's full blocks, caching or not
+        shareable = (seq.num_prompt_tokens - 1) // self.block_manager.block_size
+        return first.block_table[:shareable]
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def update(self, scheduled: list[ScheduledSequence]) -> None:
+        """Account for a finished forward: KV of the scheduled tokens is now in the cache."""
+        for item in scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.register_computed_blocks(item.seq)
+
+    def finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
+        """Take `seq` out of the queues and free its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self.block_manager.free(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason, seq.stop_reason = reason, stop_reason

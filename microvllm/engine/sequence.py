@@ -1,0 +1,84 @@
+"""Request and Sequence: the engine's record of what was asked and how far it has got.
+
+A Request is one prompt with its SamplingParams; it owns `n` Sequences, one per sample.
+A Sequence's tokens are its prompt followed by what it generated; `num_computed_tokens`
+of them have their KV in the cache (the rest are computed by coming steps).
+"""
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from ..sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request: "Request"
+    index: int                          # which of the request's n samples
+    token_ids: list[int]
+    seed: int                           # the sampling noise is a pure function of this
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = -1         # prefix reused at first admission; -1 = not admitted yet
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # of full blocks, chained, as computed
+    num_registered_blocks: int = 0      # leading full blocks already offered to the prefix cache
+    logprobs: list[dict] | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None    # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    text: str = ""
+
+    def __post_init__(self):
+        self.num_prompt_tokens = len(self.token_ids)
+        if self.request.params.logprobs is not None:
+            self.logprobs, self.cumulative_logprob = [], 0.0
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def prompt_is_computed(self) -> bool:
+        return self.num_computed_tokens >= self.num_prompt_tokens
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.time)
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    sequences: list[Sequence] = field(default_factory=list)
+    prompt_logprobs: list[dict | None] | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return all(seq.is_finished for seq in self.sequences)

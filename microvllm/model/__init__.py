@@ -1,0 +1,1 @@
+"""The nanochat GPT: configuration and eras, forward, attention backends, loading."""

@@ -1,0 +1,126 @@
+"""Loading nanochat checkpoints: find the files, detect the era, build the GPT.
+
+A checkpoint dir holds `model_{step:06d}.pt` (a state dict) and `meta_{step:06d}.json`
+(with `model_config`), possibly for several steps. Weights are read with
+`weights_only=True`, so a checkpoint file cannot run code.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .gpt import GPT
+
+# keys of short-lived nanochat prototypes whose forward math was never released
+PROTOTYPE_KEY_MARKERS = ("v0_lambdas", "value_embed_A", "value_embed.", "bigram")
+
+
+def find_checkpoint(model_dir: str | Path, step: int | None = None) -> tuple[Path, Path, int]:
+    """(model path, meta path, step); the largest step unless `step` is given."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint dir {model_dir} does not exist")
+    steps = sorted(int(m.group(1)) for p in model_dir.iterdir()
+                   if (m := re.fullmatch(r"model_(\d+)\.pt", p.name)))
+    if not steps:
+        raise FileNotFoundError(f"no model_<step>.pt file in {model_dir}")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise ValueError(f"step={step} has no checkpoint in {model_dir}; available steps: {steps}")
+    model_path = model_dir / f"model_{step:06d}.pt"
+    meta_path = model_dir / f"meta_{step:06d}.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path.name} is missing beside {model_path.name} in {model_dir}")
+    return model_path, meta_path, step
+
+
+def read_model_config_dict(meta_path: Path) -> dict:
+    try:
+        meta = json.loads(meta_path.read_text())
+        config = meta["model_config"]
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
+    except (KeyError, TypeError):
+        raise ValueError(f"{meta_path} has no 'model_config' object") from None
+    required = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+    missing = [k for k in required if not isinstance(config.get(k), int)]
+    if missing:
+        raise ValueError(f"{meta_path}: model_config lacks integer fields {missing}")
+    return config
+
+
+def read_state_dict(model_path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state_dict = torch.load(model_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{model_path} is not a loadable weights-only state dict: {e}") from None
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{model_path} holds a {type(state_dict).__name__}, not a state dict")
+    # torch.compile'd models save their keys with this prefix
+    return {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+
+
+def detect_era(state_dict: dict[str, torch.Tensor]) -> str:
+    prototype = sorted(k for k in state_dict if any(m in k for m in PROTOTYPE_KEY_MARKERS))
+    if prototype:
+        raise ValueError("checkpoint is from a short-lived nanochat prototype that microvllm does "
+                         f"not support (keys {prototype[:4]})")
+    if "smear_gate.weight" in state_dict:
+        return "E"
+    ve_gates = [v for k, v in state_dict.items() if k.endswith("attn.ve_gate.weight")]
+    if ve_gates:
+        width = ve_gates[0].shape[1]
+        if width not in (12, 32):
+            raise ValueError(f"unknown value-embedding gate width {width} (known: 32 era C, 12 era D)")
+        return "C" if width == 32 else "D"
+    return "B" if "resid_lambdas" in state_dict else "A"
+
+
+def build_model_config(config_dict: dict, state_dict: dict, logit_softcap: float | None) -> ModelConfig:
+    era = detect_era(state_dict)
+    wte = state_dict.get("transformer.wte.weight")
+    if wte is None:
+        raise ValueError("checkpoint has no transformer.wte.weight: not a nanochat GPT")
+    fields = {k: config_dict[k] for k in
+              ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")}
+    if wte.shape[0] < fields["vocab_size"]:
+        raise ValueError(f"wte has {wte.shape[0]} rows but meta says vocab_size={fields['vocab_size']}")
+    return ModelConfig(**fields, window_pattern=config_dict.get("window_pattern") or "L", era=era,
+                       padded_vocab_size=wte.shape[0],
+                       logit_softcap=15.0 if logit_softcap is None else logit_softcap)
+
+
+def check_keys(model: GPT, state_dict: dict) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unknown = sorted(set(state_dict) - set(expected))
+    if missing or unknown:
+        raise ValueError(f"checkpoint does not match a nanochat era-{model.config.era} GPT: "
+                         f"missing keys {missing[:6]}, unknown keys {unknown[:6]}")
+    for k, v in expected.items():
+        if v.shape != state_dict[k].shape:
+            raise ValueError(f"checkpoint key {k} has shape {tuple(state_dict[k].shape)}, "
+                             f"expected {tuple(v.shape)} from meta's model_config")
+
+
+def load_model(model_dir: str | Path, step: int | None = None, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu", logit_softcap: float | None = None,
+               max_positions: int | None = None) -> GPT:
+    """The GPT of a nanochat checkpoint dir, in eval mode, cast to `dtype` on `device`.
+
+    `logit_softcap` overrides 15: nanochat used 20 from 2026-03-02 to 03-09 (era C),
+    which the weights cannot reveal.
+    """
+    model_path, meta_path, _ = find_checkpoint(model_dir, step)
+    config_dict = read_model_config_dict(meta_path)
+    state_dict = read_state_dict(model_path)
+    config = build_model_config(config_dict, state_dict, logit_softcap)
+    with torch.device("meta"):
+        model = GPT(config, max_positions)
+    check_keys(model, state_dict)
+    model.load_state_dict(state_dict, assign=True)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -1,0 +1,85 @@
+"""SamplingParams: how the tokens of one request are chosen, validated on creation."""
+
+import math
+from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1                          # independent samples of the same prompt
+    temperature: float = 1.0            # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = -1                     # -1 or 0 = all tokens
+    min_p: float = 0.0
+    seed: int | None = None             # same seed, same tokens, whatever runs beside it
+    max_tokens: int | None = 16         # None = until max_model_len
+    min_tokens: int = 0                 # EOS and stop_token_ids are blocked before this
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    repetition_penalty: float = 1.0     # > 1 discourages tokens of the prompt and output
+    presence_penalty: float = 0.0       # > 0 discourages tokens already generated
+    frequency_penalty: float = 0.0      # ... in proportion to how often
+    logprobs: int | None = None         # top log-probs returned per generated token
+    prompt_logprobs: int | None = None  # top log-probs returned per prompt token
+    skip_special_tokens: bool = True
+    stop_strings: tuple[str, ...] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.stop_strings = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        self.stop_token_ids = list(self.stop_token_ids or ())
+        self._validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
+
+    def _validate(self):
+        _check_int("n", self.n, 1)
+        _check_real("temperature", self.temperature, "a finite number >= 0", lambda x: x >= 0)
+        _check_real("top_p", self.top_p, "in (0, 1]", lambda x: 0 < x <= 1)
+        _check_int("top_k", self.top_k, -1)
+        _check_real("min_p", self.min_p, "in [0, 1]", lambda x: 0 <= x <= 1)
+        if self.seed is not None:
+            _check_int("seed", self.seed, None)
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, 1)
+        _check_int("min_tokens", self.min_tokens, 0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens} must be <= max_tokens={self.max_tokens}")
+        for s in self.stop_strings:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop strings must be non-empty str, got {s!r}")
+        for t in self.stop_token_ids:
+            _check_int("stop_token_ids entries", t, 0)
+        _check_real("repetition_penalty", self.repetition_penalty, "a finite number > 0",
+                    lambda x: x > 0)
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check_real(name, getattr(self, name), "in [-2, 2]", lambda x: -2 <= x <= 2)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(name, value, 0)
+                if value > MAX_LOGPROBS:
+                    raise ValueError(f"{name}={value} is above the allowed maximum {MAX_LOGPROBS}")
+
+
+def _check_int(name: str, value, minimum: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_real(name: str, value, allowed: str, ok) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")

@@ -1,0 +1,112 @@
+"""nanochat's tokenizer (a pickled tiktoken Encoding) and its chat format.
+
+`tokenizer.pkl` is read with an unpickler that can rebuild a tiktoken Encoding and
+nothing else, so a planted pickle cannot run code.
+"""
+
+import os
+import pickle
+from pathlib import Path
+
+import tiktoken
+
+SPECIAL_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>",
+                  "<|assistant_end|>", "<|python_start|>", "<|python_end|>",
+                  "<|output_start|>", "<|output_end|>")
+
+
+class _EncodingUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) == ("tiktoken.core", "Encoding"):
+            return tiktoken.Encoding
+        raise pickle.UnpicklingError(
+            f"tokenizer.pkl refers to {module}.{name}; only tiktoken.core.Encoding is allowed")
+
+
+def tokenizer_search_paths(model_dir: str | Path) -> list[Path]:
+    """Where a tokenizer is looked for, in order, when none is given."""
+    model_dir = Path(model_dir)
+    base_dir = os.environ.get("NANOCHAT_BASE_DIR")
+    paths = [model_dir / "tokenizer", model_dir.parent / "tokenizer"]
+    if base_dir:
+        paths.append(Path(base_dir) / "tokenizer")
+    paths.append(Path.home() / ".cache" / "nanochat" / "tokenizer")
+    return paths
+
+
+class Tokenizer:
+    def __init__(self, encoding: tiktoken.Encoding):
+        self.encoding = encoding
+        self.vocab_size = encoding.n_vocab
+        missing = [t for t in SPECIAL_TOKENS if t not in encoding.special_tokens_set]
+        if missing:
+            raise ValueError(f"tokenizer lacks nanochat's special tokens {missing}")
+        self.special = {t: encoding.encode_single_token(t) for t in SPECIAL_TOKENS}
+        self.special_ids = frozenset(self.special.values())
+        self.bos_id = self.special["<|bos|>"]
+        # nanochat stops a reply at <|assistant_end|>, and a base model's text at <|bos|>
+        self.eos_token_ids = frozenset({self.special["<|assistant_end|>"], self.bos_id})
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "Tokenizer":
+        pkl = Path(path) / "tokenizer.pkl"
+        if not pkl.is_file():
+            raise FileNotFoundError(f"no tokenizer.pkl in {path}")
+        with open(pkl, "rb") as f:
+            try:
+                encoding = _EncodingUnpickler(f).load()
+            except pickle.UnpicklingError as e:
+                raise ValueError(f"{pkl} is not a nanochat tokenizer: {e}") from None
+            except Exception as e:
+                raise ValueError(f"{pkl} is corrupt or not a pickled tiktoken Encoding: {e}") from None
+        if not isinstance(encoding, tiktoken.Encoding):
+            raise ValueError(f"{pkl} holds a {type(encoding).__name__}, not a tiktoken Encoding")
+        return cls(encoding)
+
+    @classmethod
+    def find(cls, model_dir: str | Path, tokenizer_dir: str | Path | None = None) -> "Tokenizer":
+        if tokenizer_dir is not None:
+            return cls.from_dir(tokenizer_dir)
+        searched = tokenizer_search_paths(model_dir)
+        for path in searched:
+            if (path / "tokenizer.pkl").is_file():
+                return cls.from_dir(path)
+        raise FileNotFoundError(
+            "no tokenizer.pkl found; looked in " + ", ".join(map(str, searched))
+            + ". Pass tokenizer=DIR or set NANOCHAT_BASE_DIR.")
+
+    def encode(self, text: str, prepend_bos: bool = True) -> list[int]:
+        # special-token text inside user strings stays plain text, as in nanochat
+        ids = self.encoding.encode_ordinary(text)
+        return [self.bos_id] + ids if prepend_bos else ids
+
+    def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
+        if skip_special_tokens:
+            token_ids = [t for t in token_ids if t not in self.special_ids]
+        return self.encoding.decode(token_ids, errors="replace")
+
+    def render_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation, ending with <|assistant_start|> to prompt a reply."""
+        if not messages:
+            raise ValueError("a conversation needs at least one message")
+        messages = list(messages)
+        if messages[0].get("role") == "system":
+            if len(messages) < 2 or messages[1].get("role") != "user":
+                raise ValueError("a system message must be followed by a user message")
+            # nanochat has no system role: it prefixes the first user message instead
+            merged = messages[0]["content"] + "\n\n" + messages[1]["content"]
+            messages = [{"role": "user", "content": merged}] + messages[2:]
+        ids = [self.bos_id]
+        for i, message in enumerate(messages):
+            role, content = message.get("role"), message.get("content")
+            expected = "user" if i % 2 == 0 else "assistant"
+            if role != expected or not isinstance(content, str):
+                raise ValueError(f"message {i} must be a {expected!r} message with str content "
+                                 f"(turns alternate user/assistant), got role={role!r}")
+            ids.append(self.special[f"<|{role}_start|>"])
+            ids += self.encoding.encode_ordinary(content)
+            ids.append(self.special[f"<|{role}_end|>"])
+        if messages[-1]["role"] != "user":
+            raise ValueError("a conversation must end with a user message to prompt a reply")
+        ids.append(self.special["<|assistant_start|>"])
+        return ids

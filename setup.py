@@ -1,0 +1,18 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="microvllm",
+    version="0.1.0",
+    description="Fast, readable offline batched inference for nanochat GPT models",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    packages=find_packages(include=["microvllm", "microvllm.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.5", "tiktoken", "xxhash", "numpy", "tqdm"],
+    extras_require={
+        "test": ["pytest", "hypothesis"],
+        "bench": ["datasets", "matplotlib"],
+        "train": ["tokenizers"],
+    },
+)
