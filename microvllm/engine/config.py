@@ -5,7 +5,8 @@ from dataclasses import dataclass
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_CPU_KV_CACHE_MEMORY = 2 * 1024**3
+# on CPU, by default: room for max_num_seqs full-length sequences, at most this much
+MAX_DEFAULT_CPU_KV_CACHE_MEMORY = 1024**3
 
 
 @dataclass

@@ -18,7 +18,7 @@ from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from ..sampling_params import SamplingParams
 from ..tokenizer import Tokenizer
 from .block_manager import BlockManager
-from .config import DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
+from .config import MAX_DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
 from .kv_cache import PagedKVCache
 from .model_runner import ModelRunner, StepOutput
 from .sampler import Sampler
@@ -37,10 +37,9 @@ class LLMEngine:
         if attention_backend.__name__ == "FlashPagedAttention" and config.block_size % FLASH_ATTN_BLOCK_SIZE:
             raise ValueError(f"block_size={config.block_size} is not supported by flash_attn: "
                              f"use a multiple of {FLASH_ATTN_BLOCK_SIZE}, or attention_backend='sdpa'")
-        self.tokenizer = Tokenizer.find(config.model, config.tokenizer)
-        self.max_model_len = config.max_model_len
         self.model = load_model(config.model, config.step, self.dtype, self.device,
                                 config.logit_softcap, max_positions=config.max_model_len)
+        self.tokenizer = Tokenizer.find(config.model, config.tokenizer)
         model_config = self.model.config
         if self.tokenizer.vocab_size != model_config.vocab_size:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's "
@@ -69,11 +68,12 @@ class LLMEngine:
     def _num_blocks_for_budget(self) -> int:
         c, mc = self.config, self.model.config
         per_block = PagedKVCache.bytes_per_block(mc.n_layer, c.block_size, mc.n_kv_head, mc.head_dim, self.dtype)
-        budget = c.kv_cache_memory
-        if budget is None:
-            budget = (self._free_gpu_memory() if self.device.type == "cuda"
-                      else DEFAULT_CPU_KV_CACHE_MEMORY)
-        return max(int(budget // per_block), 1)
+        if c.kv_cache_memory is not None:
+            return max(int(c.kv_cache_memory // per_block), 1)
+        if self.device.type == "cuda":
+            return max(self._free_gpu_memory() // per_block, 1)
+        blocks_for_all_seqs = c.max_num_seqs * -(-self.max_model_len // c.block_size)
+        return min(blocks_for_all_seqs, MAX_DEFAULT_CPU_KV_CACHE_MEMORY // per_block)
 
     @torch.inference_mode()
     def _free_gpu_memory(self) -> int:

@@ -1,0 +1,85 @@
+"""BlockManager and Scheduler invariants under random workloads (property-based)."""
+
+from hypothesis import given, settings, strategies as st
+
+from microvllm import SamplingParams
+from microvllm.engine.block_manager import BlockManager
+from microvllm.engine.scheduler import Scheduler
+from microvllm.engine.sequence import Request, Sequence, SequenceStatus
+
+
+def check(scheduler: Scheduler):
+    bm = scheduler.block_manager
+    live = list(scheduler.running)
+    bm.check_invariants([s.block_table for s in live])
+    assert bm.num_free_blocks + bm.num_used_blocks == bm.num_blocks
+    for seq in scheduler.waiting:
+        assert not seq.block_table and seq.status is SequenceStatus.WAITING
+    for h, block_id in bm.cached_block_by_hash.items():
+        block = bm.blocks[block_id]
+        assert len(block.token_ids) == bm.block_size
+    for seq in live:  # every cached block a sequence holds has that sequence's tokens
+        for i, block_id in enumerate(seq.block_table[:seq.num_computed_tokens // bm.block_size]):
+            block = bm.blocks[block_id]
+            if block.hash is not None:
+                assert block.token_ids == tuple(seq.token_ids[i * bm.block_size:(i + 1) * bm.block_size])
+
+
+workloads = st.fixed_dictionaries({
+    "block_size": st.sampled_from([1, 2, 4, 8]),
+    "extra_blocks": st.integers(0, 30),
+    "max_num_seqs": st.integers(1, 8),
+    "max_tokens_per_step": st.integers(1, 64),
+    "caching": st.booleans(),
+    "requests": st.lists(st.tuples(st.integers(0, 3), st.integers(1, 30), st.integers(1, 12),
+                                   st.integers(1, 3)), min_size=1, max_size=12),
+    "aborts": st.lists(st.integers(0, 40), max_size=4),
+    "seed": st.integers(0, 1000),
+})
+
+
+@settings(max_examples=150, deadline=None)
+@given(workloads)
+def test_random_workloads_keep_invariants_and_finish(w):
+    max_len = 48
+    bs = w["block_size"]
+    num_blocks = -(-max_len // bs) + w["extra_blocks"]
+    bm = BlockManager(num_blocks, bs, w["caching"])
+    scheduler = Scheduler(bm, w["max_num_seqs"], w["max_tokens_per_step"])
+    prefixes = [[], [1, 2, 3, 4, 5, 6, 7, 8], [9] * 12, [1, 2, 3, 4]]
+    requests = []
+    for i, (prefix, length, max_tokens, n) in enumerate(w["requests"]):
+        prompt = (prefixes[prefix] + [(i * 7 + j) % 50 for j in range(length)])[:max_len - max_tokens]
+        request = Request(str(i), None, prompt, SamplingParams(n=n, max_tokens=max_tokens))
+        for k in range(n):
+            seq = Sequence(len(requests) * 10 + k, request, k, list(prompt), seed=k)
+            request.sequences.append(seq)
+            scheduler.add(seq)
+        requests.append(request)
+
+    step = 0
+    while scheduler.has_unfinished():
+        step += 1
+        assert step < 10_000, "the scheduler stopped making progress"
+        scheduled = scheduler.schedule()
+        assert scheduled, "nothing scheduled while requests wait"
+        assert sum(s.num_new_tokens for s in scheduled) <= w["max_tokens_per_step"]
+        assert len(scheduler.running) <= w["max_num_seqs"]
+        sampling = [s for s in scheduled if s.samples]
+        scheduler.update(scheduled)
+        check(scheduler)
+        for item in sampling:
+            seq = item.seq
+            seq.token_ids.append((seq.seq_id + seq.num_tokens * 3 + w["seed"]) % 50)
+            if seq.num_output_tokens >= seq.params.max_tokens:
+                scheduler.finish(seq, "length")
+        if step in w["aborts"]:
+            victim = requests[step % len(requests)]
+            for seq in victim.sequences:
+                if not seq.is_finished:
+                    scheduler.finish(seq, "abort")
+        check(scheduler)
+    assert bm.num_used_blocks == 0
+    assert all(r.is_finished for r in requests)
+    assert all(len(s.output_token_ids) == s.params.max_tokens
+               for r in requests for s in r.sequences if s.finish_reason == "length")
