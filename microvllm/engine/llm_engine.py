@@ -24,6 +24,7 @@ from .model_runner import ModelRunner, StepOutput
 from .sampler import Sampler
 from .scheduler import Scheduler
 from .sequence import Request, Sequence
+from .stats import EngineStats
 
 FLASH_ATTN_BLOCK_SIZE = 256  # flash_attn's paged kernels need block_size % 256 == 0
 
@@ -61,6 +62,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv_cache, attention_backend,
                                   Sampler(self.tokenizer.eos_token_ids), self.device)
         self.requests: dict[str, Request] = {}
+        self.stats = EngineStats()
         self._request_counter = itertools.count()
         self._seq_counter = itertools.count()
         self._seed_rng = random.Random(config.seed)
@@ -147,6 +149,7 @@ class LLMEngine:
             return []
         result = self.runner.execute(scheduled)
         self.scheduler.update(scheduled)
+        self._update_stats(scheduled, result)
         self._record_prompt_logprobs(result)
         touched = self._append_sampled(result)
         finished = []
@@ -156,6 +159,18 @@ class LLMEngine:
                 del self.requests[request.request_id]
                 finished.append(self.make_output(request))
         return finished
+
+    def _update_stats(self, scheduled, result: StepOutput) -> None:
+        stats = self.stats
+        stats.steps += 1
+        stats.forward_seconds += result.forward_seconds
+        stats.computed_tokens += sum(s.num_new_tokens for s in scheduled)
+        stats.generated_tokens += len(result.sampled_seqs)
+        stats.preemptions = self.scheduler.num_preemptions
+        stats.prompt_tokens = self.scheduler.admitted_prompt_tokens
+        stats.cached_prompt_tokens = self.scheduler.cached_prompt_tokens
+        stats.peak_used_blocks = max(stats.peak_used_blocks, self.block_manager.num_used_blocks)
+        stats.peak_running_seqs = max(stats.peak_running_seqs, len(self.scheduler.running))
 
     def _append_sampled(self, result: StepOutput) -> list[Request]:
         now = time.time()

@@ -5,6 +5,7 @@ the attention backend can treat the two kinds as two groups. Index tensors are b
 with numpy from the sequences' block tables, then moved to the device in one go.
 """
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ class StepOutput:
     # per sequence computing prompt log-probs: (request, first prompt index covered,
     # log-probs of those prompt tokens, their ranks, top ids, top log-probs)
     prompt_logprobs: list[tuple]
+    forward_seconds: float                  # wall time of the model forward (host side on CUDA)
 
 
 class ModelRunner:
@@ -39,7 +41,9 @@ class ModelRunner:
         batch = sorted(scheduled, key=lambda s: s.num_new_tokens != 1)
         input_ids, positions, prev_ids, view = self._prepare(batch)
         attention = self.attention_backend(view)
+        start = time.perf_counter()
         hidden = self.model(input_ids, positions, prev_ids, attention)
+        forward_seconds = time.perf_counter() - start
 
         ends = np.cumsum([s.num_new_tokens for s in batch])
         sampled_seqs = [s for s in batch if s.samples]
@@ -50,7 +54,7 @@ class ModelRunner:
             sampled = self.sampler(logits, [s.seq for s in sampled_seqs])
         prompt_logprobs = [self._prompt_logprobs(s, hidden, int(end) - s.num_new_tokens)
                            for s, end in zip(batch, ends) if self._wants_prompt_logprobs(s)]
-        return StepOutput(sampled_seqs, sampled, prompt_logprobs)
+        return StepOutput(sampled_seqs, sampled, prompt_logprobs, forward_seconds)
 
     def _prepare(self, batch: list[ScheduledSequence]):
         bs = self.kv_cache.block_size

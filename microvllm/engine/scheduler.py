@@ -35,6 +35,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.admitted_prompt_tokens = 0   # at first admission, over all sequences
+        self.cached_prompt_tokens = 0     # of those, reused from the cache or a sibling
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -74,6 +76,8 @@ class Scheduler:
             self.block_manager.allocate(seq, prefix, num_new)
             if seq.num_cached_tokens < 0:
                 seq.num_cached_tokens = seq.num_computed_tokens
+                self.admitted_prompt_tokens += seq.num_prompt_tokens
+                self.cached_prompt_tokens += seq.num_cached_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSequence(seq, num_new))
