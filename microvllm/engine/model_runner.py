@@ -50,11 +50,20 @@ class ModelRunner:
         last_rows = [int(end) - 1 for s, end in zip(batch, ends) if s.samples]
         sampled = None
         if sampled_seqs:
-            logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
+            last_hidden = hidden[torch.tensor(last_rows, device=self.device)]
+            self._check_finite(last_hidden)
+            logits = self.model.compute_logits(last_hidden)
             sampled = self.sampler(logits, [s.seq for s in sampled_seqs])
         prompt_logprobs = [self._prompt_logprobs(s, hidden, int(end) - s.num_new_tokens)
                            for s, end in zip(batch, ends) if self._wants_prompt_logprobs(s)]
         return StepOutput(sampled_seqs, sampled, prompt_logprobs, forward_seconds)
+
+    def _check_finite(self, hidden: torch.Tensor) -> None:
+        # nanochat trains in bf16; relu(x)^2 can pass float16's 65504 on long contexts,
+        # and the logit softcap would hide the damage, so look before sampling
+        if hidden.dtype == torch.float16 and not bool(torch.isfinite(hidden).all()):
+            raise FloatingPointError("float16 overflowed in the model's activations; "
+                                     "run with dtype='bfloat16' or 'float32'")
 
     def _prepare(self, batch: list[ScheduledSequence]):
         bs = self.kv_cache.block_size
