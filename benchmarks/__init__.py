@@ -1,0 +1,1 @@
+"""Benchmark helpers for test_alpaca.py: workloads, runs, metrics, CSV results, plots."""
