@@ -38,6 +38,13 @@ TRAIN_HINT = "build it with `python models/train_demo.py --stage all --out model
 FEW_SHOT_EXAMPLES = 4  # Alpaca records forming the shared prefix of --prefix-sharing
 
 
+def size_argument(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = p.add_argument_group("model and engine")
@@ -48,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sequences running at once (default: the engine's; the memory "
                             "experiment: the number of prompts, so memory is the limit)")
     model.add_argument("--block-size", type=int, default=16, help="paged KV block size in tokens")
-    model.add_argument("--kv-cache-memory", type=parse_size,
+    model.add_argument("--kv-cache-memory", type=size_argument,
                        help="KV cache bytes, e.g. 256M or 1G (default: the engine's)")
     model.add_argument("--max-model-len", type=int, help="default: the model's sequence_len")
     model.add_argument("--cpu-threads", type=int,
@@ -92,11 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(parser: argparse.ArgumentParser, args) -> None:
-    for name in ("num_prompts", "max_tokens", "prefix_len", "block_size", "cpu_threads"):
+    for name in ("num_prompts", "max_tokens", "prefix_len", "block_size", "max_num_seqs", "cpu_threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.max_num_seqs is not None and args.max_num_seqs < 1:
-        parser.error("--max-num-seqs must be >= 1")
     if args.synthetic and args.chat:
         parser.error("--chat wraps text prompts; it does not apply to --synthetic token prompts")
 
@@ -149,49 +154,50 @@ def print_report(experiment: str, setup: BenchSetup, summaries, ratios: dict, sk
         print(f"{name.replace('_', ' ')}: {shown}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_args(parser, args)
-    try:
-        device = str(EngineConfig(model=args.model_dir, device=args.device).resolve_device())
-        max_model_len = args.max_model_len or model_sequence_len(args.model_dir)
-        tokenizer = Tokenizer.find(args.model_dir, args.tokenizer_dir)
-        requests = build_requests(args, tokenizer)
-    except FileNotFoundError as e:
-        hint = f"; {TRAIN_HINT}" if Path(args.model_dir) == DEFAULT_MODEL_DIR else ""
-        parser.error(f"{e}{hint}")
-    except (ValueError, DatasetUnavailableError) as e:
-        parser.error(str(e))
+def prepare(args) -> tuple[BenchSetup, int]:
+    """The run's setup, and how many prompts were skipped for not fitting max_model_len."""
+    max_model_len = args.max_model_len or model_sequence_len(args.model_dir)
+    requests = build_requests(args, Tokenizer.find(args.model_dir, args.tokenizer_dir))
     fitting = [r for r in requests if len(r.prompt_token_ids) < max_model_len]
     if not fitting:
-        parser.error(f"every prompt is at least max_model_len={max_model_len} tokens long; "
-                     "use shorter prompts or a larger --max-model-len")
-
+        raise ValueError(f"every prompt is at least max_model_len={max_model_len} tokens long; "
+                         "use shorter prompts or a larger --max-model-len")
     engine_args = {"device": args.device, "block_size": args.block_size,
                    "kv_cache_memory": args.kv_cache_memory, "seed": args.seed}
     if args.max_num_seqs is not None:
         engine_args["max_num_seqs"] = args.max_num_seqs
     ignore_eos = args.ignore_eos or args.synthetic
-    setup = BenchSetup(args.model_dir, args.tokenizer_dir, fitting,
-                       sampling_params(fitting, args.temperature, args.top_k, ignore_eos, args.seed),
-                       engine_args, max_model_len, ignore_eos, args.progress)
+    params = sampling_params(fitting, args.temperature, args.top_k, ignore_eos, args.seed)
+    setup = BenchSetup(args.model_dir, args.tokenizer_dir, fitting, params, engine_args, max_model_len,
+                       ignore_eos, args.progress)
+    return setup, len(requests) - len(fitting)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    experiment = experiment_name(args)
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
-    experiment = experiment_name(args)
     try:
+        device = str(EngineConfig(model=args.model_dir, device=args.device).resolve_device())
+        setup, skipped = prepare(args)
         warm_up(setup)
         summaries, ratios = EXPERIMENTS[experiment](setup)
-    except ValueError as e:  # the engine refused a setting (e.g. a KV budget below one sequence)
+    except FileNotFoundError as e:
+        hint = f"; {TRAIN_HINT}" if Path(args.model_dir) == DEFAULT_MODEL_DIR else ""
+        parser.error(f"{e}{hint}")
+    except (ValueError, DatasetUnavailableError) as e:  # bad input, or settings the engine refused
         parser.error(str(e))
 
-    print_report(experiment, setup, summaries, ratios, len(requests) - len(fitting))
+    print_report(experiment, setup, summaries, ratios, skipped)
     if args.csv:
         append_runs(args.csv, summaries, uuid.uuid4().hex[:8], experiment, args.model_dir, device)
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({
-            "experiment": experiment, "device": device, "max_model_len": max_model_len,
-            "skipped_prompts": len(requests) - len(fitting), "args": vars(args),
+            "experiment": experiment, "device": device, "max_model_len": setup.max_model_len,
+            "skipped_prompts": skipped, "args": vars(args),
             "runs": [asdict(s) for s in summaries], "ratios": ratios}, indent=2))
     return 0
 
