@@ -6,7 +6,7 @@ which blocks a sequence owns is the BlockManager's business, recorded in its blo
 
 SequenceKVView binds the cache to the sequences of one step: where each new token's KV
 goes (slot mapping) and which slots each sequence may read (block tables, context
-lengths). Sequences with a single query token (decodes) come first in the flat batch.
+lengths).
 """
 
 from dataclasses import dataclass
@@ -42,7 +42,6 @@ class SequenceKVView:
     block_tables: torch.Tensor    # [num_seqs, max_blocks] (padded with block 0)
     query_lens: list[int]         # new tokens of each sequence this step
     context_lens: list[int]       # keys each sequence sees, its new tokens included
-    num_decode_seqs: int          # the first sequences, with exactly one query token each
 
     @property
     def block_size(self) -> int:

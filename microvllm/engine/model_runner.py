@@ -1,7 +1,8 @@
 """ModelRunner: turns a scheduled step into tensors, runs the model once, samples.
 
-The flat batch puts single-token sequences (decodes) first, then prefill chunks, so
-the attention backend can treat the two kinds as two groups. Index tensors are built
+The flat batch puts single-token sequences (decodes) first, then prefill chunks, each
+kind sorted by context length, so the attention backend can pad similar neighbours
+together. Index tensors are built
 with numpy from the sequences' block tables, then moved to the device in one go.
 """
 
@@ -38,7 +39,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> StepOutput:
-        batch = sorted(scheduled, key=lambda s: s.num_new_tokens != 1)
+        # decodes first, then by context length: the attention backend groups neighbours
+        batch = sorted(scheduled, key=lambda s: (s.num_new_tokens != 1,
+                                                 s.seq.num_computed_tokens + s.num_new_tokens))
         input_ids, positions, prev_ids, view = self._prepare(batch)
         attention = self.attention_backend(view)
         start = time.perf_counter()
@@ -93,8 +96,7 @@ class ModelRunner:
         view = SequenceKVView(
             cache=self.kv_cache, slot_mapping=to_device(slot_mapping),
             block_tables=to_device(block_tables), query_lens=query_lens,
-            context_lens=[start + n for start, n in zip(starts, query_lens)],
-            num_decode_seqs=sum(1 for n in query_lens if n == 1))
+            context_lens=[start + n for start, n in zip(starts, query_lens)])
         return to_device(input_ids), to_device(positions), to_device(prev_ids), view
 
     @staticmethod

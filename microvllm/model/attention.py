@@ -7,9 +7,10 @@ unlimited), as nanochat's sliding windows do.
 - DenseCausalAttention: B equal-length sequences laid end to end, no cache. Used for
   training and as the plain full-recompute reference the engine is tested against.
 - SdpaPagedAttention: writes the step's K/V into the paged cache, then gathers each
-  sequence's keys with one indexed read per layer and runs torch SDPA. Decodes and
-  prefill chunks form two padded groups so a long prefill chunk does not pad every
-  decode to its length.
+  sequence's key blocks with one indexed read per layer and group, and runs torch
+  SDPA. Sequences come sorted (decodes first, then by context length) and are cut into
+  a few padded groups of similar lengths, so a long prefill chunk or context does not
+  pad every other sequence to its size.
 - FlashPagedAttention: flash_attn's varlen kernel reading the block table directly.
 """
 
@@ -21,7 +22,7 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "flash_attn")
 
 def _window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
     """[..., Q, K] bool: key visible to query (causal, within the window)."""
-    distance = query_pos.unsqueeze(-1) - key_pos
+    distance = query_pos.unsqueeze(-1) - key_pos.unsqueeze(-2)
     visible = distance >= 0
     return visible if window is None else visible & (distance <= window)
 
@@ -44,64 +45,91 @@ class DenseCausalAttention:
 
 
 class _PaddedGroup:
-    """Consecutive sequences of a step, padded to common query and key lengths."""
+    """Consecutive sequences of a step, padded to common query and key lengths.
+
+    Keys are read a whole block at a time, starting at the first block that the
+    sequence's earliest query can see, so sliding-window layers read only their window.
+    Positions past a sequence's context fall outside every causal mask.
+    """
 
     def __init__(self, view, first_seq: int, last_seq: int, first_token: int):
         device = view.slot_mapping.device
         query_lens = view.query_lens[first_seq:last_seq]
-        context_lens = view.context_lens[first_seq:last_seq]
+        self.context_lens = view.context_lens[first_seq:last_seq]
+        self.first_query_pos = [c - q for c, q in zip(self.context_lens, query_lens)]
         q_lens = torch.tensor(query_lens, device=device)
-        c_lens = torch.tensor(context_lens, device=device)
         q_starts = first_token + torch.cumsum(q_lens, 0) - q_lens
         # padded query rows repeat the sequence's last query, so no mask row is empty
-        j = torch.minimum(torch.arange(max(query_lens), device=device), (q_lens - 1).unsqueeze(1))
-        self.query_valid = torch.arange(max(query_lens), device=device) < q_lens.unsqueeze(1)
+        offsets = torch.arange(max(query_lens), device=device)
+        j = torch.minimum(offsets, (q_lens - 1).unsqueeze(1))
+        self.query_valid = offsets < q_lens.unsqueeze(1)
         self.query_index = q_starts.unsqueeze(1) + j
-        self.query_pos = (c_lens - q_lens).unsqueeze(1) + j
+        self.query_pos = torch.tensor(self.first_query_pos, device=device).unsqueeze(1) + j
         self.all_valid = all(n == query_lens[0] for n in query_lens)
-        self.key_pos = torch.arange(max(context_lens), device=device)
-        bs = view.block_size
-        blocks = view.block_tables[first_seq:last_seq, :(len(self.key_pos) + bs - 1) // bs]
-        self.key_slots = (blocks.repeat_interleave(bs, dim=1)[:, :len(self.key_pos)] * bs
-                          + self.key_pos % bs)
-        self._masks = {}
+        self.block_tables = view.block_tables[first_seq:last_seq]
+        self.block_size = view.block_size
+        self._keys = {}
 
-    def mask(self, window):
-        if window not in self._masks:
-            self._masks[window] = _window_mask(self.query_pos, self.key_pos, window).unsqueeze(1)
-        return self._masks[window]
+    def keys(self, window: int | None):
+        """(block ids [B, n], mask [B, 1, Q, n * block_size]) for layers with this window."""
+        if window not in self._keys:
+            bs, device = self.block_size, self.block_tables.device
+            first_blocks = [0 if window is None else max(0, pos - window) // bs
+                            for pos in self.first_query_pos]
+            num_blocks = max(-(-ctx // bs) - first for ctx, first in zip(self.context_lens, first_blocks))
+            first = torch.tensor(first_blocks, device=device).unsqueeze(1)
+            block_index = (first + torch.arange(num_blocks, device=device)).clamp(
+                max=self.block_tables.shape[1] - 1)
+            key_pos = first * bs + torch.arange(num_blocks * bs, device=device)
+            mask = _window_mask(self.query_pos, key_pos, window).unsqueeze(1)
+            self._keys[window] = self.block_tables.gather(1, block_index), mask
+        return self._keys[window]
+
+
+def _take_rows(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """source[index] for a 2-D index; index_select is the fastest gather on CPU."""
+    return source.index_select(0, index.flatten()).view(*index.shape, *source.shape[1:])
 
 
 class SdpaPagedAttention:
+    # a group's longest context is at most this factor (or this many keys) past its
+    # shortest, bounding the work spent on padding at a few SDPA calls per layer
+    GROUP_CONTEXT_RATIO = 2
+    GROUP_CONTEXT_SLACK = 128
+
     def __init__(self, view):
         self.view = view
-        n_dec = view.num_decode_seqs
-        n_seqs = len(view.query_lens)
         self.groups = []
-        if n_dec:
-            self.groups.append(_PaddedGroup(view, 0, n_dec, 0))
-        if n_seqs > n_dec:
-            self.groups.append(_PaddedGroup(view, n_dec, n_seqs, n_dec))
+        first_seq, first_token = 0, 0
+        query_lens, context_lens = view.query_lens, view.context_lens
+        for i in range(1, len(query_lens) + 1):
+            if i < len(query_lens) and (query_lens[i] == 1) == (query_lens[first_seq] == 1) and \
+                    context_lens[i] <= max(self.GROUP_CONTEXT_RATIO * context_lens[first_seq],
+                                           context_lens[first_seq] + self.GROUP_CONTEXT_SLACK):
+                continue
+            self.groups.append(_PaddedGroup(view, first_seq, i, first_token))
+            first_token += sum(query_lens[first_seq:i])
+            first_seq = i
 
     def __call__(self, layer_idx, q, k, v, window):
         self.view.write(layer_idx, k, v)
-        k_pool, v_pool = self.view.cache.flat_pools(layer_idx)
+        k_blocks, v_blocks = self.view.cache.k[layer_idx], self.view.cache.v[layer_idx]
         if len(self.groups) == 1 and self.groups[0].all_valid:
-            return self._attend(self.groups[0], q, k_pool, v_pool, window).reshape(q.shape)
+            return self._attend(self.groups[0], q, k_blocks, v_blocks, window).reshape(q.shape)
         out = torch.empty_like(q)
         for group in self.groups:
-            y = self._attend(group, q, k_pool, v_pool, window)
+            y = self._attend(group, q, k_blocks, v_blocks, window)
             out[group.query_index[group.query_valid]] = y[group.query_valid]
         return out
 
     @staticmethod
-    def _attend(group, q, k_pool, v_pool, window):
-        queries = q[group.query_index].transpose(1, 2)        # [B, H, Q, d]
-        keys = k_pool[group.key_slots].transpose(1, 2)         # [B, Hkv, K, d]
-        values = v_pool[group.key_slots].transpose(1, 2)
-        y = F.scaled_dot_product_attention(queries, keys, values, attn_mask=group.mask(window),
-                                           enable_gqa=True)
-        return y.transpose(1, 2)                               # [B, Q, H, d]
+    def _attend(group, q, k_blocks, v_blocks, window):
+        block_ids, mask = group.keys(window)
+        queries = _take_rows(q, group.query_index).transpose(1, 2)         # [B, H, Q, d]
+        keys = _take_rows(k_blocks, block_ids).flatten(1, 2).transpose(1, 2)  # [B, Hkv, K, d]
+        values = _take_rows(v_blocks, block_ids).flatten(1, 2).transpose(1, 2)
+        y = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, enable_gqa=True)
+        return y.transpose(1, 2)                                           # [B, Q, H, d]
 
 
 class FlashPagedAttention:
