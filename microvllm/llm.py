@@ -25,6 +25,8 @@ class LLM:
     def __init__(self, model: str, tokenizer: str | None = None, **engine_args):
         self.engine = LLMEngine(EngineConfig(model=str(model), tokenizer=tokenizer, **engine_args))
         self.tokenizer = self.engine.tokenizer
+        # outputs of add_request() requests that finished while generate() drove the engine
+        self._unclaimed_outputs: list[RequestOutput] = []
 
     # -- batch generation -------------------------------------------------------------
 
@@ -58,7 +60,8 @@ class LLM:
             while pending:
                 for out in self.engine.step():
                     if out.request_id not in pending:
-                        continue  # a request added by add_request(), not by this call
+                        self._unclaimed_outputs.append(out)  # for the next step()
+                        continue
                     pending.discard(out.request_id)
                     outputs[out.request_id] = out
                     num_in += len(out.prompt_token_ids)
@@ -107,11 +110,13 @@ class LLM:
         return self.engine.add_request(text, token_ids, sampling_params or SamplingParams(), request_id)
 
     def step(self) -> list[RequestOutput]:
-        """One engine step; returns the requests that finished in it."""
-        return self.engine.step()
+        """One engine step; returns the requests that finished in it (or since the last step)."""
+        unclaimed, self._unclaimed_outputs = self._unclaimed_outputs, []
+        return unclaimed + self.engine.step()
 
     def has_unfinished_requests(self) -> bool:
-        return self.engine.has_unfinished_requests()
+        """Whether step() has more to return."""
+        return bool(self._unclaimed_outputs) or self.engine.has_unfinished_requests()
 
     def abort(self, request_id: str) -> None:
         """Drop a request; its KV blocks are freed at once."""

@@ -80,3 +80,11 @@ def test_float16_overflow_is_explained(checkpoint_dir):
     fc.copy_(original)
     assert llm.engine.block_manager.num_used_blocks == 0
     assert len(llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 8
+
+
+def test_generate_does_not_swallow_requests_added_by_hand(checkpoint_dir):
+    llm = LLM(checkpoint_dir)
+    by_hand = llm.add_request([1, 2, 3], SamplingParams(max_tokens=2, ignore_eos=True))
+    outs = llm.generate([[4, 5, 6]], SamplingParams(max_tokens=20, ignore_eos=True), use_tqdm=False)
+    assert len(outs) == 1 and outs[0].request_id != by_hand
+    assert [o.request_id for o in llm.step()] == [by_hand]
