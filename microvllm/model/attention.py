@@ -12,12 +12,17 @@ unlimited), as nanochat's sliding windows do.
   a few padded groups of similar lengths, so a long prefill chunk or context does not
   pad every other sequence to its size.
 - FlashPagedAttention: flash_attn's varlen kernel reading the block table directly.
+- TritonPagedAttention (triton_attention.py): our own Triton kernel over the block
+  table, any power-of-two block_size; imported only when chosen.
 """
+
+import importlib
+import os
 
 import torch
 import torch.nn.functional as F
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "flash_attn")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash_attn", "triton")
 
 
 def _window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -160,9 +165,10 @@ def _cumulative(lengths: list[int], device) -> torch.Tensor:
     return torch.cumsum(counts, 0, dtype=torch.int32)
 
 
-def flash_attn_available() -> bool:
+def _importable(module: str) -> bool:
+    # an import, not a spec lookup: a wheel built for another torch or CUDA fails here
     try:
-        import flash_attn  # noqa: F401
+        importlib.import_module(module)
     except ImportError:
         return False
     return True
@@ -172,9 +178,20 @@ def resolve_attention_backend(name: str, device: torch.device):
     """The backend class for `attention_backend=name` on `device`."""
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention_backend={name!r} is not one of {ATTENTION_BACKENDS}")
-    use_flash = name == "flash_attn" or (
-        name == "auto" and device.type == "cuda" and flash_attn_available())
-    if use_flash and (device.type != "cuda" or not flash_attn_available()):
-        raise ValueError("attention_backend='flash_attn' needs a CUDA device and the "
-                         "flash_attn package; use 'sdpa' or 'auto'")
-    return FlashPagedAttention if use_flash else SdpaPagedAttention
+    on_cuda = device.type == "cuda"
+    if name == "auto":
+        name = ("flash_attn" if on_cuda and _importable("flash_attn") else
+                "triton" if on_cuda and _importable("triton") else "sdpa")
+    if name == "flash_attn":
+        if not on_cuda or not _importable("flash_attn"):
+            raise ValueError("attention_backend='flash_attn' needs a CUDA device and the "
+                             "flash_attn package; use 'sdpa' or 'auto'")
+        return FlashPagedAttention
+    if name == "triton":
+        # on CPU tensors Triton kernels run only in its (slow) interpreter, meant for tests
+        if not _importable("triton") or not (on_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            raise ValueError("attention_backend='triton' needs the triton package and a CUDA "
+                             "device (or TRITON_INTERPRET=1 on CPU); use 'sdpa' or 'auto'")
+        from .triton_attention import TritonPagedAttention
+        return TritonPagedAttention
+    return SdpaPagedAttention

@@ -1,0 +1,107 @@
+"""The Triton paged-attention kernel computes what the SDPA backend computes.
+
+Runs on CPU in Triton's interpreter, so shapes stay tiny. TRITON_INTERPRET=1 is read
+when the kernel is decorated (at import) and by the backend check, so it is set for
+the import and for this module's tests only.
+"""
+
+import os
+
+import pytest
+import torch
+
+from microvllm import LLM, SamplingParams
+from microvllm.engine.kv_cache import PagedKVCache, SequenceKVView
+from microvllm.model.attention import SdpaPagedAttention, resolve_attention_backend
+
+_saved_interpret = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    pytest.importorskip("triton")
+    from microvllm.model.triton_attention import TritonPagedAttention
+finally:
+    if _saved_interpret is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _saved_interpret
+
+# decodes first, then prefill chunks: one from scratch, two resuming mid-sequence after
+# a cached prefix; the long ones span several query tiles and key tiles
+MIXED_QUERY_LENS = [1, 1, 5, 40, 70]
+MIXED_CONTEXT_LENS = [9, 75, 12, 110, 70]
+
+
+@pytest.fixture(autouse=True)
+def interpret_triton(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def random_step(query_lens, context_lens, block_size, n_kv_head, head_dim, dtype, seed=0):
+    """A cache full of random K/V, each sequence's blocks scattered over it, and the view
+    of one step; built twice from one seed, so each backend writes into its own copy."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [-(-c // block_size) for c in context_lens]
+    num_blocks = sum(blocks_per_seq) + 1  # block 0 only pads the block tables
+    cache = PagedKVCache(2, num_blocks, block_size, n_kv_head, head_dim, dtype, "cpu")
+    cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
+    owned = (torch.randperm(num_blocks - 1, generator=gen) + 1).split(blocks_per_seq)
+    block_tables = torch.zeros(len(owned), max(blocks_per_seq), dtype=torch.int64)
+    slots = []
+    for row, (blocks, q, c) in enumerate(zip(owned, query_lens, context_lens)):
+        block_tables[row, :len(blocks)] = blocks
+        positions = torch.arange(c - q, c)
+        slots.append(blocks[positions // block_size] * block_size + positions % block_size)
+    return SequenceKVView(cache, torch.cat(slots), block_tables, query_lens, context_lens)
+
+
+def compare_backends(query_lens, context_lens, block_size, n_head, n_kv_head, head_dim,
+                     window, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(1)
+    n = sum(query_lens)
+    q, k, v = (torch.randn(n, h, head_dim, generator=gen).to(dtype) for h in (n_head, n_kv_head, n_kv_head))
+    views = [random_step(query_lens, context_lens, block_size, n_kv_head, head_dim, dtype) for _ in range(2)]
+    got = TritonPagedAttention(views[0])(1, q, k, v, window)
+    want = SdpaPagedAttention(views[1])(1, q, k, v, window)
+    assert torch.equal(views[0].cache.k, views[1].cache.k)  # the step's K/V were written
+    return got, want
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("n_head, n_kv_head, head_dim", [(4, 2, 8), (2, 2, 16), (6, 2, 64)],
+                         ids=["gqa", "mha", "gqa-group-of-3"])
+@pytest.mark.parametrize("window", [None, 5])
+def test_mixed_batch_matches_sdpa(block_size, n_head, n_kv_head, head_dim, window):
+    got, want = compare_backends(MIXED_QUERY_LENS, MIXED_CONTEXT_LENS, block_size,
+                                 n_head, n_kv_head, head_dim, window)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 20])
+def test_decode_only_batch_matches_sdpa(window):
+    got, want = compare_backends([1, 1, 1], [1, 33, 130], 4, 8, 2, 16, window)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_float16_cache_matches_sdpa():
+    got, want = compare_backends(MIXED_QUERY_LENS, MIXED_CONTEXT_LENS, 16, 4, 2, 16, None,
+                                 dtype=torch.float16)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+
+
+def test_llm_greedy_tokens_match_default_backend(checkpoint_dir):
+    # block_size 4 and 16-token chunks: prefill chunks resume mid-sequence beside decodes
+    prompts = [[(7 * i + 3 * j) % 256 for i in range(n)] for j, n in enumerate((5, 23, 30))]
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=0, ignore_eos=True)
+    outputs = [LLM(checkpoint_dir, attention_backend=backend, block_size=4, max_num_batched_tokens=16)
+               .generate(prompts, params, use_tqdm=False) for backend in ("auto", "triton")]
+    for want, got in zip(*outputs):
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        assert got.outputs[0].cumulative_logprob == pytest.approx(want.outputs[0].cumulative_logprob, abs=1e-4)
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="attention_backend='triton' needs"):
+        resolve_attention_backend("triton", torch.device("cpu"))
+    assert resolve_attention_backend("auto", torch.device("cpu")) is SdpaPagedAttention
