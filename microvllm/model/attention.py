@@ -76,7 +76,11 @@ class _PaddedGroup:
         self._keys = {}
 
     def keys(self, window: int | None):
-        """(block ids [B, n], mask [B, 1, Q, n * block_size]) for layers with this window."""
+        """(block ids [B, n], mask [B, 1, Q, n * block_size] or None) for this window.
+
+        The mask is None where plain causal attention is exact (fresh prompts that the
+        window covers whole), so SDPA can skip the masked half instead of computing it.
+        """
         if window not in self._keys:
             bs, device = self.block_size, self.block_tables.device
             first_blocks = [0 if window is None else max(0, pos - window) // bs
@@ -86,7 +90,9 @@ class _PaddedGroup:
             block_index = (first + torch.arange(num_blocks, device=device)).clamp(
                 max=self.block_tables.shape[1] - 1)
             key_pos = first * bs + torch.arange(num_blocks * bs, device=device)
-            mask = _window_mask(self.query_pos, key_pos, window).unsqueeze(1)
+            plain_causal = not any(self.first_query_pos) and (
+                window is None or window >= max(self.context_lens) - 1)
+            mask = None if plain_causal else _window_mask(self.query_pos, key_pos, window).unsqueeze(1)
             self._keys[window] = self.block_tables.gather(1, block_index), mask
         return self._keys[window]
 
@@ -133,7 +139,8 @@ class SdpaPagedAttention:
         queries = _take_rows(q, group.query_index).transpose(1, 2)         # [B, H, Q, d]
         keys = _take_rows(k_blocks, block_ids).flatten(1, 2).transpose(1, 2)  # [B, Hkv, K, d]
         values = _take_rows(v_blocks, block_ids).flatten(1, 2).transpose(1, 2)
-        y = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, enable_gqa=True)
+        y = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask,
+                                           is_causal=mask is None, enable_gqa=True)
         return y.transpose(1, 2)                                           # [B, Q, H, d]
 
 
