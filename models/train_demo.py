@@ -1,18 +1,27 @@
 """Build the demo model shipped with microvllm: a tiny nanochat-format GPT
 trained on the complete works of Shakespeare.
 
-This file covers the data and tokenizer half of that job:
+Data and tokenizer stage:
 
 * fetch_corpus    -- download and clean the plays and poems,
 * split_corpus    -- deterministic train / validation split,
 * train_tokenizer -- byte-level BPE exported as a nanochat tiktoken Encoding,
 * save_tokenizer  -- write <out>/tokenizer/tokenizer.pkl.
 
-Usage:
-    python models/train_demo.py --stage tokenizer --out models/shakespeare-d4
+Training stage (microvllm's own GPT, nanochat's era-E architecture):
+
+* init_weights    -- nanochat's initialisation scheme for era E,
+* make_optimizer  -- AdamW with per-group learning rates, warmup + cosine decay,
+* evaluate        -- held-out loss in nats/token and bits/byte,
+* save_checkpoint -- model_<step>.pt + meta_<step>.json, nanochat's format.
+
+Usage (both stages; about 25 minutes on one core of a 2-core CPU):
+    python models/train_demo.py --stage all --out models/shakespeare-d4 --threads 1
 """
 
 import argparse
+import json
+import math
 import pickle
 import re
 import subprocess
@@ -22,6 +31,16 @@ import time
 from pathlib import Path
 
 import tiktoken
+import torch
+import torch.nn.functional as F
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from microvllm.model.attention import DenseCausalAttention  # noqa: E402
+from microvllm.model.config import ModelConfig  # noqa: E402
+from microvllm.model.gpt import GPT  # noqa: E402
+from microvllm.tokenizer import Tokenizer  # noqa: E402
 
 MODELS_DIR = Path(__file__).resolve().parent
 DEFAULT_CACHE_DIR = MODELS_DIR / ".cache"
@@ -198,18 +217,258 @@ def run_tokenizer_stage(args: argparse.Namespace) -> tiktoken.Encoding:
     return enc
 
 
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def init_weights(model: GPT) -> None:
+    """nanochat's era-E initialisation, on microvllm's GPT (same parameter names).
+
+    Embeddings start large (rms_norm follows them, so only directions matter),
+    the unembedding starts near zero so the first logits are almost uniform, and
+    every projection that writes into the residual stream starts at zero, so
+    each block begins as the identity. Reading matrices are uniform with standard
+    deviation 1/sqrt(n_embd) (uniform avoids outliers), the MLP's input at 0.4x that.
+    """
+    config = model.config
+    n_layer = config.n_layer
+    bound = math.sqrt(3.0 / config.n_embd)  # U(-b, b) has std b/sqrt(3) = 1/sqrt(n_embd)
+    model.transformer.wte.weight.normal_(0.0, 0.8)
+    model.lm_head.weight.normal_(0.0, 0.001)
+    for block in model.transformer.h:
+        attn, mlp = block.attn, block.mlp
+        for linear in (attn.c_q, attn.c_k, attn.c_v):
+            linear.weight.uniform_(-bound, bound)
+        mlp.c_fc.weight.uniform_(-0.4 * bound, 0.4 * bound)
+        attn.c_proj.weight.zero_()
+        mlp.c_proj.weight.zero_()
+        if attn.ve_gate is not None:
+            attn.ve_gate.weight.uniform_(0.0, 0.02)  # gates open slightly above neutral
+    for embedding in model.value_embeds.values():
+        embedding.weight.uniform_(-bound, bound)  # same spread as c_v's output
+    # Early layers keep more of the residual and mix in more of the input
+    # embedding; both taper linearly with depth.
+    depth = torch.arange(n_layer, dtype=torch.float32) / max(n_layer - 1, 1)
+    model.resid_lambdas.copy_(1.15 - 0.10 * depth)
+    model.x0_lambdas.copy_(0.20 - 0.15 * depth)
+    model.smear_lambda.zero_()
+    model.backout_lambda.fill_(0.2)
+    model.smear_gate.weight.uniform_(0.0, 0.02)
+
+
+def make_optimizer(model: GPT, args: argparse.Namespace) -> torch.optim.AdamW:
+    """AdamW with one learning rate per kind of parameter."""
+    embeddings = [model.transformer.wte.weight, *model.value_embeds.parameters()]
+    scalars = [model.resid_lambdas, model.x0_lambdas, model.smear_lambda,
+               model.backout_lambda, model.smear_gate.weight]
+    matrices = [*model.transformer.h.parameters(), model.lm_head.weight]
+    assert len(embeddings) + len(scalars) + len(matrices) == len(list(model.parameters()))
+    groups = [
+        dict(params=matrices, lr=args.lr, weight_decay=args.weight_decay),
+        dict(params=embeddings, lr=args.embedding_lr, weight_decay=0.0),
+        dict(params=scalars, lr=args.scalar_lr, weight_decay=0.0),
+    ]
+    for group in groups:
+        group["peak_lr"] = group["lr"]
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-10)
+
+
+def lr_multiplier(step: int, args: argparse.Namespace) -> float:
+    """Linear warmup, then cosine decay to `min_lr_frac` of the peak."""
+    if step < args.warmup_steps:
+        return (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(args.steps - args.warmup_steps, 1)
+    return args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def line_starts(ids: torch.Tensor, enc: tiktoken.Encoding) -> torch.Tensor:
+    """Indices of the tokens that begin a line (the token before ends in a newline)."""
+    ends_line = torch.tensor([enc.decode_single_token_bytes(t).endswith(b"\n")
+                              for t in range(enc.n_vocab)])
+    return torch.nonzero(ends_line[ids[:-1]]).squeeze(1) + 1
+
+
+def model_forward(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """Logits [B*T, V] for B rows of T tokens, through microvllm's flat-batch forward."""
+    batch, length = idx.shape
+    positions = torch.arange(length).repeat(batch)
+    prev_ids = torch.cat([torch.full((batch, 1), -1), idx[:, :-1]], 1).reshape(-1)
+    hidden = model(idx.reshape(-1), positions, prev_ids, DenseCausalAttention(batch))
+    return model.compute_logits(hidden)
+
+
+@torch.no_grad()
+def evaluate(model: GPT, ids: torch.Tensor, token_bytes: torch.Tensor, bos_id: int,
+             seq_len: int, batch_size: int) -> tuple[float, float]:
+    """(nats/token, bits/byte) of `ids`, read in consecutive windows of `seq_len`
+    tokens, each preceded by <|bos|> as at inference time."""
+    model.eval()
+    total_nats, total_tokens = 0.0, 0
+    num_full = len(ids) // seq_len
+    windows = [ids[i * seq_len:(i + 1) * seq_len] for i in range(num_full)]
+    batches = [torch.stack(windows[i:i + batch_size]) for i in range(0, num_full, batch_size)]
+    if len(ids) % seq_len:
+        batches.append(ids[num_full * seq_len:].unsqueeze(0))  # the shorter remainder
+    for targets in batches:
+        inputs = torch.cat([torch.full((len(targets), 1), bos_id), targets[:, :-1]], 1)
+        logits = model_forward(model, inputs)
+        total_nats += F.cross_entropy(logits, targets.reshape(-1), reduction="sum").item()
+        total_tokens += targets.numel()
+    model.train()
+    total_bytes = token_bytes[ids].sum().item()
+    return total_nats / total_tokens, total_nats / math.log(2) / total_bytes
+
+
+def is_stored_in_bf16(name: str) -> bool:
+    return name == "transformer.wte.weight" or name.startswith("value_embeds.")
+
+
+def save_checkpoint(model: GPT, out_dir: Path, step: int, meta: dict) -> Path:
+    """model_<step>.pt and meta_<step>.json, as nanochat writes them. The token and
+    value embeddings are stored in bfloat16 (as nanochat's GPU runs store them),
+    everything else in float32."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        dtype = torch.bfloat16 if is_stored_in_bf16(name) else torch.float32
+        state[name] = tensor.detach().to(dtype).clone()
+    for old in [*out_dir.glob("model_*.pt"), *out_dir.glob("meta_*.json")]:
+        old.unlink()  # keep a single step: the model dir ships in the repository
+    path = out_dir / f"model_{step:06d}.pt"
+    torch.save(state, path)
+    (out_dir / f"meta_{step:06d}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def run_train_stage(args: argparse.Namespace) -> None:
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer = Tokenizer.from_dir(Path(args.out) / "tokenizer")
+    enc, bos_id = tokenizer.encoding, tokenizer.bos_id
+    train_text, val_text = split_corpus(fetch_corpus(args.cache_dir), args.val_fraction)
+    train_ids = torch.tensor(enc.encode_ordinary(train_text))
+    val_ids = torch.tensor(enc.encode_ordinary(val_text))
+    token_bytes = torch.tensor([len(enc.decode_single_token_bytes(t)) for t in range(enc.n_vocab)])
+    T = args.sequence_len
+    # Every row is <|bos|> then T tokens from the start of a random line, so a
+    # prompt that opens a speech ("ROMEO.") is exactly what training looked like.
+    starts = line_starts(train_ids, enc)
+    starts = starts[starts + T <= len(train_ids)]
+    print(f"train {len(train_ids):,} tokens ({len(starts):,} line starts), val {len(val_ids):,} tokens")
+
+    config = ModelConfig(sequence_len=T, vocab_size=enc.n_vocab, n_layer=args.depth,
+                         n_head=args.n_head, n_kv_head=args.n_kv_head, n_embd=args.n_embd,
+                         window_pattern=args.window_pattern, era="E")
+    model = GPT(config)
+    init_weights(model)
+    model.train()
+    num_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {config.n_layer} layers, n_embd {config.n_embd}, heads {config.n_head}/"
+          f"{config.n_kv_head}, windows {config.window_sizes}, {num_params:,} parameters")
+    optimizer = make_optimizer(model, args)
+    generator = torch.Generator().manual_seed(args.seed)
+    offsets = torch.arange(T)
+    tokens_per_step = args.batch_size * T
+    print(f"{args.steps} steps x {tokens_per_step:,} tokens = "
+          f"{args.steps * tokens_per_step / len(train_ids):.1f} epochs")
+
+    start_time, smooth_loss = time.time(), None
+    for step in range(args.steps):
+        rows = starts[torch.randint(len(starts), (args.batch_size,), generator=generator)]
+        targets = train_ids[rows.unsqueeze(1) + offsets]
+        inputs = torch.cat([torch.full((args.batch_size, 1), bos_id), targets[:, :-1]], 1)
+        loss = F.cross_entropy(model_forward(model, inputs), targets.reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        multiplier = lr_multiplier(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * multiplier
+        optimizer.step()
+
+        smooth_loss = loss.item() if smooth_loss is None else 0.95 * smooth_loss + 0.05 * loss.item()
+        done = step + 1
+        if done % args.log_every == 0 or done == args.steps:
+            elapsed = time.time() - start_time
+            print(f"step {done:5d}/{args.steps} | loss {smooth_loss:.4f} | lr x{multiplier:.3f} | "
+                  f"{done * tokens_per_step / elapsed:,.0f} tok/s | {elapsed / 60:.1f} min", flush=True)
+        if args.eval_every and done % args.eval_every == 0 and done != args.steps:
+            val_loss, val_bpb = evaluate(model, val_ids, token_bytes, bos_id, T, args.batch_size)
+            print(f"step {done:5d} | val loss {val_loss:.4f} | val bpb {val_bpb:.4f}", flush=True)
+    train_seconds = time.time() - start_time
+
+    # Evaluate the weights exactly as they will be stored (see save_checkpoint).
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if is_stored_in_bf16(name):
+                param.copy_(param.to(torch.bfloat16))
+    val_loss, val_bpb = evaluate(model, val_ids, token_bytes, bos_id, T, args.batch_size)
+    # the same number of training tokens, from the start of the split, for comparison
+    train_loss, train_bpb = evaluate(model, train_ids[:len(val_ids)], token_bytes, bos_id, T,
+                                     args.batch_size)
+    print(f"final | train loss {train_loss:.4f} ({train_bpb:.4f} bpb) | "
+          f"val loss {val_loss:.4f} ({val_bpb:.4f} bpb) | trained in {train_seconds / 60:.1f} min")
+
+    model_config = {k: getattr(config, k) for k in
+                    ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd",
+                     "window_pattern")}
+    meta = {
+        "step": args.steps,
+        "model_config": model_config,
+        "train_loss": round(train_loss, 4), "train_bpb": round(train_bpb, 4),
+        "val_loss": round(val_loss, 4), "val_bpb": round(val_bpb, 4),
+        "num_params": num_params,
+        "tokens_trained": args.steps * tokens_per_step,
+        "train_seconds": round(train_seconds, 1),
+        "user_config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                        if k not in ("out", "cache_dir", "stage")},
+    }
+    path = save_checkpoint(model, Path(args.out), args.steps, meta)
+    total = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB; "
+          f"{Path(args.out)} holds {total / 2**20:.2f} MiB)")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", choices=["tokenizer", "all"], default="all")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--stage", choices=["tokenizer", "train", "all"], default="all",
+                        help="all = tokenizer, then train")
     parser.add_argument("--out", type=Path, default=MODELS_DIR / "shakespeare-d4")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     parser.add_argument("--val-fraction", type=float, default=0.05)
     parser.add_argument("--vocab-size", type=int, default=4096,
                         help="total vocabulary size, special tokens included")
+    model_args = parser.add_argument_group("model shape")
+    model_args.add_argument("--depth", type=int, default=4, help="number of layers")
+    model_args.add_argument("--n-embd", type=int, default=192)
+    model_args.add_argument("--n-head", type=int, default=3)
+    model_args.add_argument("--n-kv-head", type=int, default=3)
+    model_args.add_argument("--sequence-len", type=int, default=512)
+    model_args.add_argument("--window-pattern", default="SSSL")
+    train_args = parser.add_argument_group("training")
+    train_args.add_argument("--steps", type=int, default=1500)
+    train_args.add_argument("--batch-size", type=int, default=4, help="rows of sequence-len tokens")
+    train_args.add_argument("--lr", type=float, default=5e-3, help="peak lr of matrices")
+    train_args.add_argument("--embedding-lr", type=float, default=3e-2)
+    train_args.add_argument("--scalar-lr", type=float, default=5e-3)
+    train_args.add_argument("--weight-decay", type=float, default=0.1)
+    train_args.add_argument("--warmup-steps", type=int, default=60)
+    train_args.add_argument("--min-lr-frac", type=float, default=0.05)
+    train_args.add_argument("--grad-clip", type=float, default=1.0)
+    train_args.add_argument("--seed", type=int, default=1337)
+    train_args.add_argument("--threads", type=int, default=0,
+                            help="CPU threads; 0 = torch's default (all cores)")
+    train_args.add_argument("--log-every", type=int, default=25)
+    train_args.add_argument("--eval-every", type=int, default=500, help="0 = only at the end")
     args = parser.parse_args()
 
     if args.stage in ("tokenizer", "all"):
         run_tokenizer_stage(args)
+    if args.stage in ("train", "all"):
+        run_train_stage(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,123 @@
+"""Generate text with microvllm from the command line.
+
+With no arguments, run.py loads the small Shakespeare model bundled in
+models/shakespeare-d4 and continues a few speaker openings:
+
+    python run.py
+    python run.py --prompt "OTHELLO.\\n" --n 3 --max-tokens 60
+    python run.py --prompts-file prompts.txt --temperature 0
+
+Each prompt is printed with its completion(s), then one summary line.
+In --prompt and in prompt files (one prompt per line), a literal \\n stands
+for a line break.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "shakespeare-d4"
+# Speeches in the training text open with the speaker's name on a line of its own.
+DEFAULT_PROMPTS = ["ROMEO.\n", "JULIET.\n", "KING RICHARD.\n", "FALSTAFF.\nNow, Hal,"]
+
+EPILOG = """\
+real nanochat checkpoints:
+  Train one with karpathy/nanochat (https://github.com/karpathy/nanochat): it writes
+  checkpoints to ~/.cache/nanochat/base_checkpoints/d20 (chatsft_checkpoints/d20 after
+  chat fine-tuning) and the tokenizer to ~/.cache/nanochat/tokenizer. Or download a
+  published nanochat checkpoint dir (model_<step>.pt + meta_<step>.json, with its
+  tokenizer.pkl). Then point --model at the dir:
+
+    python run.py --model ~/.cache/nanochat/base_checkpoints/d20 --prompt "The capital of France is"
+    python run.py --model ~/.cache/nanochat/chatsft_checkpoints/d20 --chat --prompt "Why is the sky blue?"
+
+  The largest step in the dir is used unless --step is given. The tokenizer is looked
+  for in DIR/tokenizer, DIR/../tokenizer, $NANOCHAT_BASE_DIR/tokenizer and
+  ~/.cache/nanochat/tokenizer, in that order; --tokenizer DIR overrides the search.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(BUNDLED_MODEL),
+                        help="nanochat checkpoint dir (default: the bundled demo model)")
+    parser.add_argument("--tokenizer", help="dir holding tokenizer.pkl (default: searched, see below)")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the largest)")
+    prompts = parser.add_mutually_exclusive_group()
+    prompts.add_argument("--prompt", action="append", help="a prompt; repeat for several")
+    prompts.add_argument("--prompts-file", type=Path, help="a text file, one prompt per line")
+    parser.add_argument("--chat", action="store_true",
+                        help="send each prompt as a user message in nanochat's chat format "
+                             "(for chat fine-tuned checkpoints)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    parser.add_argument("--top-k", type=int, default=50, help="-1 = no limit (default 50)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0)")
+    parser.add_argument("--max-tokens", type=int, default=100, help="per completion (default 100)")
+    parser.add_argument("--n", type=int, default=1, help="completions per prompt (default 1)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="sampling seed of the first prompt, +1 for each next one (default 0)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="default: bfloat16 on cuda, float32 on cpu")
+    return parser
+
+
+def read_prompts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    if args.prompts_file is not None:
+        try:
+            lines = args.prompts_file.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            parser.error(f"--prompts-file: cannot read {args.prompts_file}: {e}")
+        prompts = [line for line in lines if line.strip()]
+        if not prompts:
+            parser.error(f"--prompts-file: {args.prompts_file} holds no prompt")
+    else:
+        prompts = args.prompt or DEFAULT_PROMPTS
+    return [p.replace("\\n", "\n") for p in prompts]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prompts = read_prompts(args, parser)
+
+    # imported here so that --help and flag errors answer without loading torch
+    from microvllm import LLM, SamplingParams
+
+    try:
+        # one seed per prompt (seed, seed+1, ...): reproducible, yet prompts don't share draws
+        params = [SamplingParams(n=args.n, temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed + i)
+                  for i in range(len(prompts))]
+    except ValueError as e:
+        parser.error(f"bad sampling value: {e}")
+    try:
+        llm = LLM(model=args.model, tokenizer=args.tokenizer, step=args.step,
+                  device=args.device, dtype=args.dtype)
+        start = time.perf_counter()
+        if args.chat:
+            outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params,
+                               use_tqdm=False)
+        else:
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+
+    for i, (prompt, output) in enumerate(zip(prompts, outputs), 1):
+        print(f"=== prompt {i}/{len(prompts)}: {prompt!r}")
+        for completion in output.outputs:
+            if len(output.outputs) > 1:
+                print(f"--- completion {completion.index + 1}/{len(output.outputs)}")
+            print(completion.text if args.chat else prompt + completion.text)
+        print()
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    generated = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    print(f"requests {len(outputs)} | prompt tokens {prompt_tokens} | generated tokens {generated} | "
+          f"{seconds:.2f} s | {generated / seconds:.1f} tokens/s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
