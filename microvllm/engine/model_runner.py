@@ -25,7 +25,7 @@ class StepOutput:
     # per sequence computing prompt log-probs: (request, first prompt index covered,
     # log-probs of those prompt tokens, their ranks, top ids, top log-probs)
     prompt_logprobs: list[tuple]
-    forward_seconds: float                  # wall time of the model forward (host side on CUDA)
+    forward_seconds: float                  # model forward and logits (host side on CUDA)
 
 
 class ModelRunner:
@@ -44,18 +44,18 @@ class ModelRunner:
                                                  s.seq.num_computed_tokens + s.num_new_tokens))
         input_ids, positions, prev_ids, view = self._prepare(batch)
         attention = self.attention_backend(view)
-        start = time.perf_counter()
-        hidden = self.model(input_ids, positions, prev_ids, attention)
-        forward_seconds = time.perf_counter() - start
-
         ends = np.cumsum([s.num_new_tokens for s in batch])
         sampled_seqs = [s for s in batch if s.samples]
-        last_rows = [int(end) - 1 for s, end in zip(batch, ends) if s.samples]
+        last_rows = torch.tensor([int(end) - 1 for s, end in zip(batch, ends) if s.samples],
+                                 dtype=torch.long, device=self.device)
+        start = time.perf_counter()
+        hidden = self.model(input_ids, positions, prev_ids, attention)
+        last_hidden = hidden[last_rows]
+        logits = self.model.compute_logits(last_hidden)
+        forward_seconds = time.perf_counter() - start
         sampled = None
         if sampled_seqs:
-            last_hidden = hidden[torch.tensor(last_rows, device=self.device)]
             self._check_finite(last_hidden)
-            logits = self.model.compute_logits(last_hidden)
             sampled = self.sampler(logits, [s.seq for s in sampled_seqs])
         prompt_logprobs = [self._prompt_logprobs(s, hidden, int(end) - s.num_new_tokens)
                            for s, end in zip(batch, ends) if self._wants_prompt_logprobs(s)]

@@ -25,6 +25,12 @@ AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, int | Non
 SMEAR_GATE_CHANNELS = 24
 
 
+def _embedding(num_embeddings: int, dim: int) -> nn.Embedding:
+    # left uninitialised: weights come from a checkpoint or a trainer's own init, and
+    # the default normal_ init costs a second on the meta device the loader builds on
+    return nn.Embedding(num_embeddings, dim, _weight=torch.empty(num_embeddings, dim))
+
+
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
@@ -95,7 +101,7 @@ class GPT(nn.Module):
         spec, vocab = config.spec, config.padded_vocab_size
         self.window_sizes = config.window_sizes
         self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(vocab, config.n_embd),
+            "wte": _embedding(vocab, config.n_embd),
             "h": nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
         })
         self.lm_head = nn.Linear(config.n_embd, vocab, bias=False)
@@ -105,7 +111,7 @@ class GPT(nn.Module):
         if spec.ve_gate_channels:
             kv_dim = config.n_kv_head * config.head_dim
             self.value_embeds = nn.ModuleDict({
-                str(i): nn.Embedding(vocab, kv_dim)
+                str(i): _embedding(vocab, kv_dim)
                 for i in range(config.n_layer) if config.has_value_embeds(i)})
         if spec.has_smear_backout:
             self.smear_gate = nn.Linear(SMEAR_GATE_CHANNELS, 1, bias=False)
