@@ -11,8 +11,9 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "tiktoken", "xxhash", "numpy", "tqdm"],
     extras_require={
-        # triton runs its kernels on the CPU in interpreter mode, so its tests need no GPU
-        "test": ["pytest", "hypothesis", "triton; sys_platform == 'linux' and platform_machine == 'x86_64'"],
+        # pyarrow writes the parquet loader test file; triton runs its kernels on the CPU
+        # in interpreter mode, so its tests need no GPU
+        "test": ["pytest", "hypothesis", "pyarrow", "triton; sys_platform == 'linux' and platform_machine == 'x86_64'"],
         "bench": ["datasets", "matplotlib"],
         "train": ["tokenizers"],
     },
