@@ -12,7 +12,7 @@ import time
 import torch
 import xxhash
 
-from ..model.attention import DenseCausalAttention, resolve_attention_backend
+from ..model.attention import DenseCausalAttention, FlashPagedAttention, resolve_attention_backend
 from ..model.loader import load_model
 from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from ..sampling_params import SamplingParams
@@ -35,7 +35,7 @@ class LLMEngine:
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device)
         attention_backend = resolve_attention_backend(config.attention_backend, self.device)
-        if attention_backend.__name__ == "FlashPagedAttention" and config.block_size % FLASH_ATTN_BLOCK_SIZE:
+        if attention_backend is FlashPagedAttention and config.block_size % FLASH_ATTN_BLOCK_SIZE:
             raise ValueError(f"block_size={config.block_size} is not supported by flash_attn: "
                              f"use a multiple of {FLASH_ATTN_BLOCK_SIZE}, or attention_backend='sdpa'")
         self.model = load_model(config.model, config.step, self.dtype, self.device,
