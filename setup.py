@@ -14,7 +14,7 @@ setup(
         # pyarrow writes the parquet loader test file; triton runs its kernels on the CPU
         # in interpreter mode, so its tests need no GPU
         "test": ["pytest", "hypothesis", "pyarrow", "triton; sys_platform == 'linux' and platform_machine == 'x86_64'"],
-        "bench": ["datasets", "matplotlib"],
+        "bench": ["datasets", "matplotlib", "pyarrow"],
         "train": ["tokenizers"],
     },
 )
