@@ -19,7 +19,7 @@ class KVUsageProbe:
         self.block_manager = engine.block_manager
         self.scheduler = engine.scheduler
         cache: PagedKVCache = engine.kv_cache
-        self.bytes_per_block = (cache.k.nbytes + cache.v.nbytes) // cache.num_blocks
+        self.bytes_per_block = (cache.k.nbytes + cache.v.nbytes) // cache.k.shape[1]  # padding block too
         self.peak_blocks = 0
         self.tokens_at_peak = 0
         update = engine.scheduler.update

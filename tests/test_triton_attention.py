@@ -104,4 +104,4 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="attention_backend='triton' needs"):
         resolve_attention_backend("triton", torch.device("cpu"))
-    assert resolve_attention_backend("auto", torch.device("cpu")) is SdpaPagedAttention
+    assert resolve_attention_backend("auto", torch.device("cpu")).step is SdpaPagedAttention

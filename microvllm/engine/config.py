@@ -25,6 +25,7 @@ class EngineConfig:
     max_model_len: int | None = None        # None = the model's sequence_len
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
+    enforce_eager: bool = False             # on cuda: no CUDA graphs for decode steps
     logit_softcap: float | None = None      # override for nanochat's era-C softcap-20 window
     seed: int = 0                           # draws the seeds of requests that set none
 

@@ -6,7 +6,8 @@ which blocks a sequence owns is the BlockManager's business, recorded in its blo
 
 SequenceKVView binds the cache to the sequences of one step: where each new token's KV
 goes (slot mapping) and which slots each sequence may read (block tables, context
-lengths).
+lengths). DecodeKVView does the same for a step of single-token decodes held in
+fixed-size device buffers, with no host-side lengths, so a CUDA graph can replay it.
 """
 
 from dataclasses import dataclass
@@ -17,12 +18,15 @@ import torch
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device | str):
-        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        # one block past those the BlockManager hands out takes the K/V that padded
+        # rows of a fixed-size batch write, so they land where no sequence reads
+        shape = (num_layers, num_blocks + 1, block_size, num_kv_heads, head_dim)
         # zeros, not empty: padded reads of unused slots are masked out, but a NaN there
         # would still poison the attention output (0 * NaN = NaN)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.padding_block = num_blocks
 
     @staticmethod
     def bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype) -> int:
@@ -35,17 +39,26 @@ class PagedKVCache:
         return k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])
 
 
+class _KVWriter:
+    """What both views share: a `cache` and the `slot_mapping` of the step's new tokens."""
+
+    @property
+    def block_size(self) -> int:
+        return self.cache.block_size
+
+    def write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        k_pool, v_pool = self.cache.flat_pools(layer_idx)
+        k_pool.index_copy_(0, self.slot_mapping, k)
+        v_pool.index_copy_(0, self.slot_mapping, v)
+
+
 @dataclass
-class SequenceKVView:
+class SequenceKVView(_KVWriter):
     cache: PagedKVCache
     slot_mapping: torch.Tensor    # [num_tokens] where each new token's K/V is written
     block_tables: torch.Tensor    # [num_seqs, max_blocks] (padded with block 0)
     query_lens: list[int]         # new tokens of each sequence this step
     context_lens: list[int]       # keys each sequence sees, its new tokens included
-
-    @property
-    def block_size(self) -> int:
-        return self.cache.block_size
 
     @property
     def max_query_len(self) -> int:
@@ -55,7 +68,15 @@ class SequenceKVView:
     def max_context_len(self) -> int:
         return max(self.context_lens)
 
-    def write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        k_pool, v_pool = self.cache.flat_pools(layer_idx)
-        k_pool.index_copy_(0, self.slot_mapping, k)
-        v_pool.index_copy_(0, self.slot_mapping, v)
+
+@dataclass
+class DecodeKVView(_KVWriter):
+    cache: PagedKVCache
+    slot_mapping: torch.Tensor    # [num_seqs] where each sequence's new K/V is written
+    block_tables: torch.Tensor    # [num_seqs, max_blocks_per_seq], every row as wide as max_model_len needs
+    context_lens: torch.Tensor    # [num_seqs] keys each sequence sees, its new token included
+
+    @property
+    def max_context_len(self) -> int:
+        """A bound on every context, known without reading the device."""
+        return self.block_tables.shape[1] * self.block_size

@@ -12,13 +12,14 @@ import time
 import torch
 import xxhash
 
-from ..model.attention import DenseCausalAttention, FlashPagedAttention, resolve_attention_backend
+from ..model.attention import DenseCausalAttention, resolve_attention_backend
 from ..model.loader import load_model
 from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from ..sampling_params import SamplingParams
 from ..tokenizer import Tokenizer
 from .block_manager import BlockManager
 from .config import MAX_DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
+from .cuda_graphs import DecodeGraphs
 from .kv_cache import PagedKVCache
 from .model_runner import ModelRunner, StepOutput
 from .sampler import Sampler
@@ -26,18 +27,16 @@ from .scheduler import Scheduler
 from .sequence import Request, Sequence
 from .stats import EngineStats
 
-FLASH_ATTN_BLOCK_SIZE = 256  # flash_attn's paged kernels need block_size % 256 == 0
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device)
         attention_backend = resolve_attention_backend(config.attention_backend, self.device)
-        if attention_backend is FlashPagedAttention and config.block_size % FLASH_ATTN_BLOCK_SIZE:
-            raise ValueError(f"block_size={config.block_size} is not supported by flash_attn: "
-                             f"use a multiple of {FLASH_ATTN_BLOCK_SIZE}, or attention_backend='sdpa'")
+        if config.block_size % attention_backend.block_size_multiple:
+            raise ValueError(f"block_size={config.block_size} is not supported by {attention_backend.name}: "
+                             f"use a multiple of {attention_backend.block_size_multiple}, "
+                             f"or attention_backend='sdpa'")
         self.model = load_model(config.model, config.step, self.dtype, self.device,
                                 config.logit_softcap, max_positions=config.max_model_len)
         self.tokenizer = Tokenizer.find(config.model, config.tokenizer)
@@ -59,8 +58,12 @@ class LLMEngine:
                                      model_config.n_kv_head, model_config.head_dim, self.dtype, self.device)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        decode_graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            decode_graphs = DecodeGraphs(self.model, self.kv_cache, attention_backend.decode,
+                                         config.max_num_seqs, self.max_model_len, self.device)
         self.runner = ModelRunner(self.model, self.kv_cache, attention_backend,
-                                  Sampler(self.tokenizer.eos_token_ids), self.device)
+                                  Sampler(self.tokenizer.eos_token_ids), self.device, decode_graphs)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
         self._request_counter = itertools.count()

@@ -2,8 +2,9 @@
 
 The flat batch puts single-token sequences (decodes) first, then prefill chunks, each
 kind sorted by context length, so the attention backend can pad similar neighbours
-together. Index tensors are built
-with numpy from the sequences' block tables, then moved to the device in one go.
+together. Index arrays are built with numpy from the sequences' block tables, then
+moved to the device. A step of single-token sequences replays a CUDA graph when the
+engine captured them (DecodeGraphs); any other step runs eagerly.
 """
 
 import time
@@ -12,7 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..model.attention import AttentionBackend
 from ..model.gpt import GPT
+from .cuda_graphs import DecodeGraphs
 from .kv_cache import PagedKVCache, SequenceKVView
 from .sampler import SampledTokens, Sampler
 from .scheduler import ScheduledSequence
@@ -29,27 +32,30 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: GPT, kv_cache: PagedKVCache, attention_backend, sampler: Sampler,
-                 device: torch.device):
+    def __init__(self, model: GPT, kv_cache: PagedKVCache, attention_backend: AttentionBackend,
+                 sampler: Sampler, device: torch.device, decode_graphs: DecodeGraphs | None = None):
         self.model = model
         self.kv_cache = kv_cache
         self.attention_backend = attention_backend
         self.sampler = sampler
         self.device = device
+        self.decode_graphs = decode_graphs
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> StepOutput:
         # decodes first, then by context length: the attention backend groups neighbours
         batch = sorted(scheduled, key=lambda s: (s.num_new_tokens != 1,
                                                  s.seq.num_computed_tokens + s.num_new_tokens))
-        input_ids, positions, prev_ids, view = self._prepare(batch)
-        attention = self.attention_backend(view)
+        inputs = self._prepare(batch)
         ends = np.cumsum([s.num_new_tokens for s in batch])
         sampled_seqs = [s for s in batch if s.samples]
         last_rows = torch.tensor([int(end) - 1 for s, end in zip(batch, ends) if s.samples],
                                  dtype=torch.long, device=self.device)
         start = time.perf_counter()
-        hidden = self.model(input_ids, positions, prev_ids, attention)
+        if self.decode_graphs and max(inputs["query_lens"]) == 1:
+            hidden = self.decode_graphs.run(inputs)
+        else:
+            hidden = self._eager_forward(inputs)
         last_hidden = hidden[last_rows]
         logits = self.model.compute_logits(last_hidden)
         forward_seconds = time.perf_counter() - start
@@ -68,7 +74,7 @@ class ModelRunner:
             raise FloatingPointError("float16 overflowed in the model's activations; "
                                      "run with dtype='bfloat16' or 'float32'")
 
-    def _prepare(self, batch: list[ScheduledSequence]):
+    def _prepare(self, batch: list[ScheduledSequence]) -> dict[str, np.ndarray]:
         bs = self.kv_cache.block_size
         query_lens = [s.num_new_tokens for s in batch]
         starts = [s.seq.num_computed_tokens for s in batch]
@@ -80,24 +86,28 @@ class ModelRunner:
         window = np.concatenate([np.asarray(t, dtype=np.int64) for t in tokens])
         is_input = np.ones(len(window), dtype=bool)
         is_input[np.cumsum([0] + [len(t) for t in tokens[:-1]])] = False
-        input_ids = window[is_input]
-        prev_ids = window[np.flatnonzero(is_input) - 1]
 
         seq_index = np.repeat(np.arange(len(batch)), query_lens)
-        chunk_offset = np.arange(len(input_ids)) - np.repeat(np.cumsum([0] + query_lens[:-1]), query_lens)
+        chunk_offset = np.arange(len(seq_index)) - np.repeat(np.cumsum([0] + query_lens[:-1]), query_lens)
         positions = np.repeat(starts, query_lens) + chunk_offset
         max_blocks = max(len(s.seq.block_table) for s in batch)
         block_tables = np.zeros((len(batch), max_blocks), dtype=np.int64)
         for row, s in enumerate(batch):
             block_tables[row, :len(s.seq.block_table)] = s.seq.block_table
-        slot_mapping = block_tables[seq_index, positions // bs] * bs + positions % bs
+        return dict(input_ids=window[is_input], positions=positions,
+                    prev_ids=window[np.flatnonzero(is_input) - 1],
+                    slot_mapping=block_tables[seq_index, positions // bs] * bs + positions % bs,
+                    block_tables=block_tables, query_lens=query_lens,
+                    context_lens=np.add(starts, query_lens))
 
+    def _eager_forward(self, inputs: dict) -> torch.Tensor:
         to_device = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)
         view = SequenceKVView(
-            cache=self.kv_cache, slot_mapping=to_device(slot_mapping),
-            block_tables=to_device(block_tables), query_lens=query_lens,
-            context_lens=[start + n for start, n in zip(starts, query_lens)])
-        return to_device(input_ids), to_device(positions), to_device(prev_ids), view
+            cache=self.kv_cache, slot_mapping=to_device(inputs["slot_mapping"]),
+            block_tables=to_device(inputs["block_tables"]), query_lens=inputs["query_lens"],
+            context_lens=inputs["context_lens"].tolist())
+        return self.model(to_device(inputs["input_ids"]), to_device(inputs["positions"]),
+                          to_device(inputs["prev_ids"]), self.attention_backend.step(view))
 
     @staticmethod
     def _wants_prompt_logprobs(s: ScheduledSequence) -> bool:

@@ -14,10 +14,15 @@ unlimited), as nanochat's sliding windows do.
 - FlashPagedAttention: flash_attn's varlen kernel reading the block table directly.
 - TritonPagedAttention (triton_attention.py): our own Triton kernel over the block
   table, any power-of-two block_size; imported only when chosen.
+
+Each of the paged ones has a decode twin over a DecodeKVView (fixed shapes, lengths
+only on the device, no host syncs) that a CUDA graph can capture; AttentionBackend
+pairs them.
 """
 
 import importlib
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -144,6 +149,45 @@ class SdpaPagedAttention:
         return y.transpose(1, 2)                                           # [B, Q, H, d]
 
 
+class SdpaDecodeAttention:
+    """One new token per sequence. Shapes depend only on the batch and the block
+    tables' width: a windowed layer reads the fixed number of blocks its window can
+    touch, starting at a block computed on the device."""
+
+    def __init__(self, view):
+        self.view = view
+        self._keys = {}
+
+    def keys(self, window: int | None):
+        """(block ids [B, n], mask [B, 1, 1, n * block_size]) for this window."""
+        if window not in self._keys:
+            view, bs = self.view, self.view.block_size
+            table_width = view.block_tables.shape[1]
+            query_pos = view.context_lens.long() - 1
+            if window is None:
+                num_blocks, first = table_width, torch.zeros_like(query_pos)
+            else:
+                num_blocks = min(table_width, window // bs + 2)
+                first = (query_pos - window).clamp(min=0) // bs
+            offsets = torch.arange(num_blocks, device=query_pos.device)
+            # reads past the table repeat its last block; their positions are masked
+            block_index = (first.unsqueeze(1) + offsets).clamp(max=table_width - 1)
+            key_pos = first.unsqueeze(1) * bs + torch.arange(num_blocks * bs, device=query_pos.device)
+            mask = _window_mask(query_pos.unsqueeze(1), key_pos, window)   # [B, 1, K]
+            self._keys[window] = view.block_tables.gather(1, block_index), mask.unsqueeze(1)
+        return self._keys[window]
+
+    def __call__(self, layer_idx, q, k, v, window):
+        self.view.write(layer_idx, k, v)
+        block_ids, mask = self.keys(window)
+        k_blocks, v_blocks = self.view.cache.k[layer_idx], self.view.cache.v[layer_idx]
+        keys = _take_rows(k_blocks, block_ids).flatten(1, 2).transpose(1, 2)  # [B, Hkv, K, d]
+        values = _take_rows(v_blocks, block_ids).flatten(1, 2).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask,
+                                           enable_gqa=True)                 # [B, H, 1, d]
+        return y.squeeze(2)
+
+
 class FlashPagedAttention:
     """flash_attn >= 2.6 varlen attention over the paged cache (block_size % 256 == 0)."""
 
@@ -167,6 +211,25 @@ class FlashPagedAttention:
             block_table=self.block_table)
 
 
+class FlashDecodeAttention:
+    """flash_attn's KV-cache kernel for one new token per sequence (already written)."""
+
+    def __init__(self, view):
+        from flash_attn import flash_attn_with_kvcache
+        self.kernel = flash_attn_with_kvcache
+        self.view = view
+        self.cache_seqlens = view.context_lens.to(torch.int32)
+        self.block_table = view.block_tables.to(torch.int32)
+
+    def __call__(self, layer_idx, q, k, v, window):
+        self.view.write(layer_idx, k, v)
+        cache = self.view.cache
+        y = self.kernel(q.unsqueeze(1), cache.k[layer_idx], cache.v[layer_idx],
+                        cache_seqlens=self.cache_seqlens, block_table=self.block_table,
+                        causal=True, window_size=(-1 if window is None else window, 0))
+        return y.squeeze(1)
+
+
 def _cumulative(lengths: list[int], device) -> torch.Tensor:
     counts = torch.tensor([0] + lengths, dtype=torch.int32, device=device)
     return torch.cumsum(counts, 0, dtype=torch.int32)
@@ -181,8 +244,16 @@ def _importable(module: str) -> bool:
     return True
 
 
-def resolve_attention_backend(name: str, device: torch.device):
-    """The backend class for `attention_backend=name` on `device`."""
+@dataclass(frozen=True)
+class AttentionBackend:
+    name: str
+    step: type              # over a SequenceKVView: any mix of prefill chunks and decodes
+    decode: type            # over a DecodeKVView: capturable in a CUDA graph
+    block_size_multiple: int = 1  # block_size must be a multiple of this (and a power of two)
+
+
+def resolve_attention_backend(name: str, device: torch.device) -> AttentionBackend:
+    """The backend that `attention_backend=name` means on `device`."""
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention_backend={name!r} is not one of {ATTENTION_BACKENDS}")
     on_cuda = device.type == "cuda"
@@ -193,12 +264,13 @@ def resolve_attention_backend(name: str, device: torch.device):
         if not on_cuda or not _importable("flash_attn"):
             raise ValueError("attention_backend='flash_attn' needs a CUDA device and the "
                              "flash_attn package; use 'sdpa' or 'auto'")
-        return FlashPagedAttention
+        # flash_attn reads a paged cache only in pages of a multiple of 256 tokens
+        return AttentionBackend(name, FlashPagedAttention, FlashDecodeAttention, block_size_multiple=256)
     if name == "triton":
         # on CPU tensors Triton kernels run only in its (slow) interpreter, meant for tests
         if not _importable("triton") or not (on_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
             raise ValueError("attention_backend='triton' needs the triton package and a CUDA "
                              "device (or TRITON_INTERPRET=1 on CPU); use 'sdpa' or 'auto'")
-        from .triton_attention import TritonPagedAttention
-        return TritonPagedAttention
-    return SdpaPagedAttention
+        from .triton_attention import TritonDecodeAttention, TritonPagedAttention
+        return AttentionBackend(name, TritonPagedAttention, TritonDecodeAttention)
+    return AttentionBackend(name, SdpaPagedAttention, SdpaDecodeAttention)

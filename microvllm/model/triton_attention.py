@@ -1,5 +1,7 @@
 """TritonPagedAttention: one Triton kernel for decodes and prefill chunks, reading
 keys and values straight from the paged cache through the block table.
+TritonDecodeAttention launches the same kernel for a fixed-size decode batch whose
+lengths live only on the device, as a CUDA graph needs.
 
 A program owns one query tile of one sequence and one KV head. Its rows are the
 tile's tokens times the query heads that share that KV head (GQA), so each key tile
@@ -95,25 +97,14 @@ def _paged_attention_kernel(
     tl.store(out_ptr + row_offsets + dims[None, :], y.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
-class TritonPagedAttention:
-    def __init__(self, view):
-        self.view = view
-        self.tile_rows, self.num_warps = DECODE_TILE if view.max_query_len == 1 else PREFILL_TILE
-        self.tables = None  # built on the first layer's call, when the head count is known
+class _TritonAttention:
+    """Launches the kernel over `self.view` with `self.tables` (cu_query_lens,
+    context_lens, tile_seqs, tile_starts), built on the first layer's call."""
 
-    def _step_tables(self, block_q: int):
-        """cu_query_lens [S+1], context_lens [S], and (sequence, first token) of every
-        query tile: only real tiles are launched. One host-to-device copy per step."""
-        query_lens = torch.tensor(self.view.query_lens, dtype=torch.int32)
-        tiles = (query_lens + block_q - 1) // block_q
-        tile_seqs = torch.repeat_interleave(torch.arange(len(tiles), dtype=torch.int32), tiles)
-        first_tiles = torch.cumsum(tiles, 0) - tiles
-        tile_starts = (torch.arange(len(tile_seqs)) - first_tiles[tile_seqs]) * block_q
-        packed = torch.cat([torch.zeros(1, dtype=torch.int32), torch.cumsum(query_lens, 0),
-                            torch.tensor(self.view.context_lens), tile_seqs, tile_starts]).to(torch.int32)
-        packed = packed.to(self.view.slot_mapping.device)
-        num_seqs = len(query_lens)
-        return packed.split([num_seqs + 1, num_seqs, len(tile_seqs), len(tile_seqs)])
+    def __init__(self, view, tile):
+        self.view = view
+        self.tile_rows, self.num_warps = tile
+        self.tables = None
 
     def __call__(self, layer_idx, q, k, v, window):
         view = self.view
@@ -141,3 +132,33 @@ class TritonPagedAttention:
             HEAD_DIM=head_dim, PADDED_DIM=padded_dim, GROUP=group, PADDED_GROUP=padded_group,
             BLOCK_Q=block_q, BLOCK_N=key_tile, BLOCK_SIZE=view.block_size, num_warps=self.num_warps)
         return out
+
+
+class TritonPagedAttention(_TritonAttention):
+    def __init__(self, view):
+        super().__init__(view, DECODE_TILE if view.max_query_len == 1 else PREFILL_TILE)
+
+    def _step_tables(self, block_q: int):
+        """Only real tiles are launched. One host-to-device copy per step."""
+        query_lens = torch.tensor(self.view.query_lens, dtype=torch.int32)
+        tiles = (query_lens + block_q - 1) // block_q
+        tile_seqs = torch.repeat_interleave(torch.arange(len(tiles), dtype=torch.int32), tiles)
+        first_tiles = torch.cumsum(tiles, 0) - tiles
+        tile_starts = (torch.arange(len(tile_seqs)) - first_tiles[tile_seqs]) * block_q
+        packed = torch.cat([torch.zeros(1, dtype=torch.int32), torch.cumsum(query_lens, 0),
+                            torch.tensor(self.view.context_lens), tile_seqs, tile_starts]).to(torch.int32)
+        packed = packed.to(self.view.slot_mapping.device)
+        num_seqs = len(query_lens)
+        return packed.split([num_seqs + 1, num_seqs, len(tile_seqs), len(tile_seqs)])
+
+
+class TritonDecodeAttention(_TritonAttention):
+    """One tile per sequence, its one token at offset 0; tables built on the device."""
+
+    def __init__(self, view):
+        super().__init__(view, DECODE_TILE)
+
+    def _step_tables(self, block_q: int):
+        num_seqs, device = len(self.view.slot_mapping), self.view.slot_mapping.device
+        seqs = torch.arange(num_seqs + 1, dtype=torch.int32, device=device)
+        return seqs, self.view.context_lens.to(torch.int32), seqs[:-1], torch.zeros_like(seqs[:-1])

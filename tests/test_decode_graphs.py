@@ -1,0 +1,116 @@
+"""Decode steps through DecodeGraphs give exactly what eager steps give.
+
+There is no GPU here, so the graphs are "captured" by a stand-in that re-runs the
+recorded forward on each replay: everything but the recording itself (static
+buffers, padding up to a captured size, the padding block, the decode attention
+twins) runs as it does on CUDA.
+"""
+
+import random
+
+import pytest
+from completions import GREEDY, completions, make_prompts
+
+from microvllm import LLM, SamplingParams
+from microvllm.engine.cuda_graphs import DecodeGraphs, capture_batch_sizes
+
+
+class CountingCapture:
+    """Captures nothing: a replay runs the forward again, counted by batch size."""
+
+    def __init__(self):
+        self.replays = {}
+
+    def __call__(self, forward):
+        def replay():
+            output = forward()
+            self.replays[len(output)] = self.replays.get(len(output), 0) + 1
+            return output
+        return replay
+
+
+def with_decode_graphs(llm: LLM) -> CountingCapture:
+    engine, capture = llm.engine, CountingCapture()
+    engine.runner.decode_graphs = DecodeGraphs(
+        engine.model, engine.kv_cache, engine.runner.attention_backend.decode,
+        engine.config.max_num_seqs, engine.max_model_len, engine.device, capture)
+    return capture
+
+
+@pytest.fixture(scope="module")
+def windowed_checkpoint(make_checkpoint):
+    # era C, sequence_len 64, "SL": odd layers see the last 32 keys, so long decodes slide
+    return make_checkpoint(era="C", window_pattern="SL")
+
+
+def varied_lengths(count, seed=0):
+    rng = random.Random(seed)
+    return [SamplingParams(temperature=0, max_tokens=rng.randint(1, 30), ignore_eos=True, logprobs=0)
+            for _ in range(count)]
+
+
+@pytest.mark.parametrize("max_num_seqs, sizes", [
+    (256, [1, 2, 4, 8] + list(range(16, 257, 16))),
+    (100, [1, 2, 4, 8, 16, 32, 48, 64, 80, 96, 100]),
+    (10, [1, 2, 4, 8, 10]),
+    (1, [1]),
+])
+def test_capture_sizes_are_powers_of_two_then_every_16(max_num_seqs, sizes):
+    assert capture_batch_sizes(max_num_seqs) == sizes
+
+
+def test_padded_graph_batches_match_eager_steps(windowed_checkpoint):
+    # 23 requests ending at different steps: the decode batch shrinks through 17..23
+    # (padded to 32), 9..16, 5..8, 3..4 and 2
+    prompts, params = make_prompts(23, seed=1), varied_lengths(23)
+    eager = completions(LLM(windowed_checkpoint, block_size=4, max_num_seqs=40), prompts, params)
+    llm = LLM(windowed_checkpoint, block_size=4, max_num_seqs=40)
+    capture = with_decode_graphs(llm)
+    assert completions(llm, prompts, params) == eager
+    assert {32, 16, 8, 4, 2} <= set(capture.replays)
+
+
+def test_decodes_past_the_sliding_window_match_eager_steps(windowed_checkpoint):
+    # contexts grow to 60 keys, well past the 32-key window, across many blocks
+    prompts = make_prompts(5, seed=2)
+    params = SamplingParams(temperature=0, max_tokens=60 - max(map(len, prompts)), ignore_eos=True, logprobs=0)
+    eager = completions(LLM(windowed_checkpoint, block_size=4), prompts, params)
+    llm = LLM(windowed_checkpoint, block_size=4)
+    with_decode_graphs(llm)
+    assert completions(llm, prompts, params) == eager
+
+
+def test_graphs_under_preemption_and_prefix_hits_match_eager_steps(checkpoint_dir):
+    prompts = make_prompts(30, seed=3, shared_prefix=[256, 1, 2, 3, 4, 5, 6, 7, 8])
+    eager = completions(LLM(checkpoint_dir), prompts)
+    tight = LLM(checkpoint_dir, block_size=4, num_blocks=24)
+    with_decode_graphs(tight)
+    assert completions(tight, prompts) == eager
+    assert tight.engine.scheduler.num_preemptions > 0
+    assert tight.engine.block_manager.num_used_blocks == 0
+
+
+def test_seeded_sampling_through_graphs_matches_eager_steps(checkpoint_dir):
+    prompts = make_prompts(12, seed=4)
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=11, max_tokens=10, ignore_eos=True, logprobs=2)
+    eager = completions(LLM(checkpoint_dir), prompts, params)
+    llm = LLM(checkpoint_dir)
+    with_decode_graphs(llm)
+    assert completions(llm, prompts, params) == eager
+
+
+def test_triton_decode_twin_through_graphs_matches_eager_steps(windowed_checkpoint, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when triton is first imported
+    pytest.importorskip("triton")
+    prompts = make_prompts(3, seed=5)
+    params = SamplingParams(temperature=0, max_tokens=50 - max(map(len, prompts)), ignore_eos=True, logprobs=0)
+    eager = completions(LLM(windowed_checkpoint, block_size=4), prompts, params)
+    llm = LLM(windowed_checkpoint, block_size=4, attention_backend="triton", max_num_seqs=4)
+    capture = with_decode_graphs(llm)
+    assert completions(llm, prompts, params) == eager
+    assert set(capture.replays) >= {4}
+
+
+def test_cpu_engines_capture_no_graphs(checkpoint_dir):
+    assert LLM(checkpoint_dir).engine.runner.decode_graphs is None
+    assert LLM(checkpoint_dir, enforce_eager=True).engine.runner.decode_graphs is None
