@@ -9,7 +9,7 @@ twins) runs as it does on CUDA.
 import random
 
 import pytest
-from completions import GREEDY, completions, make_prompts
+from completions import completions, make_prompts
 
 from microvllm import LLM, SamplingParams
 from microvllm.engine.cuda_graphs import DecodeGraphs, capture_batch_sizes

@@ -6,26 +6,30 @@ finished; `abort_request` drops a request and frees its blocks at once.
 """
 
 import itertools
+import logging
 import random
 import time
 
-import torch
 import xxhash
 
-from ..model.attention import DenseCausalAttention, resolve_attention_backend
+from ..model.attention import resolve_attention_backend
 from ..model.loader import load_model
 from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from ..sampling_params import SamplingParams
 from ..tokenizer import Tokenizer
 from .block_manager import BlockManager
-from .config import MAX_DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
+from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
 from .kv_cache import PagedKVCache
+from .memory import describe_kv_cache, num_kv_blocks
 from .model_runner import ModelRunner, StepOutput
 from .sampler import Sampler
 from .scheduler import Scheduler
 from .sequence import Request, Sequence
 from .stats import EngineStats
+
+logger = logging.getLogger(__name__)
+
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
@@ -47,7 +51,7 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or model_config.sequence_len
         self.vocab_size = model_config.vocab_size
 
-        num_blocks = config.num_blocks or self._num_blocks_for_budget()
+        num_blocks = num_kv_blocks(config, self.model, self.device, self.dtype, self.max_model_len)
         capacity = num_blocks * config.block_size
         if capacity < self.max_model_len:
             raise ValueError(
@@ -57,6 +61,7 @@ class LLMEngine:
         self.kv_cache = PagedKVCache(model_config.n_layer, num_blocks, config.block_size,
                                      model_config.n_kv_head, model_config.head_dim, self.dtype, self.device)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        logger.info(describe_kv_cache(self.kv_cache, self.device))
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         decode_graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -69,28 +74,6 @@ class LLMEngine:
         self._request_counter = itertools.count()
         self._seq_counter = itertools.count()
         self._seed_rng = random.Random(config.seed)
-
-    def _num_blocks_for_budget(self) -> int:
-        c, mc = self.config, self.model.config
-        per_block = PagedKVCache.bytes_per_block(mc.n_layer, c.block_size, mc.n_kv_head, mc.head_dim, self.dtype)
-        if c.kv_cache_memory is not None:
-            return max(int(c.kv_cache_memory // per_block), 1)
-        if self.device.type == "cuda":
-            return max(self._free_gpu_memory() // per_block, 1)
-        blocks_for_all_seqs = c.max_num_seqs * -(-self.max_model_len // c.block_size)
-        return min(blocks_for_all_seqs, MAX_DEFAULT_CPU_KV_CACHE_MEMORY // per_block)
-
-    @torch.inference_mode()
-    def _free_gpu_memory(self) -> int:
-        """GPU bytes left for the KV cache after the weights and a full-size forward."""
-        torch.cuda.reset_peak_memory_stats(self.device)
-        n = min(self.config.max_num_batched_tokens, self.max_model_len)
-        ids = torch.zeros(n, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, torch.arange(n, device=self.device), ids - 1, DenseCausalAttention(1))
-        self.model.compute_logits(hidden[:self.config.max_num_seqs])
-        peak = torch.cuda.max_memory_allocated(self.device)
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        return int(total * self.config.gpu_memory_utilization - peak)
 
     # -- requests ---------------------------------------------------------------------
 
