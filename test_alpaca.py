@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--max-num-seqs", type=int,
                        help="sequences running at once (default: the engine's; the memory "
                             "experiment: the number of prompts, so memory is the limit)")
-    model.add_argument("--block-size", type=int, default=16, help="paged KV block size in tokens")
+    model.add_argument("--block-size", type=int,
+                       help="paged KV block size in tokens (default: the attention backend's, 16 or 256)")
     model.add_argument("--kv-cache-memory", type=size_argument,
                        help="KV cache bytes, e.g. 256M or 1G (default: the engine's)")
     model.add_argument("--max-model-len", type=int, help="default: the model's sequence_len")

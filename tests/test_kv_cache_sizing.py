@@ -3,6 +3,7 @@
 import logging
 
 from microvllm import LLM
+from microvllm.model.attention import AttentionBackend
 
 # the default test checkpoint: 4 layers, 2 KV heads of 8 dims, float32 on CPU
 BYTES_PER_TOKEN = 2 * 4 * 2 * 8 * 4
@@ -26,3 +27,9 @@ def test_engine_logs_the_kv_cache_size(checkpoint_dir, caplog):
     with caplog.at_level(logging.INFO, logger="microvllm"):
         LLM(checkpoint_dir, num_blocks=40, block_size=8)
     assert "KV cache: 40 blocks of 8 tokens (320 tokens" in caplog.text
+
+
+def test_block_size_defaults_to_the_attention_backends(checkpoint_dir):
+    assert LLM(checkpoint_dir).engine.block_size == 16
+    flash_like = AttentionBackend("flash_attn", object, object, block_size_multiple=256)
+    assert flash_like.default_block_size == 256

@@ -16,7 +16,7 @@ class EngineConfig:
     step: int | None = None                 # checkpoint step; None = the largest
     device: str | None = None               # None = cuda if available, else cpu
     dtype: str | torch.dtype | None = None  # None = bfloat16 on cuda, float32 on cpu
-    block_size: int = 16
+    block_size: int | None = None           # None = the attention backend's default
     num_blocks: int | None = None           # None = sized from the memory budget
     kv_cache_memory: int | None = None      # bytes for the KV cache
     gpu_memory_utilization: float = 0.9     # on cuda without kv_cache_memory
@@ -32,9 +32,10 @@ class EngineConfig:
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if (value is not None or name != "block_size") and (
+                    isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if self.block_size & (self.block_size - 1):
+        if self.block_size is not None and self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size={self.block_size} must be a power of two")
         if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or self.num_blocks < 1):
             raise ValueError(f"num_blocks must be an int >= 1 (a KV cache of at least one block), "

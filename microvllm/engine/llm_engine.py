@@ -37,8 +37,9 @@ class LLMEngine:
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device)
         attention_backend = resolve_attention_backend(config.attention_backend, self.device)
-        if config.block_size % attention_backend.block_size_multiple:
-            raise ValueError(f"block_size={config.block_size} is not supported by {attention_backend.name}: "
+        self.block_size = config.block_size or attention_backend.default_block_size
+        if self.block_size % attention_backend.block_size_multiple:
+            raise ValueError(f"block_size={self.block_size} is not supported by {attention_backend.name}: "
                              f"use a multiple of {attention_backend.block_size_multiple}, "
                              f"or attention_backend='sdpa'")
         self.model = load_model(config.model, config.step, self.dtype, self.device,
@@ -51,16 +52,17 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or model_config.sequence_len
         self.vocab_size = model_config.vocab_size
 
-        num_blocks = num_kv_blocks(config, self.model, self.device, self.dtype, self.max_model_len)
-        capacity = num_blocks * config.block_size
+        num_blocks = num_kv_blocks(config, self.model, self.device, self.dtype, self.max_model_len,
+                                   self.block_size)
+        capacity = num_blocks * self.block_size
         if capacity < self.max_model_len:
             raise ValueError(
-                f"the KV cache holds {capacity} tokens ({num_blocks} blocks of {config.block_size}), "
+                f"the KV cache holds {capacity} tokens ({num_blocks} blocks of {self.block_size}), "
                 f"fewer than one sequence of max_model_len={self.max_model_len}: give it more memory "
                 f"(kv_cache_memory / num_blocks) or lower max_model_len")
-        self.kv_cache = PagedKVCache(model_config.n_layer, num_blocks, config.block_size,
+        self.kv_cache = PagedKVCache(model_config.n_layer, num_blocks, self.block_size,
                                      model_config.n_kv_head, model_config.head_dim, self.dtype, self.device)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
         logger.info(describe_kv_cache(self.kv_cache, self.device))
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         decode_graphs = None

@@ -17,16 +17,16 @@ GIB = 1024**3
 
 
 def num_kv_blocks(config: EngineConfig, model: GPT, device: torch.device, dtype: torch.dtype,
-                  max_model_len: int) -> int:
+                  max_model_len: int, block_size: int) -> int:
     if config.num_blocks is not None:
         return config.num_blocks
     mc = model.config
-    per_block = PagedKVCache.bytes_per_block(mc.n_layer, config.block_size, mc.n_kv_head, mc.head_dim, dtype)
+    per_block = PagedKVCache.bytes_per_block(mc.n_layer, block_size, mc.n_kv_head, mc.head_dim, dtype)
     if config.kv_cache_memory is not None:
         return max(int(config.kv_cache_memory // per_block), 1)
     if device.type == "cuda":
         return max(_gpu_bytes_for_kv_cache(config, model, device, max_model_len) // per_block, 1)
-    blocks_for_all_seqs = config.max_num_seqs * -(-max_model_len // config.block_size)
+    blocks_for_all_seqs = config.max_num_seqs * -(-max_model_len // block_size)
     return min(blocks_for_all_seqs, MAX_DEFAULT_CPU_KV_CACHE_MEMORY // per_block)
 
 

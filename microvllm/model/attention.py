@@ -28,6 +28,9 @@ import torch
 import torch.nn.functional as F
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash_attn", "triton")
+# small blocks waste little memory at the end of each sequence and share prefixes
+# finely; flash_attn takes only multiples of 256
+DEFAULT_BLOCK_SIZE = 16
 
 
 def _window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -250,6 +253,10 @@ class AttentionBackend:
     step: type              # over a SequenceKVView: any mix of prefill chunks and decodes
     decode: type            # over a DecodeKVView: capturable in a CUDA graph
     block_size_multiple: int = 1  # block_size must be a multiple of this (and a power of two)
+
+    @property
+    def default_block_size(self) -> int:
+        return max(DEFAULT_BLOCK_SIZE, self.block_size_multiple)
 
 
 def resolve_attention_backend(name: str, device: torch.device) -> AttentionBackend:
