@@ -1,1 +1,2 @@
-"""Benchmark helpers for test_alpaca.py: workloads, runs, metrics, CSV results, plots."""
+"""Benchmarks: test_alpaca.py's workloads, runs, metrics, CSV results and plots; the CPU and
+GPU targets; random-weight checkpoints of any shape."""

@@ -3,7 +3,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+TESTS = Path(__file__).resolve().parent
+# the tests' helpers, and the repository root for `benchmarks` and test_alpaca.py
+sys.path[:0] = [str(TESTS), str(TESTS.parent)]
 
 from checkpoints import write_checkpoint  # noqa: E402
 

@@ -2,23 +2,29 @@
 baseline, the KV probe, and test_alpaca.py end to end on a tiny random model."""
 
 import csv
+import dataclasses
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from benchmarks import gpu_targets, workloads
+from benchmarks.decode_bandwidth import kv_bytes_per_step, peak_bandwidth_gb_s, weight_bytes_per_step
+from benchmarks.kv_probe import KVUsageProbe
+from benchmarks.metrics import (RequestRecord, kv_utilisation, parse_size, percentile, summarize,
+                                time_per_output_token)
+from benchmarks.no_cache import generate_without_cache
+from benchmarks.random_checkpoint import tokenizer_with_vocab
+from benchmarks.results_csv import COLUMNS, append_runs, read_runs
+from microvllm import LLM, RequestMetrics, SamplingParams
+from microvllm.model.config import ModelConfig
+from microvllm.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from benchmarks import workloads  # noqa: E402
-from benchmarks.kv_probe import KVUsageProbe  # noqa: E402
-from benchmarks.metrics import (RequestRecord, kv_utilisation, parse_size, percentile, summarize,  # noqa: E402
-                                time_per_output_token)
-from benchmarks.no_cache import generate_without_cache  # noqa: E402
-from benchmarks.results_csv import COLUMNS, append_runs, read_runs  # noqa: E402
-from microvllm import LLM, RequestMetrics, SamplingParams  # noqa: E402
 
 RECORDS = [{"instruction": "Name a colour.", "input": "", "output": "Red."},
            {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}]
@@ -221,3 +227,87 @@ def test_script_rejects_bad_dataset_input_with_exit_code_2(checkpoint_dir, tmp_p
             test_alpaca.main(["--model-dir", str(checkpoint_dir), "--dataset-path", str(dataset),
                               "--csv", ""])
         assert exit_info.value.code == 2
+
+
+# -- random checkpoints and the GPU targets -----------------------------------------------
+
+@pytest.mark.parametrize("vocab_size", [265, 1000, 65536])
+def test_any_vocab_tokenizer_round_trips_text_and_ends_with_the_special_tokens(vocab_size, tmp_path):
+    encoding = tokenizer_with_vocab(vocab_size)
+    text = "Hello, world!\n\t123 héllo ωορλδ 日本語 <|bos|>"
+    ids = encoding.encode_ordinary(text)
+    assert encoding.decode(ids) == text and max(ids) < vocab_size - len(SPECIAL_TOKENS)
+    if vocab_size == 65536:  # d20's vocab merges nearly every byte pair
+        assert len(ids) < len(text.encode())
+    (tmp_path / "tokenizer.pkl").write_bytes(pickle.dumps(encoding))
+    tokenizer = Tokenizer.from_dir(tmp_path)
+    assert tokenizer.vocab_size == vocab_size
+    assert list(tokenizer.special.values()) == list(range(vocab_size - len(SPECIAL_TOKENS), vocab_size))
+
+
+def test_tokenizer_vocab_outside_bytes_plus_pairs_is_refused():
+    for vocab_size in (264, 256 + 256**2 + 10):
+        with pytest.raises(ValueError, match="must be in"):
+            tokenizer_with_vocab(vocab_size)
+
+
+def test_kv_bytes_count_each_layers_window():
+    config = ModelConfig(sequence_len=64, vocab_size=265, n_layer=2, n_head=2, n_kv_head=1, n_embd=16,
+                         window_pattern="SL", era="B")
+    assert config.window_sizes == [32, 64]
+    # contexts 10 and 50: the short layer reads 10 and 33 keys (a window of 32 plus the query)
+    assert kv_bytes_per_step(config, [10, 50], 4) == (10 + 33 + 10 + 50) * 2 * 1 * 8 * 4
+
+
+def test_weight_bytes_read_each_matrix_and_one_embedding_row_per_token(checkpoint_dir):
+    model = LLM(checkpoint_dir, num_blocks=8).engine.model
+    tables = [model.transformer.wte.weight] + [e.weight for e in model.value_embeds.values()]
+    everything = sum(p.nbytes for p in model.parameters())
+    assert weight_bytes_per_step(model, 3) == \
+        everything - sum(t.nbytes for t in tables) + 3 * sum(t[0].nbytes for t in tables)
+
+
+@pytest.mark.parametrize("name, gb_s", [("NVIDIA H100 80GB HBM3", 3350), ("NVIDIA H100 PCIe", 2000),
+                                        ("NVIDIA H200", 4800), ("NVIDIA A100-SXM4-80GB", 2039),
+                                        ("NVIDIA GH200 480GB", None), ("NVIDIA GeForce RTX 4090", None)])
+def test_peak_bandwidth_is_known_by_device_name(name, gb_s, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+    assert peak_bandwidth_gb_s(torch.device("cuda")) == gb_s
+    assert peak_bandwidth_gb_s(torch.device("cpu")) is None
+
+
+def test_gpu_targets_checkpoint_is_reused_and_another_shape_refused(tmp_path):
+    tiny = gpu_targets.SHAPES["tiny"]
+    directory = gpu_targets.ensure_checkpoint(tmp_path / "ckpt", tiny)
+    written = (directory / "model_000000.pt").stat().st_mtime_ns
+    assert gpu_targets.ensure_checkpoint(directory, tiny) == directory
+    assert (directory / "model_000000.pt").stat().st_mtime_ns == written
+    deeper = dataclasses.replace(tiny, model_config={**tiny.model_config, "n_layer": 3})
+    with pytest.raises(ValueError, match="another shape"):
+        gpu_targets.ensure_checkpoint(directory, deeper)
+
+
+def test_gpu_targets_run_end_to_end_on_cpu_at_the_tiny_shape(tmp_path, capsys):
+    gpu_targets.main(["--shape", "tiny", "--device", "cpu", "--num-requests", "4", "--checkpoint-dir",
+                      str(tmp_path / "ckpt"), "--output-json", str(tmp_path / "out.json")])
+    out = capsys.readouterr().out
+    assert "output tok/s" in out and "cuda graphs / eager output tok/s" in out
+    assert "of peak bandwidth" not in out  # a CPU's peak is unknown
+    report = json.loads((tmp_path / "out.json").read_text())
+    shape = gpu_targets.SHAPES["tiny"]
+    requests, _ = gpu_targets.build_requests(shape, Tokenizer.from_dir(tmp_path / "ckpt" / "tokenizer"), 4, 0)
+    assert [m["mode"] for m in report["modes"]] == ["cuda graphs", "eager"]
+    for mode in report["modes"]:
+        assert mode["output_tokens"] == sum(r.max_tokens for r in requests)  # ignore_eos
+        assert mode["kv_blocks"] >= 1 and mode["gpu_memory_in_use"] is None
+        assert [d["batch_size"] for d in mode["decode"]] == list(shape.decode_batches)
+        for d in mode["decode"]:
+            assert d["mean_context"] > shape.decode_prompt_len and d["bandwidth_gb_s"] > 0
+            assert d["utilisation"] is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_gpu_targets_bad_device_exits_2_before_writing_a_checkpoint(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_targets.main(["--device", "cuda", "--checkpoint-dir", str(tmp_path / "ckpt")])
+    assert exit_info.value.code == 2 and not (tmp_path / "ckpt").exists()
