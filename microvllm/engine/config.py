@@ -28,7 +28,6 @@ class EngineConfig:
     enforce_eager: bool = False             # on cuda: no CUDA graphs for decode steps
     logit_softcap: float | None = None      # override for nanochat's era-C softcap-20 window
     seed: int = 0                           # draws the seeds of requests that set none
-    enforce_eager: bool = False             # True = no CUDA graphs: every step runs eagerly
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
