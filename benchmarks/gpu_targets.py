@@ -164,7 +164,8 @@ def print_report(args, shape: Shape, device_name: str, dtype: str, results: list
           f"prompts {shape.prompt_lens[0]}..{shape.prompt_lens[1]} and outputs "
           f"{shape.output_lens[0]}..{shape.output_lens[1]} tokens\n")
     print(table(results))
-    print(f"\ncuda graphs / eager output tok/s: {ratio:.2f}x")
+    no_graphs = "" if graphs.gpu_memory_in_use is not None else " (no CUDA here: both ran eagerly)"
+    print(f"\ncuda graphs / eager output tok/s: {ratio:.2f}x{no_graphs}")
     print(f"target (d20 on an H100, cuda graphs): >= {TARGET_OUTPUT_TOK_S:,} output tok/s: "
           f"{'met' if met else 'NOT met'}")
     print(f"peak bandwidth: {f'{peak_gb_s:,.0f} GB/s' if peak_gb_s else 'unknown here (give --peak-bandwidth)'}")
