@@ -5,6 +5,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import fake_flash_attn  # noqa: E402
 from checkpoints import write_checkpoint  # noqa: E402
 
 
@@ -19,3 +20,9 @@ def make_checkpoint(tmp_path_factory):
     def make(**kwargs):
         return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "model", **kwargs)
     return make
+
+
+@pytest.fixture
+def fake_flash_attn_installed(monkeypatch):
+    """`import flash_attn` gives the CPU test double in fake_flash_attn.py for one test."""
+    monkeypatch.setitem(sys.modules, "flash_attn", fake_flash_attn)
