@@ -7,6 +7,7 @@ TESTS = Path(__file__).resolve().parent
 # the tests' helpers, and the repository root for `benchmarks` and test_alpaca.py
 sys.path[:0] = [str(TESTS), str(TESTS.parent)]
 
+import fake_flash_attn  # noqa: E402
 from checkpoints import write_checkpoint  # noqa: E402
 
 
@@ -21,3 +22,9 @@ def make_checkpoint(tmp_path_factory):
     def make(**kwargs):
         return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "model", **kwargs)
     return make
+
+
+@pytest.fixture
+def fake_flash_attn_installed(monkeypatch):
+    """`import flash_attn` gives the CPU test double in fake_flash_attn.py for one test."""
+    monkeypatch.setitem(sys.modules, "flash_attn", fake_flash_attn)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from microvllm import LLM, SamplingParams
-from microvllm.engine.kv_cache import PagedKVCache, SequenceKVView
 from microvllm.model.attention import SdpaPagedAttention, resolve_attention_backend
+from paged_steps import compare_backends
 
 _saved_interpret = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
@@ -36,56 +36,25 @@ def interpret_triton(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def random_step(query_lens, context_lens, block_size, n_kv_head, head_dim, dtype, seed=0):
-    """A cache full of random K/V, each sequence's blocks scattered over it, and the view
-    of one step; built twice from one seed, so each backend writes into its own copy."""
-    gen = torch.Generator().manual_seed(seed)
-    blocks_per_seq = [-(-c // block_size) for c in context_lens]
-    num_blocks = sum(blocks_per_seq) + 1  # block 0 only pads the block tables
-    cache = PagedKVCache(2, num_blocks, block_size, n_kv_head, head_dim, dtype, "cpu")
-    cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
-    cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
-    owned = (torch.randperm(num_blocks - 1, generator=gen) + 1).split(blocks_per_seq)
-    block_tables = torch.zeros(len(owned), max(blocks_per_seq), dtype=torch.int64)
-    slots = []
-    for row, (blocks, q, c) in enumerate(zip(owned, query_lens, context_lens)):
-        block_tables[row, :len(blocks)] = blocks
-        positions = torch.arange(c - q, c)
-        slots.append(blocks[positions // block_size] * block_size + positions % block_size)
-    return SequenceKVView(cache, torch.cat(slots), block_tables, query_lens, context_lens)
-
-
-def compare_backends(query_lens, context_lens, block_size, n_head, n_kv_head, head_dim,
-                     window, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(1)
-    n = sum(query_lens)
-    q, k, v = (torch.randn(n, h, head_dim, generator=gen).to(dtype) for h in (n_head, n_kv_head, n_kv_head))
-    views = [random_step(query_lens, context_lens, block_size, n_kv_head, head_dim, dtype) for _ in range(2)]
-    got = TritonPagedAttention(views[0])(1, q, k, v, window)
-    want = SdpaPagedAttention(views[1])(1, q, k, v, window)
-    assert torch.equal(views[0].cache.k, views[1].cache.k)  # the step's K/V were written
-    return got, want
-
-
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 @pytest.mark.parametrize("n_head, n_kv_head, head_dim", [(4, 2, 8), (2, 2, 16), (6, 2, 64)],
                          ids=["gqa", "mha", "gqa-group-of-3"])
 @pytest.mark.parametrize("window", [None, 5])
 def test_mixed_batch_matches_sdpa(block_size, n_head, n_kv_head, head_dim, window):
-    got, want = compare_backends(MIXED_QUERY_LENS, MIXED_CONTEXT_LENS, block_size,
-                                 n_head, n_kv_head, head_dim, window)
+    got, want = compare_backends(TritonPagedAttention, MIXED_QUERY_LENS, MIXED_CONTEXT_LENS,
+                                 block_size, n_head, n_kv_head, head_dim, window)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("window", [None, 20])
 def test_decode_only_batch_matches_sdpa(window):
-    got, want = compare_backends([1, 1, 1], [1, 33, 130], 4, 8, 2, 16, window)
+    got, want = compare_backends(TritonPagedAttention, [1, 1, 1], [1, 33, 130], 4, 8, 2, 16, window)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_float16_cache_matches_sdpa():
-    got, want = compare_backends(MIXED_QUERY_LENS, MIXED_CONTEXT_LENS, 16, 4, 2, 16, None,
-                                 dtype=torch.float16)
+    got, want = compare_backends(TritonPagedAttention, MIXED_QUERY_LENS, MIXED_CONTEXT_LENS, 16, 4, 2,
+                                 16, None, dtype=torch.float16)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
 
 

@@ -1,0 +1,38 @@
+"""Random steps over a paged KV cache, for holding an attention backend against SDPA."""
+
+import torch
+
+from microvllm.engine.kv_cache import PagedKVCache, SequenceKVView
+from microvllm.model.attention import SdpaPagedAttention
+
+
+def random_step(query_lens, context_lens, block_size, n_kv_head, head_dim, dtype, seed=0):
+    """A cache full of random K/V, each sequence's blocks scattered over it, and the view
+    of one step; built twice from one seed, so each backend writes into its own copy."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [-(-c // block_size) for c in context_lens]
+    num_blocks = sum(blocks_per_seq) + 1  # block 0 only pads the block tables
+    cache = PagedKVCache(2, num_blocks, block_size, n_kv_head, head_dim, dtype, "cpu")
+    cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
+    owned = (torch.randperm(num_blocks - 1, generator=gen) + 1).split(blocks_per_seq)
+    block_tables = torch.zeros(len(owned), max(blocks_per_seq), dtype=torch.int64)
+    slots = []
+    for row, (blocks, q, c) in enumerate(zip(owned, query_lens, context_lens)):
+        block_tables[row, :len(blocks)] = blocks
+        positions = torch.arange(c - q, c)
+        slots.append(blocks[positions // block_size] * block_size + positions % block_size)
+    return SequenceKVView(cache, torch.cat(slots), block_tables, query_lens, context_lens)
+
+
+def compare_backends(backend, query_lens, context_lens, block_size, n_head, n_kv_head, head_dim,
+                     window, dtype=torch.float32):
+    """(backend's output, SdpaPagedAttention's output) for layer 1 of one random step."""
+    gen = torch.Generator().manual_seed(1)
+    n = sum(query_lens)
+    q, k, v = (torch.randn(n, h, head_dim, generator=gen).to(dtype) for h in (n_head, n_kv_head, n_kv_head))
+    views = [random_step(query_lens, context_lens, block_size, n_kv_head, head_dim, dtype) for _ in range(2)]
+    got = backend(views[0])(1, q, k, v, window)
+    want = SdpaPagedAttention(views[1])(1, q, k, v, window)
+    assert torch.equal(views[0].cache.k, views[1].cache.k)  # the step's K/V were written
+    return got, want
