@@ -2,7 +2,7 @@
 
 import torch
 
-from microvllm.engine.kv_cache import PagedKVCache, SequenceKVView
+from microvllm.engine.kv_cache import DecodeKVView, PagedKVCache, SequenceKVView
 from microvllm.model.attention import SdpaPagedAttention
 
 
@@ -23,6 +23,20 @@ def random_step(query_lens, context_lens, block_size, n_kv_head, head_dim, dtype
         positions = torch.arange(c - q, c)
         slots.append(blocks[positions // block_size] * block_size + positions % block_size)
     return SequenceKVView(cache, torch.cat(slots), block_tables, query_lens, context_lens)
+
+
+def as_decode_view(view: SequenceKVView, table_width: int) -> DecodeKVView:
+    """The same decode-only step as graphs see it: lengths on the device, block tables
+    widened to table_width with the cache's padding block."""
+    tables = torch.full((len(view.query_lens), table_width), view.cache.padding_block)
+    tables[:, :view.block_tables.shape[1]] = view.block_tables
+    return DecodeKVView(view.cache, view.slot_mapping, tables, torch.tensor(view.context_lens))
+
+
+def compare_decode_twin(decode_backend, context_lens, block_size, table_width, window, dtype=torch.float32):
+    """(decode twin's output, SdpaPagedAttention's output) for one decode-only step, GQA 4:2."""
+    return compare_backends(lambda view: decode_backend(as_decode_view(view, table_width)),
+                            [1] * len(context_lens), context_lens, block_size, 4, 2, 16, window, dtype)
 
 
 def compare_backends(backend, query_lens, context_lens, block_size, n_head, n_kv_head, head_dim,

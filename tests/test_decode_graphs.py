@@ -9,10 +9,13 @@ twins) runs as it does on CUDA.
 import random
 
 import pytest
+import torch
 from completions import completions, make_prompts
+from paged_steps import compare_decode_twin
 
 from microvllm import LLM, SamplingParams
 from microvllm.engine.cuda_graphs import DecodeGraphs, capture_batch_sizes
+from microvllm.model.attention import SdpaDecodeAttention
 
 
 class CountingCapture:
@@ -57,6 +60,14 @@ def varied_lengths(count, seed=0):
 ])
 def test_capture_sizes_are_powers_of_two_then_every_16(max_num_seqs, sizes):
     assert capture_batch_sizes(max_num_seqs) == sizes
+
+
+# block tables 40 blocks of 4 wide: the 160-key context fills its table, so a window's
+# fixed-size read runs past the table's end
+@pytest.mark.parametrize("window", [None, 5, 20])
+def test_sdpa_decode_twin_matches_sdpa(window):
+    got, want = compare_decode_twin(SdpaDecodeAttention, [1, 33, 130, 160], 4, 40, window)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_padded_graph_batches_match_eager_steps(windowed_checkpoint):

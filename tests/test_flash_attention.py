@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import fake_flash_attn
-from microvllm.model.attention import FlashPagedAttention
-from paged_steps import compare_backends
+from microvllm.model.attention import FlashDecodeAttention, FlashPagedAttention, resolve_attention_backend
+from paged_steps import compare_backends, compare_decode_twin
 
 pytestmark = pytest.mark.usefixtures("fake_flash_attn_installed")
 
@@ -152,3 +152,23 @@ def test_bfloat16_cache_matches_sdpa():
     got, want = compare_backends(FlashPagedAttention, MIXED_QUERY_LENS, MIXED_CONTEXT_LENS, BLOCK_SIZE,
                                  4, 2, 16, None, dtype=torch.bfloat16)
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
+# the 512-key context fills its two-block table
+@pytest.mark.parametrize("window", [None, 20])
+def test_decode_twin_matches_sdpa(window):
+    got, want = compare_decode_twin(FlashDecodeAttention, [1, 33, 300, 512], BLOCK_SIZE, 2, window,
+                                    dtype=torch.float16)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+
+
+def test_auto_picks_flash_attn_on_cuda_for_16_bit_caches_only():
+    cuda = torch.device("cuda")
+    chosen = resolve_attention_backend("auto", cuda, torch.bfloat16)
+    assert (chosen.name, chosen.decode, chosen.default_block_size) == ("flash_attn", FlashDecodeAttention, 256)
+    assert resolve_attention_backend("auto", cuda, torch.float32).name != "flash_attn"
+
+
+def test_flash_attn_refuses_float32():
+    with pytest.raises(ValueError, match="needs dtype float16 or bfloat16"):
+        resolve_attention_backend("flash_attn", torch.device("cuda"), torch.float32)

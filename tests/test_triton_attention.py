@@ -12,13 +12,13 @@ import torch
 
 from microvllm import LLM, SamplingParams
 from microvllm.model.attention import SdpaPagedAttention, resolve_attention_backend
-from paged_steps import compare_backends
+from paged_steps import compare_backends, compare_decode_twin
 
 _saved_interpret = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 try:
     pytest.importorskip("triton")
-    from microvllm.model.triton_attention import TritonPagedAttention
+    from microvllm.model.triton_attention import TritonDecodeAttention, TritonPagedAttention
 finally:
     if _saved_interpret is None:
         del os.environ["TRITON_INTERPRET"]
@@ -52,6 +52,12 @@ def test_decode_only_batch_matches_sdpa(window):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("window", [None, 20])
+def test_decode_twin_matches_sdpa(window):
+    got, want = compare_decode_twin(TritonDecodeAttention, [1, 33, 130, 160], 4, 40, window)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_float16_cache_matches_sdpa():
     got, want = compare_backends(TritonPagedAttention, MIXED_QUERY_LENS, MIXED_CONTEXT_LENS, 16, 4, 2,
                                  16, None, dtype=torch.float16)
@@ -72,5 +78,5 @@ def test_llm_greedy_tokens_match_default_backend(checkpoint_dir):
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="attention_backend='triton' needs"):
-        resolve_attention_backend("triton", torch.device("cpu"))
-    assert resolve_attention_backend("auto", torch.device("cpu")).step is SdpaPagedAttention
+        resolve_attention_backend("triton", torch.device("cpu"), torch.float32)
+    assert resolve_attention_backend("auto", torch.device("cpu"), torch.float32).step is SdpaPagedAttention

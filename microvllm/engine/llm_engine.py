@@ -36,7 +36,7 @@ class LLMEngine:
         self.config = config
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device)
-        attention_backend = resolve_attention_backend(config.attention_backend, self.device)
+        attention_backend = resolve_attention_backend(config.attention_backend, self.device, self.dtype)
         self.block_size = config.block_size or attention_backend.default_block_size
         if self.block_size % attention_backend.block_size_multiple:
             raise ValueError(f"block_size={self.block_size} is not supported by {attention_backend.name}: "

@@ -259,18 +259,22 @@ class AttentionBackend:
         return max(DEFAULT_BLOCK_SIZE, self.block_size_multiple)
 
 
-def resolve_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    """The backend that `attention_backend=name` means on `device`."""
+def resolve_attention_backend(name: str, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
+    """The backend that `attention_backend=name` means on `device` for a `dtype` cache."""
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention_backend={name!r} is not one of {ATTENTION_BACKENDS}")
     on_cuda = device.type == "cuda"
+    flash_dtype = dtype in (torch.float16, torch.bfloat16)  # flash_attn computes in nothing else
     if name == "auto":
-        name = ("flash_attn" if on_cuda and _importable("flash_attn") else
+        name = ("flash_attn" if on_cuda and flash_dtype and _importable("flash_attn") else
                 "triton" if on_cuda and _importable("triton") else "sdpa")
     if name == "flash_attn":
         if not on_cuda or not _importable("flash_attn"):
             raise ValueError("attention_backend='flash_attn' needs a CUDA device and the "
                              "flash_attn package; use 'sdpa' or 'auto'")
+        if not flash_dtype:
+            raise ValueError(f"attention_backend='flash_attn' needs dtype float16 or bfloat16, "
+                             f"got {dtype}; use 'triton', 'sdpa' or 'auto'")
         # flash_attn reads a paged cache only in pages of a multiple of 256 tokens
         return AttentionBackend(name, FlashPagedAttention, FlashDecodeAttention, block_size_multiple=256)
     if name == "triton":
