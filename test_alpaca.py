@@ -28,6 +28,7 @@ from benchmarks.workloads import (HF_ALPACA, BenchRequest, DatasetUnavailableErr
                                   few_shot_text, load_alpaca_file, load_hf_alpaca, random_tokens,
                                   synthetic_requests, with_shared_prefix)
 from microvllm.engine.config import EngineConfig
+from microvllm.model.attention import ATTENTION_BACKENDS
 from microvllm.tokenizer import Tokenizer
 
 __test__ = False  # a script, not a pytest module
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR), help="nanochat checkpoint dir")
     model.add_argument("--tokenizer-dir", help="dir holding tokenizer.pkl (default: found beside the model)")
     model.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    model.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")
+    model.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto")
+    model.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     model.add_argument("--max-num-seqs", type=int,
                        help="sequences running at once (default: the engine's; the memory "
                             "experiment: the number of prompts, so memory is the limit)")
@@ -163,8 +167,9 @@ def prepare(args) -> tuple[BenchSetup, int]:
     if not fitting:
         raise ValueError(f"every prompt is at least max_model_len={max_model_len} tokens long; "
                          "use shorter prompts or a larger --max-model-len")
-    engine_args = {"device": args.device, "block_size": args.block_size,
-                   "kv_cache_memory": args.kv_cache_memory, "seed": args.seed}
+    engine_args = {"device": args.device, "dtype": args.dtype, "block_size": args.block_size,
+                   "kv_cache_memory": args.kv_cache_memory, "seed": args.seed,
+                   "attention_backend": args.attention_backend, "enforce_eager": args.enforce_eager}
     if args.max_num_seqs is not None:
         engine_args["max_num_seqs"] = args.max_num_seqs
     ignore_eos = args.ignore_eos or args.synthetic
