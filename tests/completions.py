@@ -31,3 +31,10 @@ class Completion:
 
 def completions(llm, prompts, params=GREEDY):
     return [Completion(o.outputs[0]) for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def varied_lengths(count, seed=0):
+    """Greedy params whose max_tokens vary, so requests finish at different steps."""
+    rng = random.Random(seed)
+    return [SamplingParams(temperature=0, max_tokens=rng.randint(1, 30), ignore_eos=True, logprobs=0)
+            for _ in range(count)]

@@ -28,3 +28,9 @@ def make_checkpoint(tmp_path_factory):
 def fake_flash_attn_installed(monkeypatch):
     """`import flash_attn` gives the CPU test double in fake_flash_attn.py for one test."""
     monkeypatch.setitem(sys.modules, "flash_attn", fake_flash_attn)
+
+
+@pytest.fixture(scope="session")
+def windowed_checkpoint(make_checkpoint):
+    # era C, sequence_len 64, "SL": odd layers see the last 32 keys, so long decodes slide
+    return make_checkpoint(era="C", window_pattern="SL")

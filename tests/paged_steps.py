@@ -6,13 +6,13 @@ from microvllm.engine.kv_cache import DecodeKVView, PagedKVCache, SequenceKVView
 from microvllm.model.attention import SdpaPagedAttention
 
 
-def random_step(query_lens, context_lens, block_size, n_kv_head, head_dim, dtype, seed=0):
+def random_step(query_lens, context_lens, block_size, n_kv_head, head_dim, dtype, device="cpu", seed=0):
     """A cache full of random K/V, each sequence's blocks scattered over it, and the view
     of one step; built twice from one seed, so each backend writes into its own copy."""
     gen = torch.Generator().manual_seed(seed)
     blocks_per_seq = [-(-c // block_size) for c in context_lens]
     num_blocks = sum(blocks_per_seq) + 1  # block 0 only pads the block tables
-    cache = PagedKVCache(2, num_blocks, block_size, n_kv_head, head_dim, dtype, "cpu")
+    cache = PagedKVCache(2, num_blocks, block_size, n_kv_head, head_dim, dtype, device)
     cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
     cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
     owned = (torch.randperm(num_blocks - 1, generator=gen) + 1).split(blocks_per_seq)
@@ -22,30 +22,33 @@ def random_step(query_lens, context_lens, block_size, n_kv_head, head_dim, dtype
         block_tables[row, :len(blocks)] = blocks
         positions = torch.arange(c - q, c)
         slots.append(blocks[positions // block_size] * block_size + positions % block_size)
-    return SequenceKVView(cache, torch.cat(slots), block_tables, query_lens, context_lens)
+    return SequenceKVView(cache, torch.cat(slots).to(device), block_tables.to(device), query_lens, context_lens)
 
 
 def as_decode_view(view: SequenceKVView, table_width: int) -> DecodeKVView:
     """The same decode-only step as graphs see it: lengths on the device, block tables
     widened to table_width with the cache's padding block."""
-    tables = torch.full((len(view.query_lens), table_width), view.cache.padding_block)
+    device = view.slot_mapping.device
+    tables = torch.full((len(view.query_lens), table_width), view.cache.padding_block, device=device)
     tables[:, :view.block_tables.shape[1]] = view.block_tables
-    return DecodeKVView(view.cache, view.slot_mapping, tables, torch.tensor(view.context_lens))
+    return DecodeKVView(view.cache, view.slot_mapping, tables, torch.tensor(view.context_lens, device=device))
 
 
-def compare_decode_twin(decode_backend, context_lens, block_size, table_width, window, dtype=torch.float32):
+def compare_decode_twin(decode_backend, context_lens, block_size, table_width, window, dtype=torch.float32,
+                        device="cpu"):
     """(decode twin's output, SdpaPagedAttention's output) for one decode-only step, GQA 4:2."""
     return compare_backends(lambda view: decode_backend(as_decode_view(view, table_width)),
-                            [1] * len(context_lens), context_lens, block_size, 4, 2, 16, window, dtype)
+                            [1] * len(context_lens), context_lens, block_size, 4, 2, 16, window, dtype, device)
 
 
 def compare_backends(backend, query_lens, context_lens, block_size, n_head, n_kv_head, head_dim,
-                     window, dtype=torch.float32):
+                     window, dtype=torch.float32, device="cpu"):
     """(backend's output, SdpaPagedAttention's output) for layer 1 of one random step."""
     gen = torch.Generator().manual_seed(1)
     n = sum(query_lens)
-    q, k, v = (torch.randn(n, h, head_dim, generator=gen).to(dtype) for h in (n_head, n_kv_head, n_kv_head))
-    views = [random_step(query_lens, context_lens, block_size, n_kv_head, head_dim, dtype) for _ in range(2)]
+    q, k, v = (torch.randn(n, h, head_dim, generator=gen).to(device, dtype) for h in (n_head, n_kv_head, n_kv_head))
+    views = [random_step(query_lens, context_lens, block_size, n_kv_head, head_dim, dtype, device)
+             for _ in range(2)]
     got = backend(views[0])(1, q, k, v, window)
     want = SdpaPagedAttention(views[1])(1, q, k, v, window)
     assert torch.equal(views[0].cache.k, views[1].cache.k)  # the step's K/V were written

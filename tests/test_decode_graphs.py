@@ -6,11 +6,9 @@ buffers, padding up to a captured size, the padding block, the decode attention
 twins) runs as it does on CUDA.
 """
 
-import random
-
 import pytest
 import torch
-from completions import completions, make_prompts
+from completions import completions, make_prompts, varied_lengths
 from paged_steps import compare_decode_twin
 
 from microvllm import LLM, SamplingParams
@@ -38,18 +36,6 @@ def with_decode_graphs(llm: LLM) -> CountingCapture:
         engine.model, engine.kv_cache, engine.runner.attention_backend.decode,
         engine.config.max_num_seqs, engine.max_model_len, engine.device, capture)
     return capture
-
-
-@pytest.fixture(scope="module")
-def windowed_checkpoint(make_checkpoint):
-    # era C, sequence_len 64, "SL": odd layers see the last 32 keys, so long decodes slide
-    return make_checkpoint(era="C", window_pattern="SL")
-
-
-def varied_lengths(count, seed=0):
-    rng = random.Random(seed)
-    return [SamplingParams(temperature=0, max_tokens=rng.randint(1, 30), ignore_eos=True, logprobs=0)
-            for _ in range(count)]
 
 
 @pytest.mark.parametrize("max_num_seqs, sizes", [
