@@ -9,6 +9,7 @@ engine captured them (DecodeGraphs); any other step runs eagerly.
 
 import time
 from dataclasses import dataclass
+from itertools import chain, compress
 
 import numpy as np
 import torch
@@ -47,10 +48,10 @@ class ModelRunner:
         batch = sorted(scheduled, key=lambda s: (s.num_new_tokens != 1,
                                                  s.seq.num_computed_tokens + s.num_new_tokens))
         inputs = self._prepare(batch)
-        ends = np.cumsum([s.num_new_tokens for s in batch])
-        sampled_seqs = [s for s in batch if s.samples]
-        last_rows = torch.tensor([int(end) - 1 for s, end in zip(batch, ends) if s.samples],
-                                 dtype=torch.long, device=self.device)
+        ends = np.cumsum(inputs["query_lens"])
+        samples = np.array([s.samples for s in batch])
+        sampled_seqs = list(compress(batch, samples))
+        last_rows = torch.from_numpy(ends[samples] - 1).to(self.device)
         start = time.perf_counter()
         if self.decode_graphs and max(inputs["query_lens"]) == 1:
             hidden = self.decode_graphs.run(inputs)
@@ -78,22 +79,22 @@ class ModelRunner:
         bs = self.kv_cache.block_size
         query_lens = [s.num_new_tokens for s in batch]
         starts = [s.seq.num_computed_tokens for s in batch]
-        tokens = []
+        window = []  # per sequence: the token before its chunk (-1 at position 0, for smear), then the chunk
         for s, start in zip(batch, starts):
-            # one token before the chunk, for smear; -1 marks position 0
-            tokens.append(s.seq.token_ids[start - 1:start + s.num_new_tokens] if start
-                          else [-1] + s.seq.token_ids[:s.num_new_tokens])
-        window = np.concatenate([np.asarray(t, dtype=np.int64) for t in tokens])
+            window += (s.seq.token_ids[start - 1:start + s.num_new_tokens] if start
+                       else [-1, *s.seq.token_ids[:s.num_new_tokens]])
+        window = np.array(window, dtype=np.int64)
         is_input = np.ones(len(window), dtype=bool)
-        is_input[np.cumsum([0] + [len(t) for t in tokens[:-1]])] = False
+        is_input[np.cumsum(query_lens) - query_lens + np.arange(len(batch))] = False
 
         seq_index = np.repeat(np.arange(len(batch)), query_lens)
         chunk_offset = np.arange(len(seq_index)) - np.repeat(np.cumsum([0] + query_lens[:-1]), query_lens)
         positions = np.repeat(starts, query_lens) + chunk_offset
-        max_blocks = max(len(s.seq.block_table) for s in batch)
-        block_tables = np.zeros((len(batch), max_blocks), dtype=np.int64)
-        for row, s in enumerate(batch):
-            block_tables[row, :len(s.seq.block_table)] = s.seq.block_table
+        table_lens = np.array([len(s.seq.block_table) for s in batch])
+        block_tables = np.zeros((len(batch), table_lens.max()), dtype=np.int64)
+        # the mask's cells in row-major order are the tables' entries laid end to end
+        block_tables[np.arange(table_lens.max()) < table_lens[:, None]] = np.fromiter(
+            chain.from_iterable(s.seq.block_table for s in batch), dtype=np.int64, count=table_lens.sum())
         return dict(input_ids=window[is_input], positions=positions,
                     prev_ids=window[np.flatnonzero(is_input) - 1],
                     slot_mapping=block_tables[seq_index, positions // bs] * bs + positions % bs,
