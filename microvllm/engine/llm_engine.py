@@ -59,7 +59,7 @@ class LLMEngine:
             raise ValueError(
                 f"the KV cache holds {capacity} tokens ({num_blocks} blocks of {self.block_size}), "
                 f"fewer than one sequence of max_model_len={self.max_model_len}: give it more memory "
-                f"(kv_cache_memory / num_blocks) or lower max_model_len")
+                f"(kv_cache_memory, num_blocks, or gpu_memory_utilization on CUDA) or lower max_model_len")
         self.kv_cache = PagedKVCache(model_config.n_layer, num_blocks, self.block_size,
                                      model_config.n_kv_head, model_config.head_dim, self.dtype, self.device)
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
