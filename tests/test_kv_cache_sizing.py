@@ -2,7 +2,11 @@
 
 import logging
 
+import torch
+
 from microvllm import LLM
+from microvllm.engine.config import EngineConfig
+from microvllm.engine.memory import gpu_bytes_for_kv_cache
 from microvllm.model.attention import AttentionBackend
 
 # the default test checkpoint: 4 layers, 2 KV heads of 8 dims, float32 on CPU
@@ -33,3 +37,19 @@ def test_block_size_defaults_to_the_attention_backends(checkpoint_dir):
     assert LLM(checkpoint_dir).engine.block_size == 16
     flash_like = AttentionBackend("flash_attn", object, object, block_size_multiple=256)
     assert flash_like.default_block_size == 256
+
+
+def test_gpu_budget_counts_what_others_hold_and_the_profiled_peak(checkpoint_dir, monkeypatch):
+    # the CUDA memory queries stand in for a GPU; the profiling forward itself runs on
+    # the CPU, as sequences of max_model_len since max_num_batched_tokens exceeds it
+    engine = LLM(checkpoint_dir).engine
+    gib = 1024**3
+    readings = iter([0, 3 * gib])  # allocated before the forward, then its peak
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (70 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: next(readings))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: next(readings))
+    config = EngineConfig(checkpoint_dir, gpu_memory_utilization=0.5, max_num_batched_tokens=100)
+    budget = gpu_bytes_for_kv_cache(config, engine.model, torch.device("cpu"), engine.max_model_len)
+    assert budget == 40 * gib - 10 * gib - 3 * gib

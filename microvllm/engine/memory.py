@@ -25,13 +25,13 @@ def num_kv_blocks(config: EngineConfig, model: GPT, device: torch.device, dtype:
     if config.kv_cache_memory is not None:
         return max(int(config.kv_cache_memory // per_block), 1)
     if device.type == "cuda":
-        return max(_gpu_bytes_for_kv_cache(config, model, device, max_model_len) // per_block, 1)
+        return max(gpu_bytes_for_kv_cache(config, model, device, max_model_len) // per_block, 1)
     blocks_for_all_seqs = config.max_num_seqs * -(-max_model_len // block_size)
     return min(blocks_for_all_seqs, MAX_DEFAULT_CPU_KV_CACHE_MEMORY // per_block)
 
 
 @torch.inference_mode()
-def _gpu_bytes_for_kv_cache(config: EngineConfig, model: GPT, device: torch.device,
+def gpu_bytes_for_kv_cache(config: EngineConfig, model: GPT, device: torch.device,
                             max_model_len: int) -> int:
     """Runs one forward of max_num_batched_tokens tokens (as sequences of at most
     max_model_len) plus the logits of max_num_seqs rows, and measures its peak."""
