@@ -1,9 +1,9 @@
 """Decode steps through DecodeGraphs give exactly what eager steps give.
 
 There is no GPU here, so the graphs are "captured" by a stand-in that re-runs the
-recorded forward on each replay: everything but the recording itself (static
-buffers, padding up to a captured size, the padding block, the decode attention
-twins) runs as it does on CUDA.
+forward on each replay into one output tensor: everything but the recording itself
+(static buffers, padding up to a captured size, the padding block, the decode
+attention twins, an output overwritten by every replay) runs as it does on CUDA.
 """
 
 import pytest
@@ -17,14 +17,17 @@ from microvllm.model.attention import SdpaDecodeAttention
 
 
 class CountingCapture:
-    """Captures nothing: a replay runs the forward again, counted by batch size."""
+    """Records nothing: a replay runs the forward again and writes the result into the
+    output of the first run, as a graph replay overwrites its captured output."""
 
     def __init__(self):
         self.replays = {}
 
     def __call__(self, forward):
+        output = forward()
+
         def replay():
-            output = forward()
+            output.copy_(forward())
             self.replays[len(output)] = self.replays.get(len(output), 0) + 1
             return output
         return replay
