@@ -12,6 +12,7 @@ from completions import completions, make_prompts, varied_lengths
 from paged_steps import compare_backends, compare_decode_twin
 
 from microvllm import LLM
+from microvllm.model.attention import resolve_attention_backend
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -33,25 +34,17 @@ def test_captured_graphs_match_eager_steps(windowed_checkpoint, backend):
     assert completions(graphs, prompts, params) == completions(eager, prompts, params)
 
 
+@pytest.mark.parametrize("backend, block_size", [("triton", 16), ("flash_attn", 256)])
 @pytest.mark.parametrize("window", [None, 5])
-def test_triton_bfloat16_matches_sdpa(window):
-    pytest.importorskip("triton")
-    from microvllm.model.triton_attention import TritonDecodeAttention, TritonPagedAttention
-    got, want = compare_backends(TritonPagedAttention, MIXED_QUERY_LENS, MIXED_CONTEXT_LENS, 16, 4, 2, 64,
+def test_bfloat16_kernels_match_sdpa(backend, block_size, window):
+    pytest.importorskip(backend)
+    kernels = resolve_attention_backend(backend, torch.device("cuda"), torch.bfloat16)
+    got, want = compare_backends(kernels.step, MIXED_QUERY_LENS, MIXED_CONTEXT_LENS, block_size, 4, 2, 64,
                                  window, torch.bfloat16, "cuda")
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
-    got, want = compare_decode_twin(TritonDecodeAttention, [1, 33, 130, 160], 4, 40, window, torch.bfloat16, "cuda")
-    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
-
-
-@pytest.mark.parametrize("window", [None, 5])
-def test_flash_attn_matches_sdpa(window):
-    pytest.importorskip("flash_attn")
-    from microvllm.model.attention import FlashDecodeAttention, FlashPagedAttention
-    got, want = compare_backends(FlashPagedAttention, MIXED_QUERY_LENS, MIXED_CONTEXT_LENS, 256, 4, 2, 64,
-                                 window, torch.bfloat16, "cuda")
-    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
-    got, want = compare_decode_twin(FlashDecodeAttention, [1, 33, 300, 512], 256, 2, window, torch.bfloat16, "cuda")
+    # the 512-key context fills its table
+    got, want = compare_decode_twin(kernels.decode, [1, 33, 300, 512], block_size, 512 // block_size, window,
+                                    torch.bfloat16, "cuda")
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
 
 
