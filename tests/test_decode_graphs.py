@@ -71,9 +71,9 @@ def test_padded_graph_batches_match_eager_steps(windowed_checkpoint):
 
 
 def test_decodes_past_the_sliding_window_match_eager_steps(windowed_checkpoint):
-    # contexts grow to 60 keys, well past the 32-key window, across many blocks
+    # the longest grows to max_model_len (64), filling its block table, twice the window
     prompts = make_prompts(5, seed=2)
-    params = SamplingParams(temperature=0, max_tokens=60 - max(map(len, prompts)), ignore_eos=True, logprobs=0)
+    params = SamplingParams(temperature=0, max_tokens=64 - max(map(len, prompts)), ignore_eos=True, logprobs=0)
     eager = completions(LLM(windowed_checkpoint, block_size=4), prompts, params)
     llm = LLM(windowed_checkpoint, block_size=4)
     with_decode_graphs(llm)
