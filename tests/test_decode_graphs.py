@@ -114,3 +114,13 @@ def test_triton_decode_twin_through_graphs_matches_eager_steps(windowed_checkpoi
 def test_cpu_engines_capture_no_graphs(checkpoint_dir):
     assert LLM(checkpoint_dir).engine.runner.decode_graphs is None
     assert LLM(checkpoint_dir, enforce_eager=True).engine.runner.decode_graphs is None
+
+
+def test_a_failed_capture_says_how_to_run_without_graphs(checkpoint_dir):
+    engine = LLM(checkpoint_dir).engine
+
+    def broken_capture(forward):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    with pytest.raises(RuntimeError, match="enforce_eager=True runs every step without graphs"):
+        DecodeGraphs(engine.model, engine.kv_cache, engine.runner.attention_backend.decode,
+                     4, engine.max_model_len, engine.device, broken_capture)

@@ -86,9 +86,13 @@ class DecodeGraphs:
             return model(a["input_ids"], a["positions"], a["prev_ids"], decode_attention(view))
 
         capture = capture or cuda_graph_capture()
-        with torch.inference_mode():
-            self.replays = {size: capture(lambda size=size: forward(size))
-                            for size in reversed(self.batch_sizes)}
+        try:
+            with torch.inference_mode():
+                self.replays = {size: capture(lambda size=size: forward(size))
+                                for size in reversed(self.batch_sizes)}
+        except RuntimeError as e:
+            raise RuntimeError(f"capturing the decode CUDA graphs failed: {e}\n"
+                               "enforce_eager=True runs every step without graphs") from e
 
     @staticmethod
     def _split(flat, n: int, table_width: int) -> dict:
