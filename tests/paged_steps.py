@@ -6,6 +6,13 @@ from microvllm.engine.kv_cache import DecodeKVView, PagedKVCache, SequenceKVView
 from microvllm.model.attention import SdpaPagedAttention
 
 
+# decodes first, then prefill chunks: one from scratch, two resuming after a cached
+# prefix; at block size 256 the second decode and the last chunk read keys from two
+# blocks, and the last chunk's queries cross from the first block into the second
+MIXED_QUERY_LENS = [1, 1, 7, 20, 40]
+MIXED_CONTEXT_LENS = [9, 300, 7, 60, 280]
+
+
 def random_step(query_lens, context_lens, block_size, n_kv_head, head_dim, dtype, device="cpu", seed=0):
     """A cache full of random K/V, each sequence's blocks scattered over it, and the view
     of one step; built twice from one seed, so each backend writes into its own copy."""

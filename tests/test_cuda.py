@@ -9,17 +9,12 @@ compiled for the GPU rather than imported in interpreter mode by the CPU tests.
 import pytest
 import torch
 from completions import completions, make_prompts, varied_lengths
-from paged_steps import compare_backends, compare_decode_twin
+from paged_steps import MIXED_CONTEXT_LENS, MIXED_QUERY_LENS, compare_backends, compare_decode_twin
 
 from microvllm import LLM
 from microvllm.model.attention import resolve_attention_backend
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-# decodes first, then prefill chunks from scratch and after a cached prefix; some span
-# several blocks of 16 and, at 256, one of them crosses a block boundary
-MIXED_QUERY_LENS = [1, 1, 7, 20, 40]
-MIXED_CONTEXT_LENS = [9, 300, 7, 60, 280]
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])

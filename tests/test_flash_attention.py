@@ -12,16 +12,11 @@ import torch.nn.functional as F
 
 import fake_flash_attn
 from microvllm.model.attention import FlashDecodeAttention, FlashPagedAttention, resolve_attention_backend
-from paged_steps import compare_backends, compare_decode_twin
+from paged_steps import MIXED_CONTEXT_LENS, MIXED_QUERY_LENS, compare_backends, compare_decode_twin
 
 pytestmark = pytest.mark.usefixtures("fake_flash_attn_installed")
 
 BLOCK_SIZE = 256
-# decodes first, then prefill chunks: one from scratch, two resuming after a cached
-# prefix; the second decode and the last chunk read keys from two blocks, and the last
-# chunk's queries cross from the first block into the second
-MIXED_QUERY_LENS = [1, 1, 7, 20, 40]
-MIXED_CONTEXT_LENS = [9, 300, 7, 60, 280]
 
 
 def paged(dense: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:

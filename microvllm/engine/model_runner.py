@@ -84,11 +84,12 @@ class ModelRunner:
             window += (s.seq.token_ids[start - 1:start + s.num_new_tokens] if start
                        else [-1, *s.seq.token_ids[:s.num_new_tokens]])
         window = np.array(window, dtype=np.int64)
+        chunk_starts = np.cumsum(query_lens) - query_lens   # each chunk's first row in the flat batch
         is_input = np.ones(len(window), dtype=bool)
-        is_input[np.cumsum(query_lens) - query_lens + np.arange(len(batch))] = False
+        is_input[chunk_starts + np.arange(len(batch))] = False
 
         seq_index = np.repeat(np.arange(len(batch)), query_lens)
-        chunk_offset = np.arange(len(seq_index)) - np.repeat(np.cumsum([0] + query_lens[:-1]), query_lens)
+        chunk_offset = np.arange(len(seq_index)) - np.repeat(chunk_starts, query_lens)
         positions = np.repeat(starts, query_lens) + chunk_offset
         table_lens = np.array([len(s.seq.block_table) for s in batch])
         block_tables = np.zeros((len(batch), table_lens.max()), dtype=np.int64)
