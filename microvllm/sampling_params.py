@@ -1,7 +1,8 @@
 """SamplingParams: how the tokens of one request are chosen, validated on creation."""
 
-import math
 from dataclasses import dataclass, field
+
+from .validation import check_int, check_real
 
 MAX_LOGPROBS = 20
 
@@ -43,43 +44,28 @@ class SamplingParams:
                 or self.frequency_penalty != 0.0)
 
     def _validate(self):
-        _check_int("n", self.n, 1)
-        _check_real("temperature", self.temperature, "a finite number >= 0", lambda x: x >= 0)
-        _check_real("top_p", self.top_p, "in (0, 1]", lambda x: 0 < x <= 1)
-        _check_int("top_k", self.top_k, -1)
-        _check_real("min_p", self.min_p, "in [0, 1]", lambda x: 0 <= x <= 1)
+        check_int("n", self.n, 1)
+        check_real("temperature", self.temperature, "a finite number >= 0", lambda x: x >= 0)
+        check_real("top_p", self.top_p, "in (0, 1]", lambda x: 0 < x <= 1)
+        check_int("top_k", self.top_k, -1)
+        check_real("min_p", self.min_p, "in [0, 1]", lambda x: 0 <= x <= 1)
         if self.seed is not None:
-            _check_int("seed", self.seed, None)
+            check_int("seed", self.seed)
         if self.max_tokens is not None:
-            _check_int("max_tokens", self.max_tokens, 1)
-        _check_int("min_tokens", self.min_tokens, 0)
+            check_int("max_tokens", self.max_tokens, 1)
+        check_int("min_tokens", self.min_tokens, 0)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens={self.min_tokens} must be <= max_tokens={self.max_tokens}")
         for s in self.stop_strings:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop strings must be non-empty str, got {s!r}")
         for t in self.stop_token_ids:
-            _check_int("stop_token_ids entries", t, 0)
-        _check_real("repetition_penalty", self.repetition_penalty, "a finite number > 0",
-                    lambda x: x > 0)
+            check_int("stop_token_ids entries", t, 0)
+        check_real("repetition_penalty", self.repetition_penalty, "a finite number > 0", lambda x: x > 0)
         for name in ("presence_penalty", "frequency_penalty"):
-            _check_real(name, getattr(self, name), "in [-2, 2]", lambda x: -2 <= x <= 2)
+            check_real(name, getattr(self, name), "in [-2, 2]", lambda x: -2 <= x <= 2)
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:
-                _check_int(name, value, 0)
-                if value > MAX_LOGPROBS:
-                    raise ValueError(f"{name}={value} is above the allowed maximum {MAX_LOGPROBS}")
+                check_int(name, value, 0, MAX_LOGPROBS)
 
-
-def _check_int(name: str, value, minimum: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-def _check_real(name: str, value, allowed: str, ok) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not math.isfinite(value) or not ok(value):
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")

@@ -1,0 +1,50 @@
+"""Checks for public arguments, shared by every entry point.
+
+Each check names the argument and what it allows. A value of the wrong type raises
+TypeError, a value of the right type out of range raises ValueError; both are raised
+before anything is queued or loaded, so a bad argument never leaves the engine half
+changed. bool is refused where a number is asked for: `True` is an int to Python but
+never what a user meant by `max_tokens=True`.
+"""
+
+import math
+
+
+def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int{_range(minimum, maximum)}, got {value!r}")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be an int{_range(minimum, maximum)}, got {value}")
+    return value
+
+
+def check_real(name: str, value, allowed: str, ok=lambda x: True) -> float:
+    """A finite int or float for which `ok` holds; `allowed` says which in words."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be {allowed}, got {value!r}")
+    if not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    # "no" and 0 would both pass an `if value:` test the wrong way round
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value, choices) -> object:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def _range(minimum, maximum) -> str:
+    if minimum is not None and maximum is not None:
+        return f" in [{minimum}, {maximum}]"
+    if minimum is not None:
+        return f" >= {minimum}"
+    if maximum is not None:
+        return f" <= {maximum}"
+    return ""
