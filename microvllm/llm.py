@@ -1,13 +1,16 @@
 """LLM: the user-facing facade, shaped like vLLM's offline `LLM` class."""
 
+import threading
 import time
 
 from tqdm.auto import tqdm
 
 from .engine.config import EngineConfig
+from .engine.interrupts import interrupts_held
 from .engine.llm_engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
+from .validation import check_bool, check_type
 
 PROMPT_FORMS = "a str, a {'prompt': str} or {'prompt_token_ids': [int, ...]} dict, or a list of token ids"
 
@@ -20,43 +23,64 @@ class LLM:
     num_blocks, kv_cache_memory, gpu_memory_utilization, max_num_seqs,
     max_num_batched_tokens, max_model_len, enable_prefix_caching, attention_backend,
     enforce_eager, logit_softcap, seed).
+
+    One LLM serves one call at a time: calls from other threads wait their turn.
     """
 
     def __init__(self, model: str, tokenizer: str | None = None, **engine_args):
-        self.engine = LLMEngine(EngineConfig(model=str(model), tokenizer=tokenizer, **engine_args))
+        self.engine = LLMEngine(EngineConfig(model=model, tokenizer=tokenizer, **engine_args))
         self.tokenizer = self.engine.tokenizer
         # outputs of add_request() requests that finished while generate() drove the engine
         self._unclaimed_outputs: list[RequestOutput] = []
+        self._lock = threading.Lock()  # the engine's queues are not safe to share between threads
 
     # -- batch generation -------------------------------------------------------------
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate completions for all prompts; outputs come back in input order."""
+        check_bool("use_tqdm", use_tqdm)
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
-                                               and isinstance(prompts[0], int)):
+                                               and not isinstance(prompts[0], (str, dict, list, tuple))):
             prompts = [prompts]
+        check_type("prompts", prompts, (list, tuple), f"a prompt or a list of prompts ({PROMPT_FORMS})")
         parsed = [self._parse_prompt(p) for p in prompts]
         params = self._params_per_prompt(sampling_params, len(parsed))
         for (_, token_ids), p in zip(parsed, params):
             self.engine.validate_prompt(token_ids, p)  # before any is queued: all or nothing
-        return self._run([self.engine.add_request(text, ids, p) for (text, ids), p in zip(parsed, params)],
-                         use_tqdm)
+        with self._lock:
+            return self._run(parsed, params, use_tqdm)
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool = True) -> list[RequestOutput]:
         """Reply to one conversation (a list of {'role', 'content'} dicts) or a list of them."""
+        check_type("messages", messages, (list, tuple), "a conversation (a list of {'role': str, "
+                   "'content': str} dicts) or a list of conversations")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        for i, conversation in enumerate(conversations):
+            check_type(f"messages[{i}]", conversation, (list, tuple),
+                       "a conversation: a list of {'role': str, 'content': str} dicts")
+            for j, message in enumerate(conversation):
+                where = f"message {j}" + (f" of conversation {i}" if len(conversations) > 1 else "")
+                check_type(where, message, dict, "a {'role': str, 'content': str} dict")
+                for key in ("role", "content"):
+                    if key not in message:
+                        raise ValueError(f"{where} has no {key!r}: a message is a "
+                                         "{'role': str, 'content': str} dict")
+                    check_type(f"{where}'s {key}", message[key], str, "a str")
         prompts = [{"prompt_token_ids": self.tokenizer.render_chat(c)} for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        pending = set(request_ids)
+    def _run(self, prompts: list[tuple], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        request_ids, pending = [], set()
         outputs: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm,
-                   dynamic_ncols=True)
+        bar = tqdm(total=len(prompts), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
         start, num_in, num_out = time.perf_counter(), 0, 0
         try:
+            with interrupts_held():  # all queued, or all aborted below
+                for (text, token_ids), p in zip(prompts, params):
+                    request_ids.append(self.engine.add_request(text, token_ids, p))
+                    pending.add(request_ids[-1])
             while pending:
                 for out in self.engine.step():
                     if out.request_id not in pending:
@@ -72,7 +96,7 @@ class LLM:
                     bar.update(1)
         finally:
             bar.close()
-            for request_id in pending:  # interrupted: leave the engine clean and usable
+            for request_id in pending:  # failed or interrupted: queue nothing, leave the engine usable
                 self.engine.abort_request(request_id)
         return [outputs[r] for r in request_ids]
 
@@ -84,9 +108,11 @@ class LLM:
                 return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
             if isinstance(prompt.get("prompt_token_ids"), (list, tuple)):
                 return None, list(prompt["prompt_token_ids"])
+            raise ValueError(f"a prompt dict needs a str 'prompt' or a list 'prompt_token_ids'; "
+                             f"got {_short_repr(prompt)}")
         if isinstance(prompt, (list, tuple)):
             return None, list(prompt)
-        raise ValueError(f"a prompt must be {PROMPT_FORMS}; got {type(prompt).__name__}")
+        raise TypeError(f"a prompt must be {PROMPT_FORMS}; got {type(prompt).__name__}")
 
     @staticmethod
     def _params_per_prompt(sampling_params, num_prompts: int) -> list[SamplingParams]:
@@ -94,9 +120,10 @@ class LLM:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * num_prompts
-        if not isinstance(sampling_params, (list, tuple)) or \
-                not all(isinstance(p, SamplingParams) for p in sampling_params):
-            raise ValueError("sampling_params must be a SamplingParams or a list of them")
+        allowed = "a SamplingParams, a list of them (one per prompt) or None"
+        check_type("sampling_params", sampling_params, (list, tuple), allowed)
+        for i, p in enumerate(sampling_params):
+            check_type(f"sampling_params[{i}]", p, SamplingParams, "a SamplingParams")
         if len(sampling_params) != num_prompts:
             raise ValueError(f"got {len(sampling_params)} sampling params for {num_prompts} prompts; "
                              "give one, or one per prompt")
@@ -107,12 +134,16 @@ class LLM:
     def add_request(self, prompt, sampling_params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         text, token_ids = self._parse_prompt(prompt)
-        return self.engine.add_request(text, token_ids, sampling_params or SamplingParams(), request_id)
+        if sampling_params is not None:
+            check_type("sampling_params", sampling_params, SamplingParams, "a SamplingParams or None")
+        with self._lock, interrupts_held():
+            return self.engine.add_request(text, token_ids, sampling_params or SamplingParams(), request_id)
 
     def step(self) -> list[RequestOutput]:
         """One engine step; returns the requests that finished in it (or since the last step)."""
-        unclaimed, self._unclaimed_outputs = self._unclaimed_outputs, []
-        return unclaimed + self.engine.step()
+        with self._lock:
+            unclaimed, self._unclaimed_outputs = self._unclaimed_outputs, []
+            return unclaimed + self.engine.step()
 
     def has_unfinished_requests(self) -> bool:
         """Whether step() has more to return."""
@@ -120,4 +151,10 @@ class LLM:
 
     def abort(self, request_id: str) -> None:
         """Drop a request; its KV blocks are freed at once."""
-        self.engine.abort_request(request_id)
+        with self._lock:
+            self.engine.abort_request(request_id)
+
+
+def _short_repr(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -2,21 +2,24 @@
 
 from dataclasses import dataclass, field
 
-from .validation import check_int, check_real
+from .validation import check_bool, check_int, check_int_list, check_real, check_type
 
 MAX_LOGPROBS = 20
+# below this, logits / temperature overflows float32 and softmax gives NaN; such a
+# temperature means "the most likely token" anyway, so it samples greedily
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass
 class SamplingParams:
     n: int = 1                          # independent samples of the same prompt
-    temperature: float = 1.0            # 0 = greedy
+    temperature: float = 1.0            # 0 (or below 1e-5) = greedy
     top_p: float = 1.0
     top_k: int = -1                     # -1 or 0 = all tokens
     min_p: float = 0.0
     seed: int | None = None             # same seed, same tokens, whatever runs beside it
     max_tokens: int | None = 16         # None = until max_model_len
-    min_tokens: int = 0                 # EOS and stop_token_ids are blocked before this
+    min_tokens: int = 0                 # no EOS, stop id or stop string ends the first this many
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
@@ -30,13 +33,11 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self):
-        self.stop_strings = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        self.stop_token_ids = list(self.stop_token_ids or ())
         self._validate()
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def has_penalties(self) -> bool:
@@ -44,28 +45,36 @@ class SamplingParams:
                 or self.frequency_penalty != 0.0)
 
     def _validate(self):
-        check_int("n", self.n, 1)
-        check_real("temperature", self.temperature, "a finite number >= 0", lambda x: x >= 0)
-        check_real("top_p", self.top_p, "in (0, 1]", lambda x: 0 < x <= 1)
-        check_int("top_k", self.top_k, -1)
-        check_real("min_p", self.min_p, "in [0, 1]", lambda x: 0 <= x <= 1)
+        """Checks every field by type and range, and stores it normalised (numpy numbers
+        become Python ones, `stop` a tuple of strings, `stop_token_ids` a list)."""
+        self.n = check_int("n", self.n, 1)
+        self.temperature = check_real("temperature", self.temperature, "a finite number >= 0",
+                                      lambda x: x >= 0)
+        self.top_p = check_real("top_p", self.top_p, "in (0, 1]", lambda x: 0 < x <= 1)
+        self.top_k = check_int("top_k", self.top_k, -1)
+        self.min_p = check_real("min_p", self.min_p, "in [0, 1]", lambda x: 0 <= x <= 1)
         if self.seed is not None:
-            check_int("seed", self.seed)
+            self.seed = check_int("seed", self.seed)
         if self.max_tokens is not None:
-            check_int("max_tokens", self.max_tokens, 1)
-        check_int("min_tokens", self.min_tokens, 0)
+            self.max_tokens = check_int("max_tokens", self.max_tokens, 1)
+        self.min_tokens = check_int("min_tokens", self.min_tokens, 0)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens={self.min_tokens} must be <= max_tokens={self.max_tokens}")
-        for s in self.stop_strings:
-            if not isinstance(s, str) or not s:
-                raise ValueError(f"stop strings must be non-empty str, got {s!r}")
-        for t in self.stop_token_ids:
-            check_int("stop_token_ids entries", t, 0)
-        check_real("repetition_penalty", self.repetition_penalty, "a finite number > 0", lambda x: x > 0)
+        stop = self.stop if self.stop is not None else ()
+        check_type("stop", stop, (str, list, tuple), "a str, a list of str or None")
+        self.stop_strings = (stop,) if isinstance(stop, str) else tuple(stop)
+        for i, s in enumerate(self.stop_strings):
+            check_type(f"stop[{i}]", s, str, "a non-empty str")
+            if not s:
+                raise ValueError("stop strings must be non-empty str, got ''")
+        self.stop_token_ids = check_int_list(
+            "stop_token_ids", self.stop_token_ids if self.stop_token_ids is not None else [], 0)
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
+            check_bool(name, getattr(self, name))
+        self.repetition_penalty = check_real("repetition_penalty", self.repetition_penalty,
+                                             "a finite number > 0", lambda x: x > 0)
         for name in ("presence_penalty", "frequency_penalty"):
-            check_real(name, getattr(self, name), "in [-2, 2]", lambda x: -2 <= x <= 2)
+            setattr(self, name, check_real(name, getattr(self, name), "in [-2, 2]", lambda x: -2 <= x <= 2))
         for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(self, name)
-            if value is not None:
-                check_int(name, value, 0, MAX_LOGPROBS)
-
+            if getattr(self, name) is not None:
+                setattr(self, name, check_int(name, getattr(self, name), 0, MAX_LOGPROBS))

@@ -1,8 +1,12 @@
 """EngineConfig: every engine setting, checked before anything is loaded."""
 
+import os
 from dataclasses import dataclass
 
 import torch
+
+from ..model.attention import ATTENTION_BACKENDS
+from ..validation import check_bool, check_int, check_real, check_type
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # on CPU, by default: room for max_num_seqs full-length sequences, at most this much
@@ -30,26 +34,43 @@ class EngineConfig:
     seed: int = 0                           # draws the seeds of requests that set none
 
     def __post_init__(self):
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
-            value = getattr(self, name)
-            if name == "block_size" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if self.block_size is not None and self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size={self.block_size} must be a power of two")
-        if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or self.num_blocks < 1):
-            raise ValueError(f"num_blocks must be an int >= 1 (a KV cache of at least one block), "
-                             f"got {self.num_blocks!r}")
-        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
-            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
-            raise ValueError(f"max_model_len must be an int >= 2, got {self.max_model_len!r}")
+        """Checks every setting by type and range, and stores it normalised."""
+        self.model = _check_path("model", self.model)
+        if self.tokenizer is not None:
+            self.tokenizer = _check_path("tokenizer", self.tokenizer)
+        if self.step is not None:
+            self.step = check_int("step", self.step, 0)
+        if self.device is not None:
+            check_type("device", self.device, (str, torch.device), "'cpu', 'cuda' or 'cuda:N' (a str)")
+        if self.dtype is not None:
+            check_type("dtype", self.dtype, (str, torch.dtype), f"one of {sorted(DTYPES)}, 'auto' "
+                       "or the matching torch.dtype")
+        if self.block_size is not None:
+            self.block_size = check_int("block_size", self.block_size, 1)
+            if self.block_size & (self.block_size - 1):
+                raise ValueError(f"block_size={self.block_size} must be a power of two")
+        if self.num_blocks is not None:
+            self.num_blocks = check_int("num_blocks (a KV cache of at least one block)", self.num_blocks, 1)
+        if self.kv_cache_memory is not None:
+            self.kv_cache_memory = int(check_real("kv_cache_memory", self.kv_cache_memory,
+                                                  "a finite number of bytes >= 1", lambda x: x >= 1))
+        self.gpu_memory_utilization = check_real("gpu_memory_utilization", self.gpu_memory_utilization,
+                                                 "a number in (0, 1]", lambda x: 0 < x <= 1)
+        self.max_num_seqs = check_int("max_num_seqs", self.max_num_seqs, 1)
+        self.max_num_batched_tokens = check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        if self.max_model_len is not None:
+            self.max_model_len = check_int("max_model_len", self.max_model_len, 2)
+        check_bool("enable_prefix_caching", self.enable_prefix_caching)
+        check_type("attention_backend", self.attention_backend, str, f"one of {ATTENTION_BACKENDS}")
+        check_bool("enforce_eager", self.enforce_eager)
+        if self.logit_softcap is not None:
+            self.logit_softcap = check_real("logit_softcap", self.logit_softcap, "a finite number > 0 "
+                                            "(nanochat uses 15, or 20 for some era-C checkpoints)",
+                                            lambda x: x > 0)
+        self.seed = check_int("seed", self.seed)
 
     def resolve_device(self) -> torch.device:
-        name = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        name = str(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         try:
             device = torch.device(name)
         except RuntimeError:
@@ -58,6 +79,10 @@ class EngineConfig:
             raise ValueError(f"device {name!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {name!r} asked for, but CUDA is not available here; use 'cpu'")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} asked for, but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s): use 'cuda:0' .. "
+                             f"'cuda:{torch.cuda.device_count() - 1}'")
         return device
 
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
@@ -68,3 +93,7 @@ class EngineConfig:
         if self.dtype in DTYPES:
             return DTYPES[self.dtype]
         raise ValueError(f"unknown dtype {self.dtype!r}; use one of {sorted(DTYPES)} or 'auto'")
+
+
+def _check_path(name: str, value) -> str:
+    return os.fspath(check_type(name, value, (str, os.PathLike), "a directory path (a str or Path)"))

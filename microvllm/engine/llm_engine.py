@@ -3,12 +3,21 @@
 `add_request` validates and queues a request; `step` schedules, runs the model once,
 appends the sampled tokens, applies the stop rules and returns the requests that
 finished; `abort_request` drops a request and frees its blocks at once.
+
+A step is all or nothing. Scheduling and the closing bookkeeping are short and hold
+Ctrl-C back until they are done (`interrupts_held`); everything slow in between (the
+forward, sampling, detokenising for stop strings and log-probs) only reads the
+engine's state and decides. An exception there leaves the blocks that scheduling
+reserved, which the next step's schedule reuses: the engine carries on as if the step
+had never started.
 """
 
 import itertools
 import logging
+import numbers
 import random
 import time
+from dataclasses import dataclass
 
 import xxhash
 
@@ -17,9 +26,11 @@ from ..model.loader import load_model
 from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from ..sampling_params import SamplingParams
 from ..tokenizer import Tokenizer
+from ..validation import check_type
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
+from .interrupts import interrupts_held
 from .kv_cache import PagedKVCache
 from .memory import describe_kv_cache, num_kv_blocks
 from .model_runner import ModelRunner, StepOutput
@@ -29,6 +40,17 @@ from .sequence import Request, Sequence
 from .stats import EngineStats
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenUpdate:
+    """What a step decided for one sampling sequence, applied when the step commits."""
+    seq: Sequence
+    token: int
+    logprob: float | None = None
+    logprob_entry: dict | None = None
+    text: str | None = None           # the output decoded so far, where stop strings are watched
+    finish: tuple | None = None       # (finish_reason, stop_reason)
 
 
 class LLMEngine:
@@ -72,6 +94,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv_cache, attention_backend,
                                   Sampler(self.tokenizer.eos_token_ids), self.device, decode_graphs)
         self.requests: dict[str, Request] = {}
+        self._finished: list[Request] = []  # finished by a step, not returned yet
         self.stats = EngineStats()
         self._request_counter = itertools.count()
         self._seq_counter = itertools.count()
@@ -80,11 +103,12 @@ class LLMEngine:
     # -- requests ---------------------------------------------------------------------
 
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        check_type("sampling_params", params, SamplingParams, "a SamplingParams")
         if not prompt_token_ids:
             raise ValueError("prompt is empty: give at least one token")
-        if any(isinstance(t, bool) or not isinstance(t, int) for t in prompt_token_ids):
-            bad = next(t for t in prompt_token_ids if isinstance(t, bool) or not isinstance(t, int))
-            raise ValueError(f"prompt token ids must be ints, got {bad!r}")
+        bad = [t for t in prompt_token_ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
+        if bad:
+            raise TypeError(f"prompt token ids must be ints, got {bad[0]!r}")
         bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is out of vocabulary: ids must be in "
@@ -100,10 +124,16 @@ class LLMEngine:
     def add_request(self, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
                     request_id: str | None = None) -> str:
         self.validate_prompt(prompt_token_ids, params)
-        request_id = str(next(self._request_counter)) if request_id is None else str(request_id)
+        if request_id is None:
+            request_id = str(next(self._request_counter))
+            while request_id in self.requests:  # skip ids a user gave by hand
+                request_id = str(next(self._request_counter))
+        else:
+            request_id = str(check_type("request_id", request_id, (str, int), "a str"))
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        request = Request(request_id, prompt, list(prompt_token_ids), params)
+        prompt_token_ids = [int(t) for t in prompt_token_ids]  # numpy ints become Python ones
+        request = Request(request_id, prompt, prompt_token_ids, params)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]  # the first token has no predecessor
         base_seed = self._seed_rng.getrandbits(63) if params.seed is None else params.seed
@@ -116,6 +146,7 @@ class LLMEngine:
         return request_id
 
     def abort_request(self, request_id: str) -> None:
+        self._finished = [r for r in self._finished if r.request_id != str(request_id)]
         request = self.requests.pop(str(request_id), None)
         if request is None:
             return
@@ -124,29 +155,103 @@ class LLMEngine:
                 self.scheduler.finish(seq, "abort")
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return bool(self._finished) or self.scheduler.has_unfinished()
 
     # -- the step loop ----------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled forward; return the outputs of requests that finished in it."""
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
-            if self.scheduler.has_unfinished():
-                raise RuntimeError("no request could be scheduled although some are waiting")
-            return []
-        result = self.runner.execute(scheduled)
+        with interrupts_held():
+            scheduled = self.scheduler.schedule()
+        if scheduled:
+            result = self.runner.execute(scheduled)
+            updates = [self._decide(item.seq, row, result.sampled)
+                       for row, item in enumerate(result.sampled_seqs)]
+            prompt_logprobs = [(request, self._new_prompt_logprobs(request, *logprobs))
+                               for request, *logprobs in result.prompt_logprobs]
+            with interrupts_held():
+                self._commit(scheduled, result, updates, prompt_logprobs)
+        elif self.scheduler.has_unfinished():
+            raise RuntimeError("no request could be scheduled although some are waiting")
+        # built before the list is emptied: an interrupt here returns them next step
+        outputs = [self.make_output(request) for request in self._finished]
+        self._finished = []
+        return outputs
+
+    def _decide(self, seq: Sequence, row: int, sampled) -> TokenUpdate:
+        update = TokenUpdate(seq, sampled.token_ids[row])
+        if seq.logprobs is not None:
+            update.logprob = sampled.logprobs[row]
+            update.logprob_entry = self._logprob_entry(
+                update.token, update.logprob, sampled.ranks[row],
+                sampled.top_ids[row] if sampled.top_ids else [],
+                sampled.top_logprobs[row] if sampled.top_logprobs else [])
+        update.finish = self._stop(seq, update)
+        return update
+
+    def _stop(self, seq: Sequence, update: TokenUpdate) -> tuple | None:
+        """(finish_reason, stop_reason) if `update.token` ends `seq`, else None."""
+        p, token = seq.params, update.token
+        num_output_tokens = seq.num_output_tokens + 1
+        if num_output_tokens >= p.min_tokens:
+            if not p.ignore_eos and token in self.tokenizer.eos_token_ids:
+                return "stop", None
+            if token in p.stop_token_ids:
+                return "stop", token
+            if p.stop_strings:
+                update.text = self.tokenizer.decode(seq.output_token_ids + [token], p.skip_special_tokens)
+                # the text of the first min_tokens tokens is never searched
+                if num_output_tokens > p.min_tokens and (stop := self._stop_string(seq.text, update)):
+                    return "stop", stop
+        if num_output_tokens == p.max_tokens or seq.num_tokens + 1 >= self.max_model_len:
+            return "length", None
+        return None
+
+    @staticmethod
+    def _stop_string(previous: str, update: TokenUpdate) -> str | None:
+        """The first stop string that ends in the text this token added; cuts the text there."""
+        p, text = update.seq.params, update.text
+        # what was searched before cannot hold a stop string, except where a trailing
+        # partial UTF-8 character (decoded as U+FFFD) has now become a real one
+        searched = len(previous.rstrip("\ufffd"))
+        hits = [(i, s) for s in p.stop_strings if (i := text.find(s, max(0, searched - len(s) + 1))) >= 0]
+        if not hits:
+            return None
+        index, stop = min(hits)
+        update.text = text[:index + len(stop)] if p.include_stop_str_in_output else text[:index]
+        return stop
+
+    def _new_prompt_logprobs(self, request: Request, first_index: int, logprobs, ranks, top_ids,
+                             top_lps) -> list[dict]:
+        # prompt positions are computed in order; a recomputed chunk repeats what is known
+        known = len(request.prompt_logprobs)
+        return [self._logprob_entry(request.prompt_token_ids[first_index + i], logprobs[i], ranks[i],
+                                    top_ids[i], top_lps[i])
+                for i in range(known - first_index, len(logprobs))]
+
+    def _commit(self, scheduled, result: StepOutput, updates: list[TokenUpdate],
+                prompt_logprobs: list[tuple[Request, list[dict]]]) -> None:
+        """Apply what the step decided: plain bookkeeping, nothing that decodes or computes."""
         self.scheduler.update(scheduled)
         self._update_stats(scheduled, result)
-        self._record_prompt_logprobs(result)
-        touched = self._append_sampled(result)
-        finished = []
-        for request in touched:
-            if request.is_finished:
-                request.finished_time = time.time()
-                del self.requests[request.request_id]
-                finished.append(self.make_output(request))
-        return finished
+        for request, entries in prompt_logprobs:
+            request.prompt_logprobs += entries
+        now = time.time()
+        for update in updates:
+            seq, request = update.seq, update.seq.request
+            seq.token_ids.append(update.token)
+            if update.logprob_entry is not None:
+                seq.cumulative_logprob += update.logprob
+                seq.logprobs.append(update.logprob_entry)
+            if update.text is not None:
+                seq.text = update.text
+            request.first_token_time = request.first_token_time or now
+            if update.finish is not None:
+                self.scheduler.finish(seq, *update.finish)
+                if request.is_finished:
+                    request.finished_time = now
+                    del self.requests[request.request_id]
+                    self._finished.append(request)
 
     def _update_stats(self, scheduled, result: StepOutput) -> None:
         stats = self.stats
@@ -159,60 +264,6 @@ class LLMEngine:
         stats.cached_prompt_tokens = self.scheduler.cached_prompt_tokens
         stats.peak_used_blocks = max(stats.peak_used_blocks, self.block_manager.num_used_blocks)
         stats.peak_running_seqs = max(stats.peak_running_seqs, len(self.scheduler.running))
-
-    def _append_sampled(self, result: StepOutput) -> list[Request]:
-        now = time.time()
-        touched = {}
-        for row, item in enumerate(result.sampled_seqs):
-            seq, sampled = item.seq, result.sampled
-            token = sampled.token_ids[row]
-            seq.token_ids.append(token)
-            if seq.logprobs is not None:
-                seq.cumulative_logprob += sampled.logprobs[row]
-                seq.logprobs.append(self._logprob_entry(
-                    token, sampled.logprobs[row], sampled.ranks[row],
-                    sampled.top_ids[row] if sampled.top_ids else [],
-                    sampled.top_logprobs[row] if sampled.top_logprobs else []))
-            request = seq.request
-            request.first_token_time = request.first_token_time or now
-            self._check_stop(seq, token)
-            touched[request.request_id] = request
-        return list(touched.values())
-
-    def _check_stop(self, seq: Sequence, token: int) -> None:
-        p = seq.params
-        if seq.num_output_tokens >= p.min_tokens:
-            if not p.ignore_eos and token in self.tokenizer.eos_token_ids:
-                return self.scheduler.finish(seq, "stop")
-            if token in p.stop_token_ids:
-                return self.scheduler.finish(seq, "stop", token)
-            if p.stop_strings and self._check_stop_strings(seq):
-                return
-        if seq.num_output_tokens == p.max_tokens or seq.num_tokens >= self.max_model_len:
-            self.scheduler.finish(seq, "length")
-
-    def _check_stop_strings(self, seq: Sequence) -> bool:
-        p = seq.params
-        text = self.tokenizer.decode(seq.output_token_ids, p.skip_special_tokens)
-        # only the tail can hold a stop string that was not there one token ago
-        search_from = max(0, len(seq.text) - max(len(s) for s in p.stop_strings))
-        seq.text = text
-        hits = [(i, s) for s in p.stop_strings if (i := text.find(s, search_from)) >= 0]
-        if not hits:
-            return False
-        index, stop = min(hits)
-        seq.text = text[:index + len(stop)] if p.include_stop_str_in_output else text[:index]
-        self.scheduler.finish(seq, "stop", stop)
-        return True
-
-    def _record_prompt_logprobs(self, result: StepOutput) -> None:
-        for request, first_index, logprobs, ranks, top_ids, top_lps in result.prompt_logprobs:
-            collected = request.prompt_logprobs
-            for offset, logprob in enumerate(logprobs):
-                index = first_index + offset
-                if index == len(collected):  # a recomputed chunk repeats what is known
-                    collected.append(self._logprob_entry(request.prompt_token_ids[index], logprob,
-                                                         ranks[offset], top_ids[offset], top_lps[offset]))
 
     def _logprob_entry(self, token, logprob, rank, top_ids, top_logprobs) -> dict[int, Logprob]:
         decode = lambda t: self.tokenizer.decode([t], skip_special_tokens=False)

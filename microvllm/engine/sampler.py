@@ -106,10 +106,12 @@ class Sampler:
     def _sample(logits, seqs) -> torch.Tensor:
         device = logits.device
         params = [s.params for s in seqs]
-        temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)
+        # greedy rows take the argmax; 1.0 keeps their (unused) row finite
+        temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
         logits = logits / temperature.unsqueeze(1)
-        top_k = [p.top_k if p.top_k > 0 else logits.shape[1] for p in params]
-        if min(top_k) < logits.shape[1]:
+        vocab = logits.shape[1]
+        top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
+        if min(top_k) < vocab:
             kth = logits.topk(max(top_k), dim=-1).values.gather(
                 1, torch.tensor(top_k, device=device).unsqueeze(1) - 1)
             logits = logits.masked_fill(logits < kth, float("-inf"))
