@@ -3,7 +3,7 @@
 Runs the requests in ten equal waves through one LLM and prints, per wave, the output
 tokens/s, the process RSS and the KV blocks in use. At the end, blocks in use and RSS
 must be back where they were after the first wave (within --rss-allowance-mib), and
-the last wave's throughput within 10% of the first's.
+the last wave's throughput at least 90% of the first's (a faster last wave is fine).
 
     python -m benchmarks.soak --num-requests 5000
 """
@@ -59,8 +59,8 @@ def main(argv=None) -> int:
         "blocks in use back to start": last_blocks == blocks_at_start,
         f"RSS growth {last_rss - first_rss:+.1f} MiB within {args.rss_allowance_mib} MiB":
             last_rss - first_rss <= args.rss_allowance_mib,
-        f"last/first wave throughput {last_speed / first_speed:.3f} within 10%":
-            abs(last_speed / first_speed - 1) <= 0.10,
+        f"last/first wave throughput {last_speed / first_speed:.3f} >= 0.90 (only a slowdown fails)":
+            last_speed / first_speed >= 0.90,
         "no request left unfinished": not llm.has_unfinished_requests(),
     }
     for name, ok in checks.items():

@@ -1,7 +1,9 @@
 """nanochat's tokenizer (a pickled tiktoken Encoding) and its chat format.
 
 `tokenizer.pkl` is read with an unpickler that can rebuild a tiktoken Encoding and
-nothing else, so a planted pickle cannot run code.
+nothing else, so a planted pickle cannot run code. The Encoding is built from the
+ranks the file holds; a pickle that only names one of tiktoken's registry encodings
+(which tiktoken would download) is refused.
 """
 
 import os
@@ -15,12 +17,36 @@ SPECIAL_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_star
                   "<|output_start|>", "<|output_end|>")
 
 
+class _PickledEncoding:
+    """Stands in for tiktoken.Encoding while unpickling and keeps the state it is given:
+    tiktoken's own __setstate__ would fetch a registry encoding named by a str state."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
 class _EncodingUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) == ("tiktoken.core", "Encoding"):
-            return tiktoken.Encoding
+            return _PickledEncoding
         raise pickle.UnpicklingError(
             f"tokenizer.pkl refers to {module}.{name}; only tiktoken.core.Encoding is allowed")
+
+
+def _build_encoding(pickled, pkl: Path) -> tiktoken.Encoding:
+    if not isinstance(pickled, _PickledEncoding):
+        raise ValueError(f"{pkl} holds a {type(pickled).__name__}, not a tiktoken Encoding")
+    state = getattr(pickled, "state", None)
+    if isinstance(state, str):
+        raise ValueError(f"{pkl} only names tiktoken's registry encoding {state!r} instead of holding "
+                         "its ranks; nanochat's tokenizer.pkl holds them (no download is attempted)")
+    keys = ("name", "pat_str", "mergeable_ranks", "special_tokens")
+    if not isinstance(state, dict) or set(state) - {*keys, "explicit_n_vocab"} or not set(keys) <= set(state):
+        raise ValueError(f"{pkl} is not a pickled tiktoken Encoding: its state is not {keys}")
+    try:
+        return tiktoken.Encoding(**state)
+    except Exception as e:
+        raise ValueError(f"{pkl} holds a malformed tiktoken Encoding: {e}") from None
 
 
 def tokenizer_search_paths(model_dir: str | Path) -> list[Path]:
@@ -50,18 +76,18 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
         pkl = Path(path) / "tokenizer.pkl"
+        if Path(path).is_file():
+            raise ValueError(f"tokenizer={str(path)!r} is a file; pass the dir that holds tokenizer.pkl")
         if not pkl.is_file():
             raise FileNotFoundError(f"no tokenizer.pkl in {path}")
         with open(pkl, "rb") as f:
             try:
-                encoding = _EncodingUnpickler(f).load()
+                pickled = _EncodingUnpickler(f).load()
             except pickle.UnpicklingError as e:
                 raise ValueError(f"{pkl} is not a nanochat tokenizer: {e}") from None
             except Exception as e:
                 raise ValueError(f"{pkl} is corrupt or not a pickled tiktoken Encoding: {e}") from None
-        if not isinstance(encoding, tiktoken.Encoding):
-            raise ValueError(f"{pkl} holds a {type(encoding).__name__}, not a tiktoken Encoding")
-        return cls(encoding)
+        return cls(_build_encoding(pickled, pkl))
 
     @classmethod
     def find(cls, model_dir: str | Path, tokenizer_dir: str | Path | None = None) -> "Tokenizer":

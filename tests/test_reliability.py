@@ -1,6 +1,10 @@
 """Aborts, interrupts, preemption storms and numerical safety."""
 
+import os
 import random
+import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -88,3 +92,168 @@ def test_generate_does_not_swallow_requests_added_by_hand(checkpoint_dir):
     outs = llm.generate([[4, 5, 6]], SamplingParams(max_tokens=20, ignore_eos=True), use_tqdm=False)
     assert len(outs) == 1 and outs[0].request_id != by_hand
     assert [o.request_id for o in llm.step()] == [by_hand]
+
+
+# -- valid input that once gave wrong output or crashed ---------------------------------
+
+def test_stop_strings_are_looked_for_only_after_min_tokens(checkpoint_dir):
+    llm = LLM(checkpoint_dir)
+    free = llm.generate(["abc"], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    stop, min_tokens = free.text[5:7], 12
+    protected = llm.tokenizer.decode(free.token_ids[:min_tokens])
+    assert free.text.find(stop) + len(stop) <= len(protected)  # found early without min_tokens
+    out = llm.generate(["abc"], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=stop,
+                                               min_tokens=min_tokens), use_tqdm=False)[0].outputs[0]
+    # the first occurrence that ends in text produced after the first min_tokens tokens
+    later = free.text.find(stop, len(protected) - len(stop) + 1)
+    assert out.text == (free.text if later < 0 else free.text[:later])
+    assert len(out.token_ids) > min_tokens
+
+
+def test_tiny_temperatures_sample_greedily(checkpoint_dir):
+    llm = LLM(checkpoint_dir)
+    greedy = llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    params = [SamplingParams(temperature=t, seed=3, max_tokens=8, ignore_eos=True) for t in (1e-40, 1e-6, 0.8)]
+    outs = llm.generate([[5, 6, 7]] * 3, params, use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == greedy and outs[1].outputs[0].token_ids == greedy
+    alone = llm.generate([[5, 6, 7]], params[2], use_tqdm=False)[0].outputs[0].token_ids
+    assert outs[2].outputs[0].token_ids == alone
+
+
+def test_top_k_above_the_vocabulary_in_a_mixed_batch(checkpoint_dir):
+    llm = LLM(checkpoint_dir)  # vocab 265
+    params = [SamplingParams(top_k=k, seed=1, max_tokens=8, ignore_eos=True) for k in (5, 1000, -1)]
+    outs = [o.outputs[0].token_ids for o in llm.generate([[1, 2]] * 3, params, use_tqdm=False)]
+    assert outs[1] == outs[2]  # k beyond the vocabulary keeps every token
+    assert outs[0] == llm.generate([[1, 2]], params[0], use_tqdm=False)[0].outputs[0].token_ids
+
+
+WATCHED = SamplingParams(temperature=0.7, seed=5, max_tokens=12, ignore_eos=True, stop=["\x00\x01\x02"],
+                         logprobs=2)
+
+
+def run_by_hand(llm, prompts, params=WATCHED):
+    """Outputs by request, stepping to the end; KeyboardInterrupts are caught and stepping goes on."""
+    ids = [llm.add_request(p, params) for p in prompts]
+    outputs, interrupts = {}, 0
+    while llm.has_unfinished_requests():
+        try:
+            outputs.update((o.request_id, o) for o in llm.step())
+        except KeyboardInterrupt:
+            interrupts += 1
+    assert llm.engine.block_manager.num_used_blocks == 0
+    return [(outputs[i].outputs[0].token_ids, outputs[i].outputs[0].text,
+             [e[t].logprob for e, t in zip(outputs[i].outputs[0].logprobs, outputs[i].outputs[0].token_ids)])
+            for i in ids], interrupts
+
+
+PROMPTS = [[i, i + 1, i + 2] * (1 + i % 4) for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(checkpoint_dir):
+    return run_by_hand(LLM(checkpoint_dir, block_size=8, num_blocks=24), PROMPTS)[0]
+
+
+@pytest.mark.parametrize("where", ["decode", "execute"])
+def test_interrupted_steps_leave_the_engine_as_if_they_had_not_started(checkpoint_dir, monkeypatch,
+                                                                       uninterrupted, where):
+    # a small cache, so steps also preempt and re-admit
+    llm = LLM(checkpoint_dir, block_size=8, num_blocks=24)
+    target = llm.engine.tokenizer if where == "decode" else llm.engine.runner
+    name = "decode" if where == "decode" else "execute"
+    original, rng, interrupts = getattr(target, name), random.Random(0), [0]
+
+    def sometimes_interrupted(*args, **kwargs):
+        if interrupts[0] < 12 and rng.random() < 0.3:
+            interrupts[0] += 1
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, sometimes_interrupted)
+    outputs, interrupts = run_by_hand(llm, PROMPTS)
+    assert interrupts >= 3 and outputs == uninterrupted
+
+
+@pytest.mark.parametrize("phase", ["schedule", "update"])
+def test_ctrl_c_during_bookkeeping_waits_for_it_to_finish(checkpoint_dir, monkeypatch, uninterrupted, phase):
+    llm = LLM(checkpoint_dir, block_size=8, num_blocks=24)
+    scheduler = llm.engine.scheduler
+    original, calls = getattr(scheduler, phase), [0]
+
+    def with_ctrl_c(*args):
+        calls[0] += 1
+        if calls[0] % 5 == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)  # the handler runs at once, inside the bookkeeping
+        return original(*args)
+
+    monkeypatch.setattr(scheduler, phase, with_ctrl_c)
+    outputs, interrupts = run_by_hand(llm, PROMPTS)
+    assert interrupts >= 3 and outputs == uninterrupted
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_threads_sharing_one_llm_take_turns(checkpoint_dir):
+    llm = LLM(checkpoint_dir)
+    batches = [[[t, i, i + 1] for i in range(6)] for t in range(4)]
+    params = SamplingParams(temperature=0.8, seed=2, max_tokens=10, ignore_eos=True)
+    expected = [[o.outputs[0].token_ids for o in llm.generate(b, params, use_tqdm=False)] for b in batches]
+    results, errors = {}, []
+
+    def work(t):
+        try:
+            for _ in range(3):
+                outs = llm.generate(batches[t], params, use_tqdm=False)
+                results.setdefault(t, []).append([o.outputs[0].token_ids for o in outs])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    def by_hand():
+        try:
+            ids = [llm.add_request([9, 9, i], params) for i in range(5)]
+            done = set()
+            while len(done) < len(ids):
+                done |= {o.request_id for o in llm.step()}
+            results["by_hand"] = done == set(ids)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)] + [threading.Thread(target=by_hand)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors
+    assert all(results[t] == [expected[t]] * 3 for t in range(4)) and results["by_hand"]
+    assert llm.engine.block_manager.num_used_blocks == 0 and not llm.has_unfinished_requests()
+
+
+def test_automatic_request_ids_skip_ids_given_by_hand(checkpoint_dir):
+    llm = LLM(checkpoint_dir)
+    mine = [llm.add_request([1, 2], GREEDY, request_id=str(i)) for i in (1, 3)]
+    outs = llm.generate([[3, 4]] * 4, GREEDY, use_tqdm=False)
+    ids = [o.request_id for o in outs]
+    assert len(set(ids)) == 4 and not set(ids) & set(mine)
+    finished = []
+    while llm.has_unfinished_requests():
+        finished += llm.step()
+    assert sorted(o.request_id for o in finished) == mine
+
+
+def test_a_failing_generate_queues_nothing(checkpoint_dir, monkeypatch):
+    llm = LLM(checkpoint_dir)
+    add, calls = llm.engine.add_request, [0]
+
+    def fails_on_the_third(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("boom")
+        return add(*args, **kwargs)
+
+    monkeypatch.setattr(llm.engine, "add_request", fails_on_the_third)
+    with pytest.raises(RuntimeError, match="boom"):
+        llm.generate([[1, 2]] * 5, GREEDY, use_tqdm=False)
+    assert not llm.has_unfinished_requests() and llm.engine.block_manager.num_used_blocks == 0
+    assert len(llm.generate([[1, 2]] * 5, GREEDY, use_tqdm=False)) == 5

@@ -6,6 +6,8 @@ on the card (the CUDA context, other processes) and the peak activations of the
 largest step are counted; on CPU, room for max_num_seqs full-length sequences, capped.
 """
 
+import os
+
 import torch
 
 from ..model.attention import DenseCausalAttention
@@ -18,16 +20,26 @@ GIB = 1024**3
 
 def num_kv_blocks(config: EngineConfig, model: GPT, device: torch.device, dtype: torch.dtype,
                   max_model_len: int, block_size: int) -> int:
-    if config.num_blocks is not None:
-        return config.num_blocks
     mc = model.config
     per_block = PagedKVCache.bytes_per_block(mc.n_layer, block_size, mc.n_kv_head, mc.head_dim, dtype)
-    if config.kv_cache_memory is not None:
-        return max(int(config.kv_cache_memory // per_block), 1)
+    if config.num_blocks is not None or config.kv_cache_memory is not None:
+        num_blocks = config.num_blocks or max(config.kv_cache_memory // per_block, 1)
+        # refused here rather than by an allocator that may kill the process later
+        if num_blocks * per_block > device_memory_bytes(device):
+            raise ValueError(f"a KV cache of {num_blocks} blocks takes {num_blocks * per_block / GIB:.1f} "
+                             f"GiB, more than the {device_memory_bytes(device) / GIB:.1f} GiB of memory "
+                             f"on {device}: lower num_blocks or kv_cache_memory")
+        return num_blocks
     if device.type == "cuda":
         return max(gpu_bytes_for_kv_cache(config, model, device, max_model_len) // per_block, 1)
     blocks_for_all_seqs = config.max_num_seqs * -(-max_model_len // block_size)
     return min(blocks_for_all_seqs, MAX_DEFAULT_CPU_KV_CACHE_MEMORY // per_block)
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 @torch.inference_mode()

@@ -7,6 +7,8 @@ used; `loader.detect_era` tells them apart from the state-dict keys and shapes.
 
 from dataclasses import dataclass, field
 
+from ..validation import check_int, check_real, check_type
+
 
 @dataclass(frozen=True)
 class Era:
@@ -48,14 +50,23 @@ class ModelConfig:
         if self.era not in ERAS:
             raise ValueError(f"unknown nanochat era {self.era!r}; known eras: {sorted(ERAS)}")
         object.__setattr__(self, "spec", ERAS[self.era])
+        # a prompt needs a token and room for one more: sequence_len 1 serves nothing
+        check_int("model_config.sequence_len", self.sequence_len, 2)
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
+            check_int(f"model_config.{name}", getattr(self, name), 1)
+        check_int("padded_vocab_size", self.padded_vocab_size, 0)
         if self.padded_vocab_size == 0:
             object.__setattr__(self, "padded_vocab_size", -(-self.vocab_size // 64) * 64)
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError(f"n_embd={self.n_embd} must divide by n_head={self.n_head}, "
                              f"and n_head by n_kv_head={self.n_kv_head}")
+        if self.head_dim % 2:  # rotary embeddings turn pairs of channels
+            raise ValueError(f"head dim n_embd / n_head = {self.head_dim} must be even")
+        check_type("model_config.window_pattern", self.window_pattern, str, "a str of 'S' and 'L'")
         pattern = self.window_pattern.upper()
         if not pattern or set(pattern) - {"S", "L"}:
             raise ValueError(f"window_pattern {self.window_pattern!r} must be made of 'S' and 'L'")
+        check_real("logit_softcap", self.logit_softcap, "a finite number > 0", lambda x: x > 0)
 
     @property
     def head_dim(self) -> int:

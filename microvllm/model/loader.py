@@ -16,11 +16,15 @@ from .gpt import GPT
 
 # keys of short-lived nanochat prototypes whose forward math was never released
 PROTOTYPE_KEY_MARKERS = ("v0_lambdas", "value_embed_A", "value_embed.", "bigram")
+REQUIRED_CONFIG_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
 
 
 def find_checkpoint(model_dir: str | Path, step: int | None = None) -> tuple[Path, Path, int]:
     """(model path, meta path, step); the largest step unless `step` is given."""
     model_dir = Path(model_dir)
+    if model_dir.is_file():
+        raise ValueError(f"model={str(model_dir)!r} is a file; pass the checkpoint dir that holds it "
+                         f"({model_dir.parent}), and step=N to pick one of its model_<step>.pt files")
     if not model_dir.is_dir():
         raise FileNotFoundError(f"checkpoint dir {model_dir} does not exist")
     steps = sorted(int(m.group(1)) for p in model_dir.iterdir()
@@ -46,10 +50,11 @@ def read_model_config_dict(meta_path: Path) -> dict:
         raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
     except (KeyError, TypeError):
         raise ValueError(f"{meta_path} has no 'model_config' object") from None
-    required = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
-    missing = [k for k in required if not isinstance(config.get(k), int)]
+    if not isinstance(config, dict):
+        raise ValueError(f"{meta_path}: model_config must be an object, got {type(config).__name__}")
+    missing = [k for k in REQUIRED_CONFIG_FIELDS if k not in config]
     if missing:
-        raise ValueError(f"{meta_path}: model_config lacks integer fields {missing}")
+        raise ValueError(f"{meta_path}: model_config lacks the fields {missing}")
     return config
 
 
@@ -60,6 +65,14 @@ def read_state_dict(model_path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{model_path} is not a loadable weights-only state dict: {e}") from None
     if not isinstance(state_dict, dict):
         raise ValueError(f"{model_path} holds a {type(state_dict).__name__}, not a state dict")
+    for k, v in state_dict.items():
+        if not isinstance(k, str):
+            raise ValueError(f"{model_path}: state dict keys must be parameter names (str), got {k!r}")
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"{model_path}: {k} holds a {type(v).__name__}, not a tensor")
+        if not v.is_floating_point():
+            raise ValueError(f"{model_path}: {k} has dtype {v.dtype}; weights must be floating point "
+                             "(a quantized or corrupt checkpoint?)")
     # torch.compile'd models save their keys with this prefix
     return {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
 
@@ -85,13 +98,13 @@ def build_model_config(config_dict: dict, state_dict: dict, logit_softcap: float
     wte = state_dict.get("transformer.wte.weight")
     if wte is None:
         raise ValueError("checkpoint has no transformer.wte.weight: not a nanochat GPT")
-    fields = {k: config_dict[k] for k in
-              ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")}
-    if wte.shape[0] < fields["vocab_size"]:
-        raise ValueError(f"wte has {wte.shape[0]} rows but meta says vocab_size={fields['vocab_size']}")
-    return ModelConfig(**fields, window_pattern=config_dict.get("window_pattern") or "L", era=era,
-                       padded_vocab_size=wte.shape[0],
-                       logit_softcap=15.0 if logit_softcap is None else logit_softcap)
+    fields = {k: config_dict[k] for k in REQUIRED_CONFIG_FIELDS}
+    config = ModelConfig(**fields, window_pattern=config_dict.get("window_pattern") or "L", era=era,
+                         padded_vocab_size=wte.shape[0],
+                         logit_softcap=15.0 if logit_softcap is None else logit_softcap)
+    if wte.shape[0] < config.vocab_size:
+        raise ValueError(f"wte has {wte.shape[0]} rows but meta says vocab_size={config.vocab_size}")
+    return config
 
 
 def check_keys(model: GPT, state_dict: dict) -> None:
@@ -118,7 +131,10 @@ def load_model(model_dir: str | Path, step: int | None = None, dtype: torch.dtyp
     model_path, meta_path, _ = find_checkpoint(model_dir, step)
     config_dict = read_model_config_dict(meta_path)
     state_dict = read_state_dict(model_path)
-    config = build_model_config(config_dict, state_dict, logit_softcap)
+    try:
+        config = build_model_config(config_dict, state_dict, logit_softcap)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{meta_path.parent}: {e}") from None
     with torch.device("meta"):
         model = GPT(config, max_positions)
     check_keys(model, state_dict)
