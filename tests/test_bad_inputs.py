@@ -240,3 +240,140 @@ def test_checkpoint_cannot_run_code(tmp_path, capsys):
     with pytest.raises(ValueError, match="not a loadable weights-only state dict"):
         LLM(directory)
     assert "pwned" not in capsys.readouterr().out
+
+
+# -- settings of the wrong type or out of range name the setting --------------------------
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(stop_token_ids=5), TypeError, "stop_token_ids must be a list of ints"),
+    (dict(stop_token_ids=[1, "2"]), TypeError, r"stop_token_ids\[1\] must be an int"),
+    (dict(stop=5), TypeError, "stop must be a str, a list of str or None"),
+    (dict(stop=["a", 5]), TypeError, r"stop\[1\] must be a non-empty str"),
+    (dict(ignore_eos="no"), TypeError, "ignore_eos must be True or False"),
+    (dict(skip_special_tokens=1), TypeError, "skip_special_tokens must be True or False"),
+    (dict(temperature="0.5"), TypeError, "temperature must be"),
+    (dict(max_tokens=True), TypeError, "max_tokens must be an int"),
+    (dict(seed=1.5), TypeError, "seed must be an int"),
+])
+def test_sampling_params_of_the_wrong_type(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(logit_softcap=0), ValueError, "logit_softcap must be a finite number > 0"),
+    (dict(logit_softcap=-15), ValueError, "logit_softcap"),
+    (dict(logit_softcap=float("nan")), ValueError, "logit_softcap"),
+    (dict(gpu_memory_utilization="0.5"), TypeError, "gpu_memory_utilization must be a number in"),
+    (dict(kv_cache_memory=float("inf")), ValueError, "kv_cache_memory must be a finite number of bytes"),
+    (dict(kv_cache_memory=2.0**60), ValueError, "more than the .* GiB of memory on cpu"),
+    (dict(num_blocks=10**12), ValueError, "more than the .* GiB of memory on cpu"),
+    (dict(step="100"), TypeError, "step must be an int"),
+    (dict(enable_prefix_caching="no"), TypeError, "enable_prefix_caching must be True or False"),
+    (dict(enforce_eager=None), TypeError, "enforce_eager must be True or False"),
+    (dict(device=0), TypeError, "device must be 'cpu', 'cuda' or 'cuda:N'"),
+    (dict(dtype=16), TypeError, "dtype must be one of"),
+    (dict(attention_backend=None), TypeError, "attention_backend must be one of"),
+    (dict(max_num_batched_tokens=0), ValueError, "max_num_batched_tokens must be an int >= 1"),
+    (dict(seed="x"), TypeError, "seed must be an int"),
+])
+def test_engine_settings_of_the_wrong_type_or_range(checkpoint_dir, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        LLM(checkpoint_dir, **kwargs)
+
+
+def test_model_given_a_file_or_a_number(checkpoint_dir):
+    with pytest.raises(ValueError, match=r"is a file; pass the checkpoint dir that holds it"):
+        LLM(checkpoint_dir / "model_000100.pt")
+    with pytest.raises(TypeError, match="model must be a directory path"):
+        LLM(5)
+
+
+def test_sampling_params_must_be_sampling_params(llm):
+    with pytest.raises(TypeError, match="sampling_params must be a SamplingParams, a list of them"):
+        llm.generate(["a"], "temperature=0", use_tqdm=False)
+    with pytest.raises(TypeError, match=r"sampling_params\[1\] must be a SamplingParams"):
+        llm.generate(["a", "b"], [SamplingParams(), {"temperature": 0}], use_tqdm=False)
+    with pytest.raises(TypeError, match="sampling_params must be a SamplingParams"):
+        llm.add_request("a", {"temperature": 0})
+    with pytest.raises(TypeError, match="use_tqdm must be True or False"):
+        llm.generate(["a"], use_tqdm="no")
+    with pytest.raises(TypeError, match="prompts must be a prompt or a list of prompts"):
+        llm.generate(None, use_tqdm=False)
+    still_serves(llm)
+
+
+@pytest.mark.parametrize("messages, error, message", [
+    ("hello", TypeError, "messages must be a conversation"),
+    (["hello", "there"], TypeError, r"messages\[0\] must be a conversation"),
+    ([{"role": "user"}], ValueError, "message 0 has no 'content'"),
+    ([{"content": "hi"}], ValueError, "message 0 has no 'role'"),
+    ([{"role": "user", "content": 5}], TypeError, "message 0's content must be a str"),
+    ([[{"role": "user", "content": "hi"}], [{"role": "system"}]], ValueError,
+     "message 0 of conversation 1 has no 'content'"),
+])
+def test_chat_refuses_malformed_conversations(llm, messages, error, message):
+    with pytest.raises(error, match=message):
+        llm.chat(messages, use_tqdm=False)
+    still_serves(llm)
+
+
+def test_numpy_numbers_are_accepted(llm):
+    import numpy as np
+    params = SamplingParams(n=np.int64(1), temperature=np.float32(0), max_tokens=np.int32(3), ignore_eos=True)
+    out = llm.generate([np.array([1, 2, 3]).tolist(), [np.int64(4), np.int64(5)]], params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in out] == [3, 3]
+    assert type(params.max_tokens) is int and all(type(t) is int for t in out[1].prompt_token_ids)
+
+
+# -- malformed checkpoints, meta files and tokenizers ---------------------------------------
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.update({"x": 5}), "x holds a int, not a tensor"),
+    (lambda s: s.update({1: torch.zeros(1)}), r"keys must be parameter names \(str\), got 1"),
+    (lambda s: s.update({"transformer.wte.weight": s["transformer.wte.weight"].long()}),
+     "transformer.wte.weight has dtype torch.int64; weights must be floating point"),
+])
+def test_malformed_state_dicts(tmp_path, change, message):
+    directory = write_checkpoint(tmp_path / "m")
+    path = directory / "model_000100.pt"
+    state = torch.load(path, weights_only=True)
+    change(state)
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=message):
+        LLM(directory)
+
+
+@pytest.mark.parametrize("field, value, error, message", [
+    ("n_head", 0, ValueError, "model_config.n_head must be an int >= 1, got 0"),
+    ("n_kv_head", 0, ValueError, "model_config.n_kv_head must be an int >= 1"),
+    ("sequence_len", 0, ValueError, "model_config.sequence_len must be an int >= 2"),
+    ("n_layer", "4", TypeError, "model_config.n_layer must be an int"),
+    ("window_pattern", 7, TypeError, "model_config.window_pattern must be a str of 'S' and 'L'"),
+    ("window_pattern", "SXL", ValueError, "must be made of 'S' and 'L'"),
+])
+def test_malformed_meta_fields(tmp_path, field, value, error, message):
+    directory = write_checkpoint(tmp_path / "m")
+    meta = json.loads((directory / "meta_000100.json").read_text())
+    meta["model_config"][field] = value
+    (directory / "meta_000100.json").write_text(json.dumps(meta))
+    with pytest.raises(error, match=message):
+        LLM(directory)
+
+
+def test_tokenizer_naming_a_registry_encoding_is_refused_without_download(tmp_path, monkeypatch):
+    import tiktoken.registry
+    directory = write_checkpoint(tmp_path / "m")
+    encoding = byte_tokenizer()
+    # tiktoken pickles a registered encoding as its bare name
+    monkeypatch.setitem(tiktoken.registry.ENCODINGS, encoding.name, encoding)
+    with open(directory / "tokenizer" / "tokenizer.pkl", "wb") as f:
+        pickle.dump(encoding, f)
+    monkeypatch.delitem(tiktoken.registry.ENCODINGS, encoding.name)
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("tried to fetch a registry encoding")
+
+    monkeypatch.setattr(tiktoken.registry, "get_encoding", no_download)
+    with pytest.raises(ValueError, match="only names tiktoken's registry encoding"):
+        LLM(directory)
