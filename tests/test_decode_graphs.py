@@ -6,6 +6,8 @@ forward on each replay into one output tensor: everything but the recording itse
 attention twins, an output overwritten by every replay) runs as it does on CUDA.
 """
 
+import logging
+
 import pytest
 import torch
 from completions import completions, make_prompts, varied_lengths
@@ -13,6 +15,7 @@ from paged_steps import compare_decode_twin
 
 from microvllm import LLM, SamplingParams
 from microvllm.engine.cuda_graphs import DecodeGraphs, capture_batch_sizes
+from microvllm.engine.llm_engine import uses_decode_graphs
 from microvllm.model.attention import SdpaDecodeAttention
 
 
@@ -157,3 +160,15 @@ def test_each_step_waits_for_the_previous_input_copy_before_rewriting(checkpoint
     llm.generate(make_prompts(3, seed=6), SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
                  use_tqdm=False)
     assert event.waits == 4  # five decode steps after the prefill: the last four wait
+
+
+def test_graphs_over_the_sdpa_decode_twin_warn_and_say_what_to_install(caplog):
+    cuda = torch.device("cuda")
+    with caplog.at_level(logging.WARNING, logger="microvllm"):
+        assert uses_decode_graphs(cuda, False, "triton", 2048)
+        assert not caplog.text
+        assert uses_decode_graphs(cuda, False, "sdpa", 2048)
+        assert not uses_decode_graphs(cuda, True, "sdpa", 2048)
+        assert not uses_decode_graphs(torch.device("cpu"), False, "sdpa", 2048)
+    assert caplog.text.count("max_model_len=2048 keys") == 1
+    assert "pip install triton" in caplog.text and "enforce_eager=True" in caplog.text

@@ -53,3 +53,11 @@ def test_gpu_budget_counts_what_others_hold_and_the_profiled_peak(checkpoint_dir
     config = EngineConfig(checkpoint_dir, gpu_memory_utilization=0.5, max_num_batched_tokens=100)
     budget = gpu_bytes_for_kv_cache(config, engine.model, torch.device("cpu"), engine.max_model_len)
     assert budget == 40 * gib - 10 * gib - 3 * gib
+
+
+def test_a_large_budget_is_capped_at_what_the_sequences_can_use(checkpoint_dir, caplog):
+    # 4 sequences of 64 tokens fill 16 blocks of 16; twice that stays for prefix caching
+    with caplog.at_level(logging.INFO, logger="microvllm"):
+        llm = LLM(checkpoint_dir, max_num_seqs=4, block_size=16, kv_cache_memory=2**30)
+    assert llm.engine.kv_cache.num_blocks == 2 * 4 * 64 // 16
+    assert "KV cache capped at 32 blocks" in caplog.text

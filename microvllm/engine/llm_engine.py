@@ -31,6 +31,19 @@ from .stats import EngineStats
 logger = logging.getLogger(__name__)
 
 
+def uses_decode_graphs(device, enforce_eager: bool, attention_backend: str, max_model_len: int) -> bool:
+    """Decode steps replay CUDA graphs on CUDA unless enforce_eager; with the SDPA
+    backend they still do (graphs beat eager launches), but the user is told its cost."""
+    if device.type != "cuda" or enforce_eager:
+        return False
+    if attention_backend == "sdpa":
+        logger.warning(f"CUDA graphs with attention_backend='sdpa': its decode twin reads all "
+                       f"max_model_len={max_model_len} keys of every sequence on full-attention "
+                       "layers, whatever the context; pip install triton (or flash_attn) for a "
+                       "decode that reads only each sequence's context, or pass enforce_eager=True")
+    return True
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -66,7 +79,7 @@ class LLMEngine:
         logger.info(describe_kv_cache(self.kv_cache, self.device))
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         decode_graphs = None
-        if self.device.type == "cuda" and not config.enforce_eager:
+        if uses_decode_graphs(self.device, config.enforce_eager, attention_backend.name, self.max_model_len):
             decode_graphs = DecodeGraphs(self.model, self.kv_cache, attention_backend.decode,
                                          config.max_num_seqs, self.max_model_len, self.device)
         self.runner = ModelRunner(self.model, self.kv_cache, attention_backend,

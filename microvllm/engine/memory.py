@@ -4,7 +4,11 @@ In order of precedence: `num_blocks`; `kv_cache_memory` bytes; on CUDA, what
 `gpu_memory_utilization` of the card leaves once the weights, everything else already
 on the card (the CUDA context, other processes) and the peak activations of the
 largest step are counted; on CPU, room for max_num_seqs full-length sequences, capped.
+A byte budget buys at most PREFIX_CACHE_HEADROOM times what max_num_seqs full-length
+sequences can fill.
 """
+
+import logging
 
 import torch
 
@@ -14,6 +18,11 @@ from .config import MAX_DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
 from .kv_cache import PagedKVCache
 
 GIB = 1024**3
+# a memory budget buys at most this many times the blocks that max_num_seqs full-length
+# sequences fill: the rest keeps freed prefixes cached for later hits
+PREFIX_CACHE_HEADROOM = 2
+
+logger = logging.getLogger(__name__)
 
 
 def num_kv_blocks(config: EngineConfig, model: GPT, device: torch.device, dtype: torch.dtype,
@@ -22,12 +31,21 @@ def num_kv_blocks(config: EngineConfig, model: GPT, device: torch.device, dtype:
         return config.num_blocks
     mc = model.config
     per_block = PagedKVCache.bytes_per_block(mc.n_layer, block_size, mc.n_kv_head, mc.head_dim, dtype)
-    if config.kv_cache_memory is not None:
-        return max(int(config.kv_cache_memory // per_block), 1)
-    if device.type == "cuda":
-        return max(gpu_bytes_for_kv_cache(config, model, device, max_model_len) // per_block, 1)
     blocks_for_all_seqs = config.max_num_seqs * -(-max_model_len // block_size)
-    return min(blocks_for_all_seqs, MAX_DEFAULT_CPU_KV_CACHE_MEMORY // per_block)
+    if config.kv_cache_memory is None and device.type != "cuda":
+        return min(blocks_for_all_seqs, MAX_DEFAULT_CPU_KV_CACHE_MEMORY // per_block)
+    budget = (config.kv_cache_memory if config.kv_cache_memory is not None
+              else gpu_bytes_for_kv_cache(config, model, device, max_model_len))
+    num_blocks = max(int(budget // per_block), 1)
+    # a small model on a large card would otherwise get tens of millions of blocks, each
+    # a Python object in the BlockManager: minutes of start-up and gigabytes of host RAM
+    cap = PREFIX_CACHE_HEADROOM * blocks_for_all_seqs
+    if num_blocks > cap:
+        logger.info(f"KV cache capped at {cap} blocks ({PREFIX_CACHE_HEADROOM}x what max_num_seqs="
+                    f"{config.max_num_seqs} sequences of max_model_len={max_model_len} can use) "
+                    f"instead of the {num_blocks} the memory budget allows")
+        num_blocks = cap
+    return num_blocks
 
 
 @torch.inference_mode()
