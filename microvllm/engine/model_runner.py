@@ -3,7 +3,7 @@
 The flat batch puts single-token sequences (decodes) first, then prefill chunks, each
 kind sorted by context length, so the attention backend can pad similar neighbours
 together. Index arrays are built with numpy from the sequences' block tables, then
-moved to the device. A step of single-token sequences replays a CUDA graph when the
+moved to the device in one copy. A step of single-token sequences replays a CUDA graph when the
 engine captured them (DecodeGraphs); any other step runs eagerly.
 """
 
@@ -18,8 +18,13 @@ from ..model.attention import AttentionBackend
 from ..model.gpt import GPT
 from .cuda_graphs import DecodeGraphs
 from .kv_cache import PagedKVCache, SequenceKVView
-from .sampler import SampledTokens, Sampler
+from .sampler import PROMPT_LOGPROBS_CHUNK, SampledTokens, Sampler, logprob_table, split_logprob_table
 from .scheduler import ScheduledSequence
+from .transfer import to_device
+
+# what an eager step sends the device, in its one copy
+EAGER_INPUTS = ("input_ids", "positions", "prev_ids", "slot_mapping", "block_tables",
+                "cu_query_lens", "cu_context_lens")
 
 
 @dataclass
@@ -48,16 +53,18 @@ class ModelRunner:
         batch = sorted(scheduled, key=lambda s: (s.num_new_tokens != 1,
                                                  s.seq.num_computed_tokens + s.num_new_tokens))
         inputs = self._prepare(batch)
-        ends = np.cumsum(inputs["query_lens"])
+        ends = inputs["cu_query_lens"][1:]
         samples = np.array([s.samples for s in batch])
         sampled_seqs = list(compress(batch, samples))
-        last_rows = torch.from_numpy(ends[samples] - 1).to(self.device)
+        last_rows = ends[samples] - 1
         start = time.perf_counter()
         if self.decode_graphs and max(inputs["query_lens"]) == 1:
             hidden = self.decode_graphs.run(inputs)
+            # a decode-only step samples every row unless a prompt's last chunks are a token long
+            last_hidden = hidden if samples.all() else hidden[to_device(dict(rows=last_rows), self.device)["rows"]]
         else:
-            hidden = self._eager_forward(inputs)
-        last_hidden = hidden[last_rows]
+            hidden, rows = self._eager_forward(inputs, last_rows)
+            last_hidden = hidden[rows]
         logits = self.model.compute_logits(last_hidden)
         forward_seconds = time.perf_counter() - start
         sampled = None
@@ -96,20 +103,21 @@ class ModelRunner:
         # the mask's cells in row-major order are the tables' entries laid end to end
         block_tables[np.arange(table_lens.max()) < table_lens[:, None]] = np.fromiter(
             chain.from_iterable(s.seq.block_table for s in batch), dtype=np.int64, count=table_lens.sum())
+        context_lens = np.add(starts, query_lens)
         return dict(input_ids=window[is_input], positions=positions,
                     prev_ids=window[np.flatnonzero(is_input) - 1],
                     slot_mapping=block_tables[seq_index, positions // bs] * bs + positions % bs,
-                    block_tables=block_tables, query_lens=query_lens,
-                    context_lens=np.add(starts, query_lens))
+                    block_tables=block_tables, query_lens=query_lens, context_lens=context_lens,
+                    cu_query_lens=np.concatenate([[0], np.cumsum(query_lens)]),
+                    cu_context_lens=np.concatenate([[0], np.cumsum(context_lens)]))
 
-    def _eager_forward(self, inputs: dict) -> torch.Tensor:
-        to_device = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)
-        view = SequenceKVView(
-            cache=self.kv_cache, slot_mapping=to_device(inputs["slot_mapping"]),
-            block_tables=to_device(inputs["block_tables"]), query_lens=inputs["query_lens"],
-            context_lens=inputs["context_lens"].tolist())
-        return self.model(to_device(inputs["input_ids"]), to_device(inputs["positions"]),
-                          to_device(inputs["prev_ids"]), self.attention_backend.step(view))
+    def _eager_forward(self, inputs: dict, last_rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states of the step's tokens, the rows that sample) on the device."""
+        t = to_device({name: inputs[name] for name in EAGER_INPUTS} | {"last_rows": last_rows}, self.device)
+        view = SequenceKVView(self.kv_cache, t["slot_mapping"], t["block_tables"], inputs["query_lens"],
+                              inputs["context_lens"].tolist(), t["cu_query_lens"], t["cu_context_lens"])
+        hidden = self.model(t["input_ids"], t["positions"], t["prev_ids"], self.attention_backend.step(view))
+        return hidden, t["last_rows"]
 
     @staticmethod
     def _wants_prompt_logprobs(s: ScheduledSequence) -> bool:
@@ -125,11 +133,9 @@ class ModelRunner:
         end = min(start + s.num_new_tokens, seq.num_prompt_tokens - 1)
         if end <= start:
             return seq.request, start + 1, [], [], [], []
-        logprobs = self.model.compute_logits(hidden[first_row:first_row + end - start]).log_softmax(-1)
-        targets = torch.tensor(seq.token_ids[start + 1:end + 1], device=self.device).unsqueeze(1)
-        chosen = logprobs.gather(1, targets)
-        ranks = ((logprobs > chosen).sum(-1) + 1).tolist()
-        top = logprobs.topk(k, dim=-1) if k else None
-        return (seq.request, start + 1, chosen.squeeze(1).tolist(), ranks,
-                top.indices.tolist() if top is not None else [[] for _ in ranks],
-                top.values.tolist() if top is not None else [[] for _ in ranks])
+        targets = to_device(dict(t=np.array(seq.token_ids[start + 1:end + 1])), self.device)["t"]
+        chunk_hidden = hidden[first_row:first_row + end - start].split(PROMPT_LOGPROBS_CHUNK)
+        tables = [logprob_table(self.model.compute_logits(h), t, k)
+                  for h, t in zip(chunk_hidden, targets.split(PROMPT_LOGPROBS_CHUNK))]
+        _, logprobs, ranks, top_ids, top_logprobs = split_logprob_table(torch.cat(tables).tolist(), k)
+        return seq.request, start + 1, logprobs, ranks, top_ids, top_logprobs
