@@ -65,8 +65,9 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or model_config.sequence_len
         self.vocab_size = model_config.vocab_size
 
+        graphs = uses_decode_graphs(self.device, config.enforce_eager, attention_backend.name, self.max_model_len)
         num_blocks = num_kv_blocks(config, self.model, self.device, self.dtype, self.max_model_len,
-                                   self.block_size)
+                                   self.block_size, attention_backend.decode if graphs else None)
         capacity = num_blocks * self.block_size
         if capacity < self.max_model_len:
             raise ValueError(
@@ -79,7 +80,7 @@ class LLMEngine:
         logger.info(describe_kv_cache(self.kv_cache, self.device))
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         decode_graphs = None
-        if uses_decode_graphs(self.device, config.enforce_eager, attention_backend.name, self.max_model_len):
+        if graphs:
             decode_graphs = DecodeGraphs(self.model, self.kv_cache, attention_backend.decode,
                                          config.max_num_seqs, self.max_model_len, self.device)
         self.runner = ModelRunner(self.model, self.kv_cache, attention_backend,
