@@ -1,10 +1,11 @@
-"""The KV cache gets the number of blocks that the settings ask for, and says so."""
+"""The KV cache gets the number of blocks that the settings ask for, and says so; the
+engine's memory and timing figures."""
 
 import logging
 
 import torch
 
-from microvllm import LLM
+from microvllm import LLM, SamplingParams
 from microvllm.engine import memory
 from microvllm.engine.config import EngineConfig
 from microvllm.engine.memory import gpu_bytes_for_kv_cache
@@ -104,3 +105,16 @@ def test_the_profiled_step_samples_max_num_seqs_rows_with_every_option(checkpoin
     assert params.has_penalties and params.min_tokens and params.logprobs == 20
     assert 1 < params.top_k < 265 and params.top_p < 1 and params.min_p > 0
     assert prompt_logprob_rows == [(PROMPT_LOGPROBS_CHUNK, 20)]
+
+
+def test_step_timing_is_opt_in_and_times_every_step(checkpoint_dir):
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    plain = LLM(checkpoint_dir)
+    plain.generate([[1, 2, 3]], params, use_tqdm=False)
+    assert plain.engine.stats.timed_steps == 0 and plain.engine.stats.host_ms_per_step is None
+    timed = LLM(checkpoint_dir, step_timing=True)
+    timed.generate([[1, 2, 3], [4, 5]], params, use_tqdm=False)
+    stats = timed.engine.stats
+    # on the CPU the device's time is the host's wall time inside the runner
+    assert stats.timed_steps == stats.steps == 4
+    assert stats.host_ms_per_step >= stats.device_ms_per_step > 0

@@ -26,7 +26,7 @@ from .model_runner import ModelRunner, StepOutput
 from .sampler import Sampler
 from .scheduler import Scheduler
 from .sequence import Request, Sequence
-from .stats import EngineStats
+from .stats import EngineStats, StepTimer
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,8 @@ class LLMEngine:
             decode_graphs = DecodeGraphs(self.model, self.kv_cache, attention_backend.decode,
                                          config.max_num_seqs, self.max_model_len, self.device)
         self.runner = ModelRunner(self.model, self.kv_cache, attention_backend,
-                                  Sampler(self.tokenizer.eos_token_ids), self.device, decode_graphs)
+                                  Sampler(self.tokenizer.eos_token_ids), self.device, decode_graphs,
+                                  StepTimer(self.device) if config.step_timing else None)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
         self._request_counter = itertools.count()
@@ -144,6 +145,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled forward; return the outputs of requests that finished in it."""
+        step_start = time.perf_counter()
         scheduled = self.scheduler.schedule()
         if not scheduled:
             if self.scheduler.has_unfinished():
@@ -160,6 +162,10 @@ class LLMEngine:
                 request.finished_time = time.time()
                 del self.requests[request.request_id]
                 finished.append(self.make_output(request))
+        if result.device_seconds is not None:
+            self.stats.timed_steps += 1
+            self.stats.step_host_seconds += time.perf_counter() - step_start
+            self.stats.step_device_seconds += result.device_seconds
         return finished
 
     def _update_stats(self, scheduled, result: StepOutput) -> None:

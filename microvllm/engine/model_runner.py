@@ -20,6 +20,7 @@ from .cuda_graphs import DecodeGraphs
 from .kv_cache import PagedKVCache, SequenceKVView
 from .sampler import PROMPT_LOGPROBS_CHUNK, SampledTokens, Sampler, logprob_table, split_logprob_table
 from .scheduler import ScheduledSequence
+from .stats import StepTimer
 from .transfer import to_device
 
 # what an eager step sends the device, in its one copy
@@ -35,23 +36,28 @@ class StepOutput:
     # log-probs of those prompt tokens, their ranks, top ids, top log-probs)
     prompt_logprobs: list[tuple]
     forward_seconds: float                  # model forward and logits (host side on CUDA)
+    device_seconds: float | None = None     # the whole step's device work, when timed
 
 
 class ModelRunner:
     def __init__(self, model: GPT, kv_cache: PagedKVCache, attention_backend: AttentionBackend,
-                 sampler: Sampler, device: torch.device, decode_graphs: DecodeGraphs | None = None):
+                 sampler: Sampler, device: torch.device, decode_graphs: DecodeGraphs | None = None,
+                 timer: StepTimer | None = None):
         self.model = model
         self.kv_cache = kv_cache
         self.attention_backend = attention_backend
         self.sampler = sampler
         self.device = device
         self.decode_graphs = decode_graphs
+        self.timer = timer
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> StepOutput:
         # decodes first, then by context length: the attention backend groups neighbours
         batch = sorted(scheduled, key=lambda s: (s.num_new_tokens != 1,
                                                  s.seq.num_computed_tokens + s.num_new_tokens))
+        if self.timer:
+            self.timer.start()
         inputs = self._prepare(batch)
         ends = inputs["cu_query_lens"][1:]
         samples = np.array([s.samples for s in batch])
@@ -73,7 +79,8 @@ class ModelRunner:
             sampled = self.sampler(logits, [s.seq for s in sampled_seqs])
         prompt_logprobs = [self._prompt_logprobs(s, hidden, int(end) - s.num_new_tokens)
                            for s, end in zip(batch, ends) if self._wants_prompt_logprobs(s)]
-        return StepOutput(sampled_seqs, sampled, prompt_logprobs, forward_seconds)
+        return StepOutput(sampled_seqs, sampled, prompt_logprobs, forward_seconds,
+                          self.timer.stop() if self.timer else None)
 
     def _check_finite(self, hidden: torch.Tensor) -> None:
         # nanochat trains in bf16; relu(x)^2 can pass float16's 65504 on long contexts,
