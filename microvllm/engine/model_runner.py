@@ -3,8 +3,8 @@
 The flat batch puts single-token sequences (decodes) first, then prefill chunks, each
 kind sorted by context length, so the attention backend can pad similar neighbours
 together. Index arrays are built with numpy from the sequences' block tables, then
-moved to the device in one copy. A step of single-token sequences replays a CUDA graph when the
-engine captured them (DecodeGraphs); any other step runs eagerly.
+moved to the device in one copy. A step of single-token sequences replays a CUDA graph
+when the engine captured them (DecodeGraphs); any other step runs eagerly.
 """
 
 import time
