@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")
     model.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto")
     model.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    model.add_argument("--step-timing", action="store_true",
+                       help="report host and device ms per step (CUDA events on GPU, wall time on CPU)")
     model.add_argument("--max-num-seqs", type=int,
                        help="sequences running at once (default: the engine's; the memory "
                             "experiment: the number of prompts, so memory is the limit)")
@@ -169,7 +171,8 @@ def prepare(args) -> tuple[BenchSetup, int]:
                          "use shorter prompts or a larger --max-model-len")
     engine_args = {"device": args.device, "dtype": args.dtype, "block_size": args.block_size,
                    "kv_cache_memory": args.kv_cache_memory, "seed": args.seed,
-                   "attention_backend": args.attention_backend, "enforce_eager": args.enforce_eager}
+                   "attention_backend": args.attention_backend, "enforce_eager": args.enforce_eager,
+                   "step_timing": args.step_timing}
     if args.max_num_seqs is not None:
         engine_args["max_num_seqs"] = args.max_num_seqs
     ignore_eos = args.ignore_eos or args.synthetic

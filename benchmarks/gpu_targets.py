@@ -92,6 +92,19 @@ class ModeResult:
     decode: list[DecodeMeasurement]
 
 
+def release_engine_memory(device: torch.device, baseline: int, slack: int = 64 * 2**20) -> None:
+    """After the last reference to an engine is gone: give its memory back to the card and
+    check that it came back, since the next engine sizes its KV cache from what is free."""
+    gc.collect()  # engines hold reference cycles (graphs' closures over the model)
+    if device.type != "cuda":
+        return
+    torch.cuda.empty_cache()
+    held = torch.cuda.memory_allocated(device) - baseline
+    if held > slack:
+        raise RuntimeError(f"{format_bytes(held)} of GPU memory is still allocated after an engine was "
+                           "released; something still references it")
+
+
 def generate(llm: LLM, requests: list[BenchRequest]) -> tuple[float, int]:
     """(wall seconds, output tokens) of one greedy, ignore_eos generate call."""
     params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in requests]
@@ -207,11 +220,10 @@ def main(argv=None):
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     peak_gb_s = args.peak_bandwidth or peak_bandwidth_gb_s(device)
     results = []
+    baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     for mode, enforce_eager in MODES:
         results.append(run_mode(mode, enforce_eager, args, shape, requests, warmup, peak_gb_s))
-        gc.collect()  # the next engine sizes its KV cache from the memory this one leaves
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_engine_memory(device, baseline)
     report = print_report(args, shape, device_name, dtype, results, peak_gb_s)
     if args.output_json:
         args.output_json.write_text(json.dumps(report, indent=2))

@@ -59,6 +59,8 @@ class RunSummary:
     kv_live_bytes: int | None = None         # slots actually holding a token then
     prefix_hit_rate: float | None = None
     preemptions: int | None = None
+    host_ms_per_step: float | None = None    # with step timing: wall time of a step on the host
+    device_ms_per_step: float | None = None  # ... and of its work on the device
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -106,6 +108,7 @@ def summarize(mode: str, records: list[RequestRecord], wall_s: float, computed_t
     if stats is not None:
         summary.prefix_hit_rate = stats.prefix_cache_hit_rate
         summary.preemptions = stats.preemptions
+        summary.host_ms_per_step, summary.device_ms_per_step = stats.host_ms_per_step, stats.device_ms_per_step
     if kv is not None:
         summary.block_size, summary.total_blocks, summary.peak_blocks = \
             kv.block_size, kv.total_blocks, kv.peak_blocks
@@ -171,6 +174,8 @@ TABLE_ROWS = [
     ("KV holding tokens", "kv_live_bytes", format_bytes),
     ("prefix-cache hit rate", "prefix_hit_rate", _pct),
     ("preemptions", "preemptions", str),
+    ("host ms / step", "host_ms_per_step", lambda x: f"{x:.2f}"),
+    ("device ms / step", "device_ms_per_step", lambda x: f"{x:.2f}"),
 ]
 
 

@@ -11,6 +11,20 @@ import fake_flash_attn  # noqa: E402
 from checkpoints import write_checkpoint  # noqa: E402
 
 
+# the files whose tests are meant for a real GPU; every other test runs on the CPU
+GPU_TEST_FILES = {"test_cuda.py"}
+
+
+@pytest.fixture(autouse=True)
+def cpu_unless_a_gpu_test(request, monkeypatch):
+    """On a GPU machine, the CPU-shaped tests (fp32, no graphs, tiny blocks) still see
+    no CUDA: engines default to the CPU, here and in subprocesses such as run.py."""
+    if request.path.name in GPU_TEST_FILES:
+        return
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 @pytest.fixture(scope="session")
 def checkpoint_dir(tmp_path_factory):
     """An era-E checkpoint (sequence_len 64, windows "SL") with its tokenizer beside it."""

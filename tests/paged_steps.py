@@ -42,10 +42,11 @@ def as_decode_view(view: SequenceKVView, table_width: int) -> DecodeKVView:
 
 
 def compare_decode_twin(decode_backend, context_lens, block_size, table_width, window, dtype=torch.float32,
-                        device="cpu"):
-    """(decode twin's output, SdpaPagedAttention's output) for one decode-only step, GQA 4:2."""
+                        device="cpu", n_head=4, n_kv_head=2, head_dim=16):
+    """(decode twin's output, SdpaPagedAttention's output) for one decode-only step (GQA 4:2 unless told)."""
     return compare_backends(lambda view: decode_backend(as_decode_view(view, table_width)),
-                            [1] * len(context_lens), context_lens, block_size, 4, 2, 16, window, dtype, device)
+                            [1] * len(context_lens), context_lens, block_size, n_head, n_kv_head, head_dim,
+                            window, dtype, device)
 
 
 def compare_backends(backend, query_lens, context_lens, block_size, n_head, n_kv_head, head_dim,

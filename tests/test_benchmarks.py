@@ -218,6 +218,16 @@ def test_script_runs_synthetic_end_to_end(checkpoint_dir, tmp_path):
     assert [r["mode"] for r in read_runs(tmp_path / "benchmark_results.csv")] == ["paged"]
 
 
+def test_script_reports_host_and_device_ms_per_step_when_asked(checkpoint_dir, tmp_path, capsys):
+    import test_alpaca
+    test_alpaca.main(["--model-dir", str(checkpoint_dir), "--synthetic", "--num-prompts", "3", "--max-tokens",
+                      "3", "--prompt-len-range", "4", "8", "--step-timing", "--csv", "",
+                      "--output-json", str(tmp_path / "out.json")])
+    assert "host ms / step" in capsys.readouterr().out
+    (run,) = json.loads((tmp_path / "out.json").read_text())["runs"]
+    assert run["host_ms_per_step"] >= run["device_ms_per_step"] > 0
+
+
 def test_script_rejects_bad_dataset_input_with_exit_code_2(checkpoint_dir, tmp_path):
     import test_alpaca
     (tmp_path / "bad.jsonl").write_text('{"input": "no instruction"}\n')

@@ -6,6 +6,8 @@ forward on each replay into one output tensor: everything but the recording itse
 attention twins, an output overwritten by every replay) runs as it does on CUDA.
 """
 
+import logging
+
 import pytest
 import torch
 from completions import completions, make_prompts, varied_lengths
@@ -13,6 +15,7 @@ from paged_steps import compare_decode_twin
 
 from microvllm import LLM, SamplingParams
 from microvllm.engine.cuda_graphs import DecodeGraphs, capture_batch_sizes
+from microvllm.engine.llm_engine import uses_decode_graphs
 from microvllm.model.attention import SdpaDecodeAttention
 
 
@@ -124,3 +127,48 @@ def test_a_failed_capture_says_how_to_run_without_graphs(checkpoint_dir):
     with pytest.raises(RuntimeError, match="enforce_eager=True runs every step without graphs"):
         DecodeGraphs(engine.model, engine.kv_cache, engine.runner.attention_backend.decode,
                      4, engine.max_model_len, engine.device, broken_capture)
+
+
+class CopyWatchingEvent:
+    """Stands in for the CUDA event after each input copy: between record() (the copy is
+    in flight) and synchronize() (the host waits for it) the host buffer must not change."""
+
+    def __init__(self, host: torch.Tensor):
+        self.host, self.in_flight, self.waits = host, None, 0
+
+    def record(self):
+        self.in_flight = self.host.clone()
+
+    def synchronize(self):
+        if self.in_flight is not None:
+            assert torch.equal(self.host, self.in_flight), "host buffer rewritten during its copy"
+            self.waits += 1
+        self.in_flight = None
+
+
+def test_each_step_waits_for_the_previous_input_copy_before_rewriting(checkpoint_dir, monkeypatch):
+    llm = LLM(checkpoint_dir, block_size=4)
+    with_decode_graphs(llm)
+    graphs = llm.engine.runner.decode_graphs
+    event = graphs.copy_done = CopyWatchingEvent(graphs.host)
+    real_fill = graphs._fill_padding
+
+    def fill_while_watching(first_row, end_row):
+        assert event.in_flight is None, "host buffer rewritten before waiting on the last copy"
+        real_fill(first_row, end_row)
+    monkeypatch.setattr(graphs, "_fill_padding", fill_while_watching)
+    llm.generate(make_prompts(3, seed=6), SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                 use_tqdm=False)
+    assert event.waits == 4  # five decode steps after the prefill: the last four wait
+
+
+def test_graphs_over_the_sdpa_decode_twin_warn_and_say_what_to_install(caplog):
+    cuda = torch.device("cuda")
+    with caplog.at_level(logging.WARNING, logger="microvllm"):
+        assert uses_decode_graphs(cuda, False, "triton", 2048)
+        assert not caplog.text
+        assert uses_decode_graphs(cuda, False, "sdpa", 2048)
+        assert not uses_decode_graphs(cuda, True, "sdpa", 2048)
+        assert not uses_decode_graphs(torch.device("cpu"), False, "sdpa", 2048)
+    assert caplog.text.count("max_model_len=2048 keys") == 1
+    assert "pip install triton" in caplog.text and "enforce_eager=True" in caplog.text

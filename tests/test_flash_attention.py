@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import fake_flash_attn
 from microvllm.model.attention import FlashDecodeAttention, FlashPagedAttention, resolve_attention_backend
-from paged_steps import MIXED_CONTEXT_LENS, MIXED_QUERY_LENS, compare_backends, compare_decode_twin
+from paged_steps import MIXED_CONTEXT_LENS, MIXED_QUERY_LENS, as_decode_view, compare_backends, compare_decode_twin
 
 pytestmark = pytest.mark.usefixtures("fake_flash_attn_installed")
 
@@ -167,3 +167,22 @@ def test_auto_picks_flash_attn_on_cuda_for_16_bit_caches_only():
 def test_flash_attn_refuses_float32():
     with pytest.raises(ValueError, match="needs dtype float16 or bfloat16"):
         resolve_attention_backend("flash_attn", torch.device("cuda"), torch.float32)
+
+
+@pytest.mark.parametrize("backend", [FlashPagedAttention, FlashDecodeAttention])
+def test_layers_without_a_window_ask_flash_attn_for_none(backend, monkeypatch):
+    # (-1, 0) would be a sliding window to flash_attn's one-query decode path, which drops
+    # causal there; (-1, -1) keeps its plain fast path
+    windows = []
+    kernel = "flash_attn_varlen_func" if backend is FlashPagedAttention else "flash_attn_with_kvcache"
+    real = getattr(fake_flash_attn, kernel)
+
+    def recording(*args, window_size, **kwargs):
+        windows.append(window_size)
+        return real(*args, window_size=window_size, **kwargs)
+    monkeypatch.setattr(fake_flash_attn, kernel, recording)
+    as_backend = backend if backend is FlashPagedAttention else (
+        lambda view: FlashDecodeAttention(as_decode_view(view, 2)))
+    for window in (None, 20):
+        compare_backends(as_backend, [1, 1], [5, 300], BLOCK_SIZE, 4, 2, 16, window, dtype=torch.float16)
+    assert windows == [(-1, -1), (20, 0)]

@@ -1,13 +1,16 @@
-"""The KV cache gets the number of blocks that the settings ask for, and says so."""
+"""The KV cache gets the number of blocks that the settings ask for, and says so; the
+engine's memory and timing figures."""
 
 import logging
 
 import torch
 
-from microvllm import LLM
+from microvllm import LLM, SamplingParams
+from microvllm.engine import memory
 from microvllm.engine.config import EngineConfig
 from microvllm.engine.memory import gpu_bytes_for_kv_cache
-from microvllm.model.attention import AttentionBackend
+from microvllm.engine.sampler import PROMPT_LOGPROBS_CHUNK
+from microvllm.model.attention import AttentionBackend, SdpaDecodeAttention
 
 # the default test checkpoint: 4 layers, 2 KV heads of 8 dims, float32 on CPU
 BYTES_PER_TOKEN = 2 * 4 * 2 * 8 * 4
@@ -53,3 +56,65 @@ def test_gpu_budget_counts_what_others_hold_and_the_profiled_peak(checkpoint_dir
     config = EngineConfig(checkpoint_dir, gpu_memory_utilization=0.5, max_num_batched_tokens=100)
     budget = gpu_bytes_for_kv_cache(config, engine.model, torch.device("cpu"), engine.max_model_len)
     assert budget == 40 * gib - 10 * gib - 3 * gib
+
+
+def test_a_large_budget_is_capped_at_what_the_sequences_can_use(checkpoint_dir, caplog):
+    # 4 sequences of 64 tokens fill 16 blocks of 16; twice that stays for prefix caching
+    with caplog.at_level(logging.INFO, logger="microvllm"):
+        llm = LLM(checkpoint_dir, max_num_seqs=4, block_size=16, kv_cache_memory=2**30)
+    assert llm.engine.kv_cache.num_blocks == 2 * 4 * 64 // 16
+    assert "KV cache capped at 32 blocks" in caplog.text
+
+
+def fake_cuda_memory(monkeypatch, readings):
+    """The CUDA memory queries on a 80 GiB card with 10 GiB in use; `readings` alternate
+    memory_allocated (before a profiled run) and max_memory_allocated (its peak)."""
+    gib, readings = 1024**3, iter(readings)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (70 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: next(readings))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: next(readings))
+
+
+def test_gpu_budget_counts_the_graph_pool_when_decode_steps_replay_graphs(checkpoint_dir, monkeypatch):
+    # the largest decode batch's forward (run here on the CPU) stands for the graphs' pool
+    engine, gib = LLM(checkpoint_dir).engine, 1024**3
+    fake_cuda_memory(monkeypatch, [0, 3 * gib, 5 * gib, 6 * gib])
+    config = EngineConfig(checkpoint_dir, gpu_memory_utilization=0.5)
+    budget = gpu_bytes_for_kv_cache(config, engine.model, torch.device("cpu"), engine.max_model_len,
+                                    SdpaDecodeAttention, block_size=4)
+    assert budget == 40 * gib - 10 * gib - 3 * gib - 1 * gib
+
+
+def test_the_profiled_step_samples_max_num_seqs_rows_with_every_option(checkpoint_dir, monkeypatch):
+    engine = LLM(checkpoint_dir).engine
+    fake_cuda_memory(monkeypatch, [0, 0])
+    calls, real = [], memory.Sampler.__call__
+
+    def recording(self, logits, seqs):
+        calls.append((logits.shape, seqs[0].params))
+        return real(self, logits, seqs)
+    monkeypatch.setattr(memory.Sampler, "__call__", recording)
+    prompt_logprob_rows = []
+    monkeypatch.setattr(memory, "logprob_table", lambda logits, ids, k: prompt_logprob_rows.append((len(logits), k)))
+    gpu_bytes_for_kv_cache(EngineConfig(checkpoint_dir, max_num_seqs=40), engine.model, torch.device("cpu"),
+                           engine.max_model_len)
+    (shape, params), = calls
+    assert shape == (40, 265)
+    assert params.has_penalties and params.min_tokens and params.logprobs == 20
+    assert 1 < params.top_k < 265 and params.top_p < 1 and params.min_p > 0
+    assert prompt_logprob_rows == [(PROMPT_LOGPROBS_CHUNK, 20)]
+
+
+def test_step_timing_is_opt_in_and_times_every_step(checkpoint_dir):
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    plain = LLM(checkpoint_dir)
+    plain.generate([[1, 2, 3]], params, use_tqdm=False)
+    assert plain.engine.stats.timed_steps == 0 and plain.engine.stats.host_ms_per_step is None
+    timed = LLM(checkpoint_dir, step_timing=True)
+    timed.generate([[1, 2, 3], [4, 5]], params, use_tqdm=False)
+    stats = timed.engine.stats
+    # on the CPU the device's time is the host's wall time inside the runner
+    assert stats.timed_steps == stats.steps == 4
+    assert stats.host_ms_per_step >= stats.device_ms_per_step > 0

@@ -32,6 +32,7 @@ class EngineConfig:
     enforce_eager: bool = False             # on cuda: no CUDA graphs for decode steps
     logit_softcap: float | None = None      # override for nanochat's era-C softcap-20 window
     seed: int = 0                           # draws the seeds of requests that set none
+    step_timing: bool = False               # EngineStats gains host and device ms per step
 
     def __post_init__(self):
         """Checks every setting by type and range, and stores it normalised."""

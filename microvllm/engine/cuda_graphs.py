@@ -6,7 +6,8 @@ launches and replays them with a single call. A graph replays fixed shapes at fi
 addresses, so:
 
 - every input lives in one static device buffer that each step overwrites with a
-  single host-to-device copy;
+  single non-blocking copy from a pinned host buffer; a CUDA event marks that copy's
+  end, and the next step waits on it before it rewrites the host buffer;
 - a batch of B decodes runs the graph of the smallest captured size >= B (1, 2, 4, 8,
   then every 16 up to max_num_seqs); the padding rows decode token 0 at position 0 and
   write their K/V into the cache's padding block, which no sequence reads;
@@ -75,6 +76,9 @@ class DecodeGraphs:
         pinned = device.type == "cuda"
         self.host = torch.empty(flat_size, dtype=torch.int64, pin_memory=pinned)
         self.device_buffer = torch.empty(flat_size, dtype=torch.int64, device=device)
+        # the step's copy runs while the host goes on; the host waits for it to finish
+        # before rewriting the buffer it reads from (None on CPU: copies are done at once)
+        self.copy_done = torch.cuda.Event() if pinned else None
         self.host_arrays = self._split(self.host.numpy(), n, table_width)
         device_arrays = self._split(self.device_buffer, n, table_width)
         self._fill_padding(0, n)
@@ -112,6 +116,8 @@ class DecodeGraphs:
         """
         batch = len(inputs["input_ids"])
         size = next(s for s in self.batch_sizes if s >= batch)
+        if self.copy_done is not None:
+            self.copy_done.synchronize()
         host = self.host_arrays
         for name in INPUT_ROWS:
             host[name][:batch] = inputs[name]
@@ -120,4 +126,6 @@ class DecodeGraphs:
         host["block_tables"][:batch, tables.shape[1]:] = self.padding["block_tables"]
         self._fill_padding(batch, size)
         self.device_buffer.copy_(self.host, non_blocking=True)
+        if self.copy_done is not None:
+            self.copy_done.record()
         return self.replays[size]()[:batch]

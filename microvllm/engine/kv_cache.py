@@ -12,6 +12,7 @@ fixed-size device buffers, with no host-side lengths, so a CUDA graph can replay
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -59,6 +60,18 @@ class SequenceKVView(_KVWriter):
     block_tables: torch.Tensor    # [num_seqs, max_blocks] (padded with block 0)
     query_lens: list[int]         # new tokens of each sequence this step
     context_lens: list[int]       # keys each sequence sees, its new tokens included
+    # the same lengths as [num_seqs + 1] running sums on the device, for kernels; the
+    # engine sends them with the step's other inputs (built here only when not given)
+    cu_query_lens: torch.Tensor | None = None
+    cu_context_lens: torch.Tensor | None = None
+
+    def __post_init__(self):
+        device = self.slot_mapping.device
+        cumulative = lambda lengths: torch.tensor(np.cumsum([0, *lengths]), device=device)
+        if self.cu_query_lens is None:
+            self.cu_query_lens = cumulative(self.query_lens)
+        if self.cu_context_lens is None:
+            self.cu_context_lens = cumulative(self.context_lens)
 
     @property
     def max_query_len(self) -> int:

@@ -37,7 +37,7 @@ from .model_runner import ModelRunner, StepOutput
 from .sampler import Sampler
 from .scheduler import Scheduler
 from .sequence import Request, Sequence
-from .stats import EngineStats
+from .stats import EngineStats, StepTimer
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,19 @@ class TokenUpdate:
     logprob_entry: dict | None = None
     text: str | None = None           # the output decoded so far, where stop strings are watched
     finish: tuple | None = None       # (finish_reason, stop_reason)
+
+
+def uses_decode_graphs(device, enforce_eager: bool, attention_backend: str, max_model_len: int) -> bool:
+    """Decode steps replay CUDA graphs on CUDA unless enforce_eager; with the SDPA
+    backend they still do (graphs beat eager launches), but the user is told its cost."""
+    if device.type != "cuda" or enforce_eager:
+        return False
+    if attention_backend == "sdpa":
+        logger.warning(f"CUDA graphs with attention_backend='sdpa': its decode twin reads all "
+                       f"max_model_len={max_model_len} keys of every sequence on full-attention "
+                       "layers, whatever the context; pip install triton (or flash_attn) for a "
+                       "decode that reads only each sequence's context, or pass enforce_eager=True")
+    return True
 
 
 class LLMEngine:
@@ -74,8 +87,9 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or model_config.sequence_len
         self.vocab_size = model_config.vocab_size
 
+        graphs = uses_decode_graphs(self.device, config.enforce_eager, attention_backend.name, self.max_model_len)
         num_blocks = num_kv_blocks(config, self.model, self.device, self.dtype, self.max_model_len,
-                                   self.block_size)
+                                   self.block_size, attention_backend.decode if graphs else None)
         capacity = num_blocks * self.block_size
         if capacity < self.max_model_len:
             raise ValueError(
@@ -88,11 +102,12 @@ class LLMEngine:
         logger.info(describe_kv_cache(self.kv_cache, self.device))
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         decode_graphs = None
-        if self.device.type == "cuda" and not config.enforce_eager:
+        if graphs:
             decode_graphs = DecodeGraphs(self.model, self.kv_cache, attention_backend.decode,
                                          config.max_num_seqs, self.max_model_len, self.device)
         self.runner = ModelRunner(self.model, self.kv_cache, attention_backend,
-                                  Sampler(self.tokenizer.eos_token_ids), self.device, decode_graphs)
+                                  Sampler(self.tokenizer.eos_token_ids), self.device, decode_graphs,
+                                  StepTimer(self.device) if config.step_timing else None)
         self.requests: dict[str, Request] = {}
         self._finished: list[Request] = []  # finished by a step, not returned yet
         self.stats = EngineStats()
@@ -161,6 +176,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled forward; return the outputs of requests that finished in it."""
+        step_start = time.perf_counter()
         with interrupts_held():
             scheduled = self.scheduler.schedule()
         if scheduled:
@@ -171,6 +187,10 @@ class LLMEngine:
                                for request, *logprobs in result.prompt_logprobs]
             with interrupts_held():
                 self._commit(scheduled, result, updates, prompt_logprobs)
+            if result.device_seconds is not None:
+                self.stats.timed_steps += 1
+                self.stats.step_host_seconds += time.perf_counter() - step_start
+                self.stats.step_device_seconds += result.device_seconds
         elif self.scheduler.has_unfinished():
             raise RuntimeError("no request could be scheduled although some are waiting")
         # built before the list is emptied: an interrupt here returns them next step

@@ -3,8 +3,8 @@
 The flat batch puts single-token sequences (decodes) first, then prefill chunks, each
 kind sorted by context length, so the attention backend can pad similar neighbours
 together. Index arrays are built with numpy from the sequences' block tables, then
-moved to the device. A step of single-token sequences replays a CUDA graph when the
-engine captured them (DecodeGraphs); any other step runs eagerly.
+moved to the device in one copy. A step of single-token sequences replays a CUDA graph
+when the engine captured them (DecodeGraphs); any other step runs eagerly.
 """
 
 import time
@@ -18,8 +18,14 @@ from ..model.attention import AttentionBackend
 from ..model.gpt import GPT
 from .cuda_graphs import DecodeGraphs
 from .kv_cache import PagedKVCache, SequenceKVView
-from .sampler import SampledTokens, Sampler
+from .sampler import PROMPT_LOGPROBS_CHUNK, SampledTokens, Sampler, logprob_table, split_logprob_table
 from .scheduler import ScheduledSequence
+from .stats import StepTimer
+from .transfer import to_device
+
+# what an eager step sends the device, in its one copy
+EAGER_INPUTS = ("input_ids", "positions", "prev_ids", "slot_mapping", "block_tables",
+                "cu_query_lens", "cu_context_lens")
 
 
 @dataclass
@@ -30,34 +36,41 @@ class StepOutput:
     # log-probs of those prompt tokens, their ranks, top ids, top log-probs)
     prompt_logprobs: list[tuple]
     forward_seconds: float                  # model forward and logits (host side on CUDA)
+    device_seconds: float | None = None     # the whole step's device work, when timed
 
 
 class ModelRunner:
     def __init__(self, model: GPT, kv_cache: PagedKVCache, attention_backend: AttentionBackend,
-                 sampler: Sampler, device: torch.device, decode_graphs: DecodeGraphs | None = None):
+                 sampler: Sampler, device: torch.device, decode_graphs: DecodeGraphs | None = None,
+                 timer: StepTimer | None = None):
         self.model = model
         self.kv_cache = kv_cache
         self.attention_backend = attention_backend
         self.sampler = sampler
         self.device = device
         self.decode_graphs = decode_graphs
+        self.timer = timer
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> StepOutput:
         # decodes first, then by context length: the attention backend groups neighbours
         batch = sorted(scheduled, key=lambda s: (s.num_new_tokens != 1,
                                                  s.seq.num_computed_tokens + s.num_new_tokens))
+        if self.timer:
+            self.timer.start()
         inputs = self._prepare(batch)
-        ends = np.cumsum(inputs["query_lens"])
+        ends = inputs["cu_query_lens"][1:]
         samples = np.array([s.samples for s in batch])
         sampled_seqs = list(compress(batch, samples))
-        last_rows = torch.from_numpy(ends[samples] - 1).to(self.device)
+        last_rows = ends[samples] - 1
         start = time.perf_counter()
         if self.decode_graphs and max(inputs["query_lens"]) == 1:
             hidden = self.decode_graphs.run(inputs)
+            # a decode-only step samples every row unless a prompt's last chunks are a token long
+            last_hidden = hidden if samples.all() else hidden[to_device(dict(rows=last_rows), self.device)["rows"]]
         else:
-            hidden = self._eager_forward(inputs)
-        last_hidden = hidden[last_rows]
+            hidden, rows = self._eager_forward(inputs, last_rows)
+            last_hidden = hidden[rows]
         logits = self.model.compute_logits(last_hidden)
         forward_seconds = time.perf_counter() - start
         sampled = None
@@ -66,7 +79,8 @@ class ModelRunner:
             sampled = self.sampler(logits, [s.seq for s in sampled_seqs])
         prompt_logprobs = [self._prompt_logprobs(s, hidden, int(end) - s.num_new_tokens)
                            for s, end in zip(batch, ends) if self._wants_prompt_logprobs(s)]
-        return StepOutput(sampled_seqs, sampled, prompt_logprobs, forward_seconds)
+        return StepOutput(sampled_seqs, sampled, prompt_logprobs, forward_seconds,
+                          self.timer.stop() if self.timer else None)
 
     def _check_finite(self, hidden: torch.Tensor) -> None:
         # nanochat trains in bf16; relu(x)^2 can pass float16's 65504 on long contexts,
@@ -96,20 +110,21 @@ class ModelRunner:
         # the mask's cells in row-major order are the tables' entries laid end to end
         block_tables[np.arange(table_lens.max()) < table_lens[:, None]] = np.fromiter(
             chain.from_iterable(s.seq.block_table for s in batch), dtype=np.int64, count=table_lens.sum())
+        context_lens = np.add(starts, query_lens)
         return dict(input_ids=window[is_input], positions=positions,
                     prev_ids=window[np.flatnonzero(is_input) - 1],
                     slot_mapping=block_tables[seq_index, positions // bs] * bs + positions % bs,
-                    block_tables=block_tables, query_lens=query_lens,
-                    context_lens=np.add(starts, query_lens))
+                    block_tables=block_tables, query_lens=query_lens, context_lens=context_lens,
+                    cu_query_lens=np.concatenate([[0], np.cumsum(query_lens)]),
+                    cu_context_lens=np.concatenate([[0], np.cumsum(context_lens)]))
 
-    def _eager_forward(self, inputs: dict) -> torch.Tensor:
-        to_device = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)
-        view = SequenceKVView(
-            cache=self.kv_cache, slot_mapping=to_device(inputs["slot_mapping"]),
-            block_tables=to_device(inputs["block_tables"]), query_lens=inputs["query_lens"],
-            context_lens=inputs["context_lens"].tolist())
-        return self.model(to_device(inputs["input_ids"]), to_device(inputs["positions"]),
-                          to_device(inputs["prev_ids"]), self.attention_backend.step(view))
+    def _eager_forward(self, inputs: dict, last_rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states of the step's tokens, the rows that sample) on the device."""
+        t = to_device({name: inputs[name] for name in EAGER_INPUTS} | {"last_rows": last_rows}, self.device)
+        view = SequenceKVView(self.kv_cache, t["slot_mapping"], t["block_tables"], inputs["query_lens"],
+                              inputs["context_lens"].tolist(), t["cu_query_lens"], t["cu_context_lens"])
+        hidden = self.model(t["input_ids"], t["positions"], t["prev_ids"], self.attention_backend.step(view))
+        return hidden, t["last_rows"]
 
     @staticmethod
     def _wants_prompt_logprobs(s: ScheduledSequence) -> bool:
@@ -125,11 +140,9 @@ class ModelRunner:
         end = min(start + s.num_new_tokens, seq.num_prompt_tokens - 1)
         if end <= start:
             return seq.request, start + 1, [], [], [], []
-        logprobs = self.model.compute_logits(hidden[first_row:first_row + end - start]).log_softmax(-1)
-        targets = torch.tensor(seq.token_ids[start + 1:end + 1], device=self.device).unsqueeze(1)
-        chosen = logprobs.gather(1, targets)
-        ranks = ((logprobs > chosen).sum(-1) + 1).tolist()
-        top = logprobs.topk(k, dim=-1) if k else None
-        return (seq.request, start + 1, chosen.squeeze(1).tolist(), ranks,
-                top.indices.tolist() if top is not None else [[] for _ in ranks],
-                top.values.tolist() if top is not None else [[] for _ in ranks])
+        targets = to_device(dict(t=np.array(seq.token_ids[start + 1:end + 1])), self.device)["t"]
+        chunk_hidden = hidden[first_row:first_row + end - start].split(PROMPT_LOGPROBS_CHUNK)
+        tables = [logprob_table(self.model.compute_logits(h), t, k)
+                  for h, t in zip(chunk_hidden, targets.split(PROMPT_LOGPROBS_CHUNK))]
+        _, logprobs, ranks, top_ids, top_logprobs = split_logprob_table(torch.cat(tables).tolist(), k)
+        return seq.request, start + 1, logprobs, ranks, top_ids, top_logprobs

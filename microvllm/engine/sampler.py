@@ -4,34 +4,78 @@ Randomness is counter-based: the noise for (sequence seed, output position, toke
 is a hash of those three numbers. A seeded request therefore draws the same tokens
 whatever else is in the batch, and a preempted sequence redraws the same token when it
 is recomputed, with no per-sequence generator objects or Python loops over tokens.
-Sampling uses the exponential race (argmax of p / E with E ~ Exp(1)), which draws from
-exactly the distribution p.
+Sampling is the Gumbel-max race: the argmax over tokens of logit / temperature plus
+-log(-log u) draws from exactly softmax(logit / temperature).
+
+At a vocabulary of 65,536 a row of anything is 256 KB to 512 KB, so the work is laid
+out to pass over [rows, vocab] as few times as possible: greedy rows stop at argmax;
+only rows that sample get noise, in chunks of bounded size; top-k, top-p and min-p
+become one per-row floor on the logits, and only top-p sorts. Everything a step sends
+the device travels in one copy, and the tokens (with their log-probs) come back in one.
 """
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .sequence import Sequence
+from .transfer import to_device
 
 _MASK32 = 0xFFFFFFFF
+# bounds one chunk of sampling noise ([rows, vocab] int64, then float64) at 32 MiB
+NOISE_CHUNK_ELEMENTS = 2**22
+# prompt log-probs are computed this many positions at a time, so a long prefill
+# chunk never holds [chunk, vocab] float32 logits at once
+PROMPT_LOGPROBS_CHUNK = 256
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    # a 32-bit integer finaliser (xor-shift-multiply); int64 products wrap, low bits stay exact
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16)
+def _hash32_(x: torch.Tensor) -> torch.Tensor:
+    # a 32-bit integer finaliser (xor-shift-multiply), in place on int64 values below 2^32;
+    # int64 products wrap, and the low 32 bits stay exact
+    x.bitwise_xor_(x >> 16)
+    x.mul_(0x7FEB352D).bitwise_and_(_MASK32)
+    x.bitwise_xor_(x >> 15)
+    x.mul_(0x846CA68B).bitwise_and_(_MASK32)
+    return x.bitwise_xor_(x >> 16)
 
 
 def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[rows, vocab] uniforms in (0, 1), a pure function of (seed, position, token id)."""
-    row_key = _hash32(_hash32((seeds & _MASK32) ^ _hash32(seeds >> 32)) ^ positions)
-    token_ids = torch.arange(vocab_size, device=seeds.device)
-    bits = _hash32((row_key.unsqueeze(1) + token_ids * 0x9E3779B9) & _MASK32)
-    return (bits.double() + 0.5) / 2.0**32
+    """[rows, vocab] float64 uniforms in (0, 1), a pure function of (seed, position, token id)."""
+    row_key = _hash32_(_hash32_((seeds & _MASK32) ^ _hash32_(seeds >> 32)) ^ positions)
+    token_keys = torch.arange(vocab_size, device=seeds.device) * 0x9E3779B9
+    bits = _hash32_(torch.add(row_key.unsqueeze(1), token_keys).bitwise_and_(_MASK32))
+    return bits.double().add_(0.5).div_(2.0**32)
+
+
+def gumbel_argmax(x: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Per row, argmax over tokens of x + Gumbel noise: a draw from softmax(x)."""
+    vocab = x.shape[1]
+    rows_per_chunk = max(1, NOISE_CHUNK_ELEMENTS // vocab)
+    tokens = torch.empty(len(x), dtype=torch.long, device=x.device)
+    for first in range(0, len(x), rows_per_chunk):
+        rows = slice(first, first + rows_per_chunk)
+        gumbel = uniform_noise(seeds[rows], positions[rows], vocab).log_().neg_().log_().neg_()
+        tokens[rows] = gumbel.add_(x[rows]).argmax(dim=-1)
+    return tokens
+
+
+def logprob_table(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> torch.Tensor:
+    """[rows, 3 + 2k] float64: token id, its log-prob under softmax(logits), its rank,
+    then the top k ids and their log-probs; one table, so it is read back in one copy
+    (ids and ranks below 2^53 are exact)."""
+    logprobs = logits.log_softmax(dim=-1)
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1))
+    ranks = (logprobs > chosen).sum(dim=-1, keepdim=True) + 1
+    top = logprobs.topk(k, dim=-1)
+    return torch.cat([token_ids.unsqueeze(1).double(), chosen.double(), ranks.double(),
+                      top.indices.double(), top.values.double()], dim=1)
+
+
+def split_logprob_table(rows: list[list[float]], k: int) -> tuple[list, list, list, list, list]:
+    """logprob_table's rows, read back: (token ids, log-probs, ranks, top ids, top log-probs)."""
+    return ([int(r[0]) for r in rows], [r[1] for r in rows], [int(r[2]) for r in rows],
+            [[int(t) for t in r[3:3 + k]] for r in rows], [r[3 + k:] for r in rows])
 
 
 @dataclass
@@ -48,26 +92,27 @@ class Sampler:
         self.eos_token_ids = sorted(eos_token_ids)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledTokens:
-        device = logits.device
         params = [s.params for s in seqs]
         raw_logits = logits
         if any(p.has_penalties for p in params):
             logits = self._apply_penalties(logits, seqs)
         blocked = self._blocked_tokens(seqs)
         if blocked:
-            rows, cols = zip(*blocked)
-            logits = logits.index_put((torch.tensor(rows, device=device), torch.tensor(cols, device=device)),
-                                      torch.tensor(float("-inf"), device=device))
+            index = to_device(dict(rows=np.array([r for r, _ in blocked]),
+                                   tokens=np.array([t for _, t in blocked])), logits.device)
+            logits = logits.index_put((index["rows"], index["tokens"]),
+                                      torch.tensor(float("-inf"), device=logits.device))
         token_ids = logits.argmax(dim=-1)
-        if not all(p.greedy for p in params):
-            sampled = self._sample(logits, seqs)
-            greedy = torch.tensor([p.greedy for p in params], device=device)
-            token_ids = torch.where(greedy, token_ids, sampled)
-        result = SampledTokens(token_ids.tolist())
-        max_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
-        if max_logprobs is not None:
-            self._fill_logprobs(result, raw_logits, token_ids, max_logprobs)
-        return result
+        sampling_rows = [row for row, p in enumerate(params) if not p.greedy]
+        if sampling_rows:
+            rows, sampled = self._sample(logits, [seqs[r] for r in sampling_rows], sampling_rows)
+            token_ids.index_copy_(0, rows, sampled)
+        k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        if k is None:
+            return SampledTokens(token_ids.tolist())
+        ids, logprobs, ranks, top_ids, top_logprobs = split_logprob_table(
+            logprob_table(raw_logits, token_ids, k).tolist(), k)
+        return SampledTokens(ids, logprobs, ranks, top_ids if k else None, top_logprobs if k else None)
 
     def _blocked_tokens(self, seqs) -> list[tuple[int, int]]:
         """(row, token) pairs that may not be sampled: EOS and stop ids before min_tokens."""
@@ -82,60 +127,62 @@ class Sampler:
     @staticmethod
     def _apply_penalties(logits, seqs) -> torch.Tensor:
         # vLLM's conventions: repetition over prompt and output, the others over output only
-        device, vocab = logits.device, logits.shape[1]
-        rows = len(seqs)
+        vocab, rows = logits.shape[1], len(seqs)
 
-        def counts(token_lists):
-            width = max(1, max(len(t) for t in token_lists))
-            padded = torch.full((rows, width), vocab, dtype=torch.long)
+        def padded(token_lists):  # [rows, width], padded with the out-of-vocabulary id
+            out = np.full((rows, max(1, max(len(t) for t in token_lists))), vocab, dtype=np.int64)
             for r, tokens in enumerate(token_lists):
-                padded[r, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-            c = torch.zeros(rows, vocab + 1, device=device)
-            return c.scatter_add_(1, padded.to(device), torch.ones_like(padded, dtype=c.dtype, device=device))[:, :vocab]
+                out[r, :len(tokens)] = tokens
+            return out
 
-        output_counts = counts([s.output_token_ids for s in seqs])
-        seen = counts([s.token_ids for s in seqs]) > 0
-        rep = torch.tensor([s.params.repetition_penalty for s in seqs], device=device).unsqueeze(1)
-        presence = torch.tensor([s.params.presence_penalty for s in seqs], device=device).unsqueeze(1)
-        frequency = torch.tensor([s.params.frequency_penalty for s in seqs], device=device).unsqueeze(1)
+        t = to_device(dict(
+            output=padded([s.output_token_ids for s in seqs]), all=padded([s.token_ids for s in seqs]),
+            rep=np.array([s.params.repetition_penalty for s in seqs], dtype=np.float64),
+            presence=np.array([s.params.presence_penalty for s in seqs], dtype=np.float64),
+            frequency=np.array([s.params.frequency_penalty for s in seqs], dtype=np.float64)), logits.device)
+
+        def counts(ids):
+            c = torch.zeros(rows, vocab + 1, device=logits.device)
+            return c.scatter_add_(1, ids, torch.ones_like(ids, dtype=c.dtype))[:, :vocab]
+
+        output_counts, seen = counts(t["output"]), counts(t["all"]) > 0
+        rep, presence, frequency = (t[name].float().unsqueeze(1) for name in ("rep", "presence", "frequency"))
         penalised = torch.where(logits > 0, logits / rep, logits * rep)
         logits = torch.where(seen, penalised, logits)
         return logits - frequency * output_counts - presence * (output_counts > 0)
 
     @staticmethod
-    def _sample(logits, seqs) -> torch.Tensor:
-        device = logits.device
-        params = [s.params for s in seqs]
-        # greedy rows take the argmax; 1.0 keeps their (unused) row finite
-        temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
-        logits = logits / temperature.unsqueeze(1)
-        vocab = logits.shape[1]
+    def _sample(logits, seqs, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the sampling rows, their tokens) on the device."""
+        params, vocab = [s.params for s in seqs], logits.shape[1]
         top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
+        t = to_device(dict(
+            rows=np.array(rows), top_k=np.array(top_k),
+            seeds=np.array([s.seed for s in seqs]), positions=np.array([s.num_output_tokens for s in seqs]),
+            temperature=np.array([p.temperature for p in params], dtype=np.float64),
+            top_p=np.array([p.top_p for p in params], dtype=np.float64),
+            min_p=np.array([p.min_p for p in params], dtype=np.float64)), logits.device)
+        x = logits.index_select(0, t["rows"]).div_(t["temperature"].float().unsqueeze(1))
         if min(top_k) < vocab:
-            kth = logits.topk(max(top_k), dim=-1).values.gather(
-                1, torch.tensor(top_k, device=device).unsqueeze(1) - 1)
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = logits.softmax(dim=-1)
+            kth = x.topk(max(top_k), dim=-1).values.gather(1, t["top_k"].unsqueeze(1) - 1)
+            x.masked_fill_(x < kth, float("-inf"))
+        floor = None
         if any(p.top_p < 1.0 for p in params):
-            top_p = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            # drop a token when the more likely tokens before it already reach top_p
-            drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
-            probs = probs.masked_fill(drop_sorted.scatter(1, order, drop_sorted), 0.0)
+            floor = Sampler._top_p_floor(x, t["top_p"].float().unsqueeze(1))
         if any(p.min_p > 0.0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], device=device).unsqueeze(1)
-            probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
-        seeds = torch.tensor([s.seed for s in seqs], dtype=torch.long, device=device)
-        positions = torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.long, device=device)
-        exponential = -torch.log(uniform_noise(seeds, positions, logits.shape[1]))
-        return (probs.double() / exponential).argmax(dim=-1)
+            # p >= min_p * p_max, in logits; log(0) = -inf sets no floor
+            min_p_floor = x.amax(dim=-1, keepdim=True) + t["min_p"].float().log().unsqueeze(1)
+            floor = min_p_floor if floor is None else torch.maximum(floor, min_p_floor)
+        if floor is not None:
+            x.masked_fill_(x < floor, float("-inf"))
+        return t["rows"], gumbel_argmax(x, t["seeds"], t["positions"])
 
     @staticmethod
-    def _fill_logprobs(result: SampledTokens, raw_logits, token_ids, k: int) -> None:
-        logprobs = raw_logits.log_softmax(dim=-1)
-        chosen = logprobs.gather(1, token_ids.unsqueeze(1))
-        result.logprobs = chosen.squeeze(1).tolist()
-        result.ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
-        if k:
-            top = logprobs.topk(k, dim=-1)
-            result.top_ids, result.top_logprobs = top.indices.tolist(), top.values.tolist()
+    def _top_p_floor(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+        """[rows, 1]: the smallest logit top-p keeps. A token is dropped when the more
+        likely tokens before it already reach top_p (ties with the floor are kept)."""
+        sorted_x = x.sort(dim=-1, descending=True).values
+        probs = sorted_x.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1).sub_(probs)
+        num_kept = (mass_before < top_p).sum(dim=-1, keepdim=True)
+        return sorted_x.gather(1, num_kept - 1)

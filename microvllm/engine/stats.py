@@ -1,6 +1,10 @@
-"""EngineStats: counters the engine keeps as it runs, for benchmarks and progress bars."""
+"""EngineStats: counters the engine keeps as it runs, for benchmarks and progress bars;
+StepTimer: the device time of a step, for the opt-in per-step timing."""
 
+import time
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass
@@ -14,7 +18,44 @@ class EngineStats:
     preemptions: int = 0
     peak_used_blocks: int = 0
     peak_running_seqs: int = 0
+    # with step_timing=True: the host's wall time in step() and the device's time on the
+    # step's work; host well above device means the GPU waits for the host
+    timed_steps: int = 0
+    step_host_seconds: float = 0.0
+    step_device_seconds: float = 0.0
 
     @property
     def prefix_cache_hit_rate(self) -> float:
         return self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    @property
+    def host_ms_per_step(self) -> float | None:
+        return 1e3 * self.step_host_seconds / self.timed_steps if self.timed_steps else None
+
+    @property
+    def device_ms_per_step(self) -> float | None:
+        return 1e3 * self.step_device_seconds / self.timed_steps if self.timed_steps else None
+
+
+class StepTimer:
+    """Device time from start() to stop(): CUDA events on CUDA (stop waits for the
+    work queued before it), wall time on the CPU, where the host does the work."""
+
+    def __init__(self, device: torch.device):
+        self.on_cuda = device.type == "cuda"
+        self._start = None
+
+    def start(self) -> None:
+        if self.on_cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._start = time.perf_counter()
+
+    def stop(self) -> float:
+        if not self.on_cuda:
+            return time.perf_counter() - self._start
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        end.synchronize()
+        return self._start.elapsed_time(end) / 1e3

@@ -198,9 +198,8 @@ class FlashPagedAttention:
         from flash_attn import flash_attn_varlen_func
         self.kernel = flash_attn_varlen_func
         self.view = view
-        device = view.slot_mapping.device
-        self.cu_seqlens_q = _cumulative(view.query_lens, device)
-        self.cu_seqlens_k = _cumulative(view.context_lens, device)
+        self.cu_seqlens_q = view.cu_query_lens.to(torch.int32)
+        self.cu_seqlens_k = view.cu_context_lens.to(torch.int32)
         self.block_table = view.block_tables.to(torch.int32)
 
     def __call__(self, layer_idx, q, k, v, window):
@@ -210,8 +209,7 @@ class FlashPagedAttention:
             q, view.cache.k[layer_idx], view.cache.v[layer_idx],
             cu_seqlens_q=self.cu_seqlens_q, cu_seqlens_k=self.cu_seqlens_k,
             max_seqlen_q=view.max_query_len, max_seqlen_k=view.max_context_len,
-            causal=True, window_size=(-1 if window is None else window, 0),
-            block_table=self.block_table)
+            causal=True, window_size=_flash_window(window), block_table=self.block_table)
 
 
 class FlashDecodeAttention:
@@ -229,13 +227,14 @@ class FlashDecodeAttention:
         cache = self.view.cache
         y = self.kernel(q.unsqueeze(1), cache.k[layer_idx], cache.v[layer_idx],
                         cache_seqlens=self.cache_seqlens, block_table=self.block_table,
-                        causal=True, window_size=(-1 if window is None else window, 0))
+                        causal=True, window_size=_flash_window(window))
         return y.squeeze(1)
 
 
-def _cumulative(lengths: list[int], device) -> torch.Tensor:
-    counts = torch.tensor([0] + lengths, dtype=torch.int32, device=device)
-    return torch.cumsum(counts, 0, dtype=torch.int32)
+def _flash_window(window: int | None) -> tuple[int, int]:
+    # (-1, -1) without a window: for one query per sequence flash_attn drops causal, and
+    # a right bound of 0 would then send it down its slower sliding-window path
+    return (-1, -1) if window is None else (window, 0)
 
 
 def _importable(module: str) -> bool:

@@ -139,17 +139,18 @@ class TritonPagedAttention(_TritonAttention):
         super().__init__(view, DECODE_TILE if view.max_query_len == 1 else PREFILL_TILE)
 
     def _step_tables(self, block_q: int):
-        """Only real tiles are launched. One host-to-device copy per step."""
-        query_lens = torch.tensor(self.view.query_lens, dtype=torch.int32)
+        """Only real tiles are launched. Built on the device from the view's running
+        sums: the host knows the tile count, so nothing waits on the GPU."""
+        view = self.view
+        query_lens = view.cu_query_lens.diff()
         tiles = (query_lens + block_q - 1) // block_q
-        tile_seqs = torch.repeat_interleave(torch.arange(len(tiles), dtype=torch.int32), tiles)
+        num_tiles = sum(-(-n // block_q) for n in view.query_lens)
+        seqs = torch.arange(len(view.query_lens), device=query_lens.device)
+        tile_seqs = torch.repeat_interleave(seqs, tiles, output_size=num_tiles)
         first_tiles = torch.cumsum(tiles, 0) - tiles
-        tile_starts = (torch.arange(len(tile_seqs)) - first_tiles[tile_seqs]) * block_q
-        packed = torch.cat([torch.zeros(1, dtype=torch.int32), torch.cumsum(query_lens, 0),
-                            torch.tensor(self.view.context_lens), tile_seqs, tile_starts]).to(torch.int32)
-        packed = packed.to(self.view.slot_mapping.device)
-        num_seqs = len(query_lens)
-        return packed.split([num_seqs + 1, num_seqs, len(tile_seqs), len(tile_seqs)])
+        tile_starts = (torch.arange(num_tiles, device=query_lens.device) - first_tiles[tile_seqs]) * block_q
+        return tuple(t.to(torch.int32) for t in (view.cu_query_lens, view.cu_context_lens.diff(),
+                                                 tile_seqs, tile_starts))
 
 
 class TritonDecodeAttention(_TritonAttention):
