@@ -50,11 +50,13 @@ class LLM:
         prompts = [{"prompt_token_ids": self.tokenizer.render_chat(c)} for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, request_ids: list[str], use_tqdm) -> list[RequestOutput]:
         pending = set(request_ids)
         outputs: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm,
-                   dynamic_ncols=True)
+        # use_tqdm may also be a tqdm-like factory, e.g. for a bar with another description
+        make_bar = use_tqdm if callable(use_tqdm) else tqdm
+        bar = make_bar(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm,
+                       dynamic_ncols=True)
         start, num_in, num_out = time.perf_counter(), 0, 0
         try:
             while pending:

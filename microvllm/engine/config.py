@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..validation import check_int
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # on CPU, by default: room for max_num_seqs full-length sequences, at most this much
 MAX_DEFAULT_CPU_KV_CACHE_MEMORY = 1024**3
@@ -28,6 +30,7 @@ class EngineConfig:
     enforce_eager: bool = False             # on cuda: no CUDA graphs for decode steps
     logit_softcap: float | None = None      # override for nanochat's era-C softcap-20 window
     seed: int = 0                           # draws the seeds of requests that set none
+    cpu_threads: int | None = None          # on cpu; None = OMP_NUM_THREADS if set, else cpu_threads.py's default
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -45,6 +48,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.cpu_threads is not None:
+            check_int("cpu_threads", self.cpu_threads, 1)
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"max_model_len must be an int >= 2, got {self.max_model_len!r}")
 

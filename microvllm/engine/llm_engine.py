@@ -19,6 +19,7 @@ from ..sampling_params import SamplingParams
 from ..tokenizer import Tokenizer
 from .block_manager import BlockManager
 from .config import EngineConfig
+from .cpu_threads import apply_cpu_threads
 from .cuda_graphs import DecodeGraphs
 from .kv_cache import PagedKVCache
 from .memory import describe_kv_cache, num_kv_blocks
@@ -36,6 +37,8 @@ class LLMEngine:
         self.config = config
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device)
+        if self.device.type == "cpu":
+            apply_cpu_threads(config.cpu_threads)
         attention_backend = resolve_attention_backend(config.attention_backend, self.device, self.dtype)
         self.block_size = config.block_size or attention_backend.default_block_size
         if self.block_size % attention_backend.block_size_multiple:
