@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # imported here so that --help and flag errors answer without loading torch
     from microvllm import LLM, SamplingParams
+    from microvllm.engine.config import EngineConfig
 
     try:
         # one seed per prompt (seed, seed+1, ...): reproducible, yet prompts don't share draws
@@ -120,8 +121,11 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         parser.error(f"bad sampling value: {e}")
     try:
+        # every sequence runs at once, and the KV cache holds just those (on cpu, its
+        # default is room for max_num_seqs full-length sequences)
         llm = LLM(model=args.model, tokenizer=args.tokenizer, step=args.step,
-                  device=args.device, dtype=args.dtype, cpu_threads=args.cpu_threads)
+                  device=args.device, dtype=args.dtype, cpu_threads=args.cpu_threads,
+                  max_num_seqs=min(len(prompts) * args.n, EngineConfig.max_num_seqs))
         start = time.perf_counter()
         if args.chat:
             outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params,

@@ -53,3 +53,12 @@ def test_gpu_budget_counts_what_others_hold_and_the_profiled_peak(checkpoint_dir
     config = EngineConfig(checkpoint_dir, gpu_memory_utilization=0.5, max_num_batched_tokens=100)
     budget = gpu_bytes_for_kv_cache(config, engine.model, torch.device("cpu"), engine.max_model_len)
     assert budget == 40 * gib - 10 * gib - 3 * gib
+
+
+def test_cpu_default_is_capped_by_the_ram_available_but_holds_one_sequence(checkpoint_dir, monkeypatch):
+    from microvllm.engine import memory
+    per_block = 16 * BYTES_PER_TOKEN
+    monkeypatch.setattr(memory, "available_ram", lambda: 4 * 20 * per_block)  # a quarter: 20 blocks
+    assert LLM(checkpoint_dir, max_num_seqs=8, block_size=16).engine.kv_cache.num_blocks == 20
+    monkeypatch.setattr(memory, "available_ram", lambda: 0)
+    assert LLM(checkpoint_dir, max_num_seqs=8, block_size=16).engine.kv_cache.num_blocks == 64 // 16

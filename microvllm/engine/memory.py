@@ -3,8 +3,11 @@
 In order of precedence: `num_blocks`; `kv_cache_memory` bytes; on CUDA, what
 `gpu_memory_utilization` of the card leaves once the weights, everything else already
 on the card (the CUDA context, other processes) and the peak activations of the
-largest step are counted; on CPU, room for max_num_seqs full-length sequences, capped.
+largest step are counted; on CPU, room for max_num_seqs full-length sequences, capped
+(see cpu_kv_blocks).
 """
+
+import os
 
 import torch
 
@@ -26,8 +29,7 @@ def num_kv_blocks(config: EngineConfig, model: GPT, device: torch.device, dtype:
         return max(int(config.kv_cache_memory // per_block), 1)
     if device.type == "cuda":
         return max(gpu_bytes_for_kv_cache(config, model, device, max_model_len) // per_block, 1)
-    blocks_for_all_seqs = config.max_num_seqs * -(-max_model_len // block_size)
-    return min(blocks_for_all_seqs, MAX_DEFAULT_CPU_KV_CACHE_MEMORY // per_block)
+    return cpu_kv_blocks(config.max_num_seqs, max_model_len, block_size, per_block)
 
 
 @torch.inference_mode()
@@ -60,3 +62,25 @@ def describe_kv_cache(kv_cache: PagedKVCache, device: torch.device) -> str:
         free, total = torch.cuda.mem_get_info(device)
         line += f"; GPU memory in use: {(total - free) / GIB:.1f} of {total / GIB:.1f} GiB ({1 - free / total:.0%})"
     return line
+
+
+def cpu_kv_blocks(max_num_seqs: int, max_model_len: int, block_size: int, bytes_per_block: int) -> int:
+    """Room for max_num_seqs full-length sequences, all the scheduler can ever hold (so
+    nothing is preempted), but at most MAX_DEFAULT_CPU_KV_CACHE_MEMORY and a quarter of
+    the RAM available now: the cache is zero-filled, so all of it is resident from the
+    start. Never less than one full-length sequence."""
+    blocks_per_seq = -(-max_model_len // block_size)
+    cap = min(MAX_DEFAULT_CPU_KV_CACHE_MEMORY, available_ram() // 4) // bytes_per_block
+    return min(max_num_seqs * blocks_per_seq, max(cap, blocks_per_seq))
+
+
+def available_ram() -> int:
+    """Bytes of RAM the kernel could hand out now (MemAvailable), else its free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
