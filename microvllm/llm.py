@@ -1,14 +1,18 @@
 """LLM: the user-facing facade, shaped like vLLM's offline `LLM` class."""
 
 import time
+from dataclasses import fields
 
 from tqdm.auto import tqdm
 
 from .engine.config import EngineConfig
 from .engine.llm_engine import LLMEngine
 from .outputs import RequestOutput
-from .sampling_params import SamplingParams
+from .sampling_params import RequestOutputKind, SamplingParams
+from . import unsupported
+from .unsupported import check_arguments
 
+ENGINE_SETTINGS = {f.name for f in fields(EngineConfig)} - {"model", "tokenizer"}
 PROMPT_FORMS = "a str, a {'prompt': str} or {'prompt_token_ids': [int, ...]} dict, or a list of token ids"
 
 
@@ -23,6 +27,7 @@ class LLM:
     """
 
     def __init__(self, model: str, tokenizer: str | None = None, **engine_args):
+        engine_args = check_arguments("LLM", engine_args, ENGINE_SETTINGS, unsupported.LLM_ARGS)
         self.engine = LLMEngine(EngineConfig(model=str(model), tokenizer=tokenizer, **engine_args))
         self.tokenizer = self.engine.tokenizer
         # outputs of add_request() requests that finished while generate() drove the engine
@@ -48,7 +53,10 @@ class LLM:
         """Reply to one conversation (a list of {'role', 'content'} dicts) or a list of them."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [{"prompt_token_ids": self.tokenizer.render_chat(c)} for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        outputs = self.generate(prompts, sampling_params, use_tqdm)
+        for out in outputs:  # the rendered conversation, special tokens and all
+            out.prompt = self.tokenizer.decode(out.prompt_token_ids, skip_special_tokens=False)
+        return outputs
 
     def _run(self, request_ids: list[str], use_tqdm) -> list[RequestOutput]:
         pending = set(request_ids)
@@ -109,7 +117,9 @@ class LLM:
     def add_request(self, prompt, sampling_params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         text, token_ids = self._parse_prompt(prompt)
-        return self.engine.add_request(text, token_ids, sampling_params or SamplingParams(), request_id)
+        params = sampling_params or SamplingParams()
+        return self.engine.add_request(text, token_ids, params, request_id,
+                                       params.output_kind or RequestOutputKind.FINAL_ONLY)
 
     def step(self) -> list[RequestOutput]:
         """One engine step; returns the requests that finished in it (or since the last step)."""
@@ -121,5 +131,55 @@ class LLM:
         return bool(self._unclaimed_outputs) or self.engine.has_unfinished_requests()
 
     def abort(self, request_id: str) -> None:
-        """Drop a request; its KV blocks are freed at once."""
-        self.engine.abort_request(request_id)
+        """Drop a request; its KV blocks are freed at once, and the next step() returns
+        its final output with finish_reason "abort"."""
+        output = self.engine.abort_request(request_id)
+        if output is not None:
+            self._unclaimed_outputs.append(output)
+
+    # -- vLLM-shaped access -------------------------------------------------------------
+
+    def get_tokenizer(self):
+        """The nanochat Tokenizer: encode(text), decode(ids), render_chat(messages)."""
+        return self.tokenizer
+
+    @property
+    def llm_engine(self) -> "EngineRequests":
+        """vLLM's LLMEngine request loop: add_request(request_id, prompt, params),
+        abort_request(request_id), step() (streams by default), has_unfinished_requests()."""
+        return EngineRequests(self)
+
+
+class EngineRequests:
+    """`llm.llm_engine`: the request-by-id loop vLLM's LLMEngine offers, over an LLM.
+
+    As in vLLM, a request whose params leave output_kind unset is streamed: step()
+    returns its output so far (finished=False) at every step that adds tokens, then the
+    finished one. LLM.add_request keeps to finished outputs unless output_kind says so.
+    """
+
+    def __init__(self, llm: LLM):
+        self._llm = llm
+
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None, **vllm_only) -> str:
+        check_arguments("add_request", vllm_only, (), unsupported.ADD_REQUEST_ARGS)
+        text, token_ids = self._llm._parse_prompt(prompt)
+        params = params or SamplingParams()
+        return self._llm.engine.add_request(text, token_ids, params, request_id,
+                                            params.output_kind or RequestOutputKind.CUMULATIVE)
+
+    def abort_request(self, request_id) -> None:
+        for r in [request_id] if isinstance(request_id, str) else request_id:
+            self._llm.abort(r)
+
+    def step(self) -> list[RequestOutput]:
+        return self._llm.step()
+
+    def has_unfinished_requests(self) -> bool:
+        return self._llm.has_unfinished_requests()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._llm.engine.requests)
+
+    def get_tokenizer(self):
+        return self._llm.tokenizer

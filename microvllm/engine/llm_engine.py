@@ -15,8 +15,9 @@ import xxhash
 from ..model.attention import resolve_attention_backend
 from ..model.loader import load_model
 from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from ..sampling_params import SamplingParams
+from ..sampling_params import RequestOutputKind, SamplingParams
 from ..tokenizer import Tokenizer
+from . import logits_processors
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .cpu_threads import apply_cpu_threads
@@ -82,7 +83,13 @@ class LLMEngine:
 
     # -- requests ---------------------------------------------------------------------
 
+    @staticmethod
+    def truncated_prompt(prompt_token_ids: list[int], params: SamplingParams) -> list[int]:
+        k = params.truncate_prompt_tokens
+        return prompt_token_ids if k is None else list(prompt_token_ids)[-k:]
+
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        prompt_token_ids = self.truncated_prompt(prompt_token_ids, params)
         if not prompt_token_ids:
             raise ValueError("prompt is empty: give at least one token")
         if any(isinstance(t, bool) or not isinstance(t, int) for t in prompt_token_ids):
@@ -95,18 +102,25 @@ class LLMEngine:
         if len(prompt_token_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; it must be shorter than "
                              f"max_model_len={self.max_model_len} to leave room for output")
-        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
-        if bad:
-            raise ValueError(f"stop_token_ids {bad} are out of vocabulary: ids must be in "
-                             f"[0, {self.vocab_size})")
+        for name in ("stop_token_ids", "allowed_token_ids"):
+            bad = [t for t in getattr(params, name) or () if t >= self.vocab_size]
+            if bad:
+                raise ValueError(f"{name} {bad} are out of vocabulary: ids must be in [0, {self.vocab_size})")
 
     def add_request(self, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None,
+                    output_kind: RequestOutputKind = RequestOutputKind.FINAL_ONLY) -> str:
+        """`output_kind` FINAL_ONLY: step() returns the request once, finished; CUMULATIVE:
+        also at each step that adds tokens. The facade picks it (generate: always FINAL_ONLY)."""
         self.validate_prompt(prompt_token_ids, params)
+        prompt_token_ids = self.truncated_prompt(prompt_token_ids, params)
         request_id = str(next(self._request_counter)) if request_id is None else str(request_id)
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         request = Request(request_id, prompt, list(prompt_token_ids), params)
+        request.output_kind = output_kind
+        if params.bad_words:
+            logits_processors.prepare(request, self.tokenizer)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]  # the first token has no predecessor
         base_seed = self._seed_rng.getrandbits(63) if params.seed is None else params.seed
@@ -118,13 +132,17 @@ class LLMEngine:
         self.requests[request_id] = request
         return request_id
 
-    def abort_request(self, request_id: str) -> None:
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Drop a request and free its blocks; returns its final output (finish_reason
+        "abort" where it had not finished), or None for an unknown id."""
         request = self.requests.pop(str(request_id), None)
         if request is None:
-            return
+            return None
         for seq in request.sequences:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
+        request.finished_time = time.time()
+        return self.make_output(request)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -132,7 +150,8 @@ class LLMEngine:
     # -- the step loop ----------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled forward; return the outputs of requests that finished in it."""
+        """Run one scheduled forward; return the outputs of requests that finished in it,
+        and of streamed (CUMULATIVE) requests that got tokens in it."""
         scheduled = self.scheduler.schedule()
         if not scheduled:
             if self.scheduler.has_unfinished():
@@ -149,6 +168,8 @@ class LLMEngine:
                 request.finished_time = time.time()
                 del self.requests[request.request_id]
                 finished.append(self.make_output(request))
+            elif request.output_kind is not RequestOutputKind.FINAL_ONLY:
+                finished.append(self.make_output(request))  # streamed: the output so far
         return finished
 
     def _update_stats(self, scheduled, result: StepOutput) -> None:
@@ -228,9 +249,10 @@ class LLMEngine:
         for seq in request.sequences:
             p = seq.params
             text = seq.text if p.stop_strings and seq.finish_reason == "stop" and isinstance(seq.stop_reason, str) \
-                else self.tokenizer.decode(seq.output_token_ids, p.skip_special_tokens)
+                else self.tokenizer.decode(seq.output_token_ids, p.skip_special_tokens) if p.detokenize else ""
+            logprobs = None if seq.logprobs is None else list(seq.logprobs)  # a streamed copy stays as it was
             completions.append(CompletionOutput(
-                seq.index, text, seq.output_token_ids, seq.cumulative_logprob, seq.logprobs,
+                seq.index, text, seq.output_token_ids, seq.cumulative_logprob, logprobs,
                 seq.finish_reason, seq.stop_reason))
         return RequestOutput(
             request.request_id, request.prompt, request.prompt_token_ids, request.prompt_logprobs,

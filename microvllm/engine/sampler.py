@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .logits_processors import shape_logits
 from .sequence import Sequence
 
 _MASK32 = 0xFFFFFFFF
@@ -51,6 +52,7 @@ class Sampler:
         device = logits.device
         params = [s.params for s in seqs]
         raw_logits = logits
+        logits = shape_logits(logits, seqs)  # allowed_token_ids, bad_words, logits_processors
         if any(p.has_penalties for p in params):
             logits = self._apply_penalties(logits, seqs)
         blocked = self._blocked_tokens(seqs)
