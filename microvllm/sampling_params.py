@@ -44,10 +44,12 @@ class SamplingParams:
     logits_processors: list[Callable] | None = None  # f(output_ids, logits) or f(prompt_ids, output_ids, logits)
     output_kind: RequestOutputKind | None = None  # None = the entry point's: see RequestOutputKind
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
+    shapes_logits: bool = field(init=False, repr=False)  # any of the three above set
 
     def __post_init__(self):
         self.stop_strings = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         self.stop_token_ids = list(self.stop_token_ids or ())
+        self.shapes_logits = bool(self.allowed_token_ids or self.bad_words or self.logits_processors)
         self._validate()
 
     @property

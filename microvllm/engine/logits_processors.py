@@ -10,13 +10,9 @@ sequence, as its vLLM signature says (a 1-D logits row, the token ids so far).
 
 import torch
 
-from ..sampling_params import SamplingParams, logits_processor_arity
+from ..sampling_params import logits_processor_arity
 from ..tokenizer import Tokenizer
 from .sequence import Request, Sequence
-
-
-def shapes_logits(params: SamplingParams) -> bool:
-    return bool(params.allowed_token_ids or params.bad_words or params.logits_processors)
 
 
 def prepare(request: Request, tokenizer: Tokenizer) -> None:
@@ -28,7 +24,7 @@ def prepare(request: Request, tokenizer: Tokenizer) -> None:
 
 
 def shape_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    rows = [(row, seq) for row, seq in enumerate(seqs) if shapes_logits(seq.params)]
+    rows = [(row, seq) for row, seq in enumerate(seqs) if seq.request.params.shapes_logits]
     if not rows:
         return logits
     logits = logits.clone()  # the caller keeps the raw logits for log-probs
