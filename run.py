@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--prompts-file", type=Path, help="a text file, one prompt per line")
     parser.add_argument("--chat", action="store_true",
                         help="send each prompt as a user message in nanochat's chat format "
-                             "(for chat fine-tuned checkpoints)")
+                             "(for chat fine-tuned checkpoints; a warning says when the "
+                             "checkpoint is known to be a base model)")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     parser.add_argument("--top-k", type=int, default=50, help="-1 = no limit (default 50)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0)")
@@ -61,7 +62,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--cpu-threads", type=int,
+                        help="torch threads on cpu (default: $OMP_NUM_THREADS if set, else the "
+                             "cores this process may use, less one and less those other "
+                             "processes keep busy)")
     return parser
+
+
+def base_model_reason(model_dir: str) -> str | None:
+    """Why the checkpoint is known to be a base (not chat fine-tuned) model, if it is.
+
+    Weights do not say whether a model learned the chat format; where it was saved does:
+    nanochat writes base training to base_checkpoints/ (and mid-training, SFT and RL to
+    mid_, chatsft_ and chatrl_checkpoints/), and the bundled model is a base model.
+    """
+    path = Path(model_dir).expanduser().resolve()
+    if path == BUNDLED_MODEL:
+        return "the bundled demo model is a base model trained on plain Shakespeare text"
+    if "base_checkpoints" in path.parts:
+        return f"{model_dir} is under nanochat's base_checkpoints/, a model before chat fine-tuning"
+    return None
 
 
 def read_prompts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
@@ -82,9 +102,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     prompts = read_prompts(args, parser)
+    if args.cpu_threads is not None and args.cpu_threads < 1:
+        parser.error("--cpu-threads must be >= 1")
+    if args.chat and (reason := base_model_reason(args.model)):
+        print(f"run.py: warning: --chat on a base model: {reason}. It has not learned nanochat's "
+              "chat format, so expect it to continue the text rather than reply; use a chat "
+              "fine-tuned checkpoint (e.g. chatsft_checkpoints/d20) for replies.", file=sys.stderr)
 
     # imported here so that --help and flag errors answer without loading torch
     from microvllm import LLM, SamplingParams
+    from microvllm.engine.config import EngineConfig
 
     try:
         # one seed per prompt (seed, seed+1, ...): reproducible, yet prompts don't share draws
@@ -94,8 +121,11 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         parser.error(f"bad sampling value: {e}")
     try:
+        # every sequence runs at once, and the KV cache holds just those (on cpu, its
+        # default is room for max_num_seqs full-length sequences)
         llm = LLM(model=args.model, tokenizer=args.tokenizer, step=args.step,
-                  device=args.device, dtype=args.dtype)
+                  device=args.device, dtype=args.dtype, cpu_threads=args.cpu_threads,
+                  max_num_seqs=min(len(prompts) * args.n, EngineConfig.max_num_seqs))
         start = time.perf_counter()
         if args.chat:
             outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params,

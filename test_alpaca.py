@@ -18,8 +18,6 @@ import uuid
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from benchmarks.experiments import EXPERIMENTS, BenchSetup, warm_up
 from benchmarks.metrics import format_bytes, parse_size, summary_table
 from benchmarks.results_csv import append_runs
@@ -28,6 +26,7 @@ from benchmarks.workloads import (HF_ALPACA, BenchRequest, DatasetUnavailableErr
                                   few_shot_text, load_alpaca_file, load_hf_alpaca, random_tokens,
                                   synthetic_requests, with_shared_prefix)
 from microvllm.engine.config import EngineConfig
+from microvllm.engine.cpu_threads import apply_cpu_threads
 from microvllm.model.attention import ATTENTION_BACKENDS
 from microvllm.tokenizer import Tokenizer
 
@@ -66,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="KV cache bytes, e.g. 256M or 1G (default: the engine's)")
     model.add_argument("--max-model-len", type=int, help="default: the model's sequence_len")
     model.add_argument("--cpu-threads", type=int,
-                       help="torch CPU threads (default: torch's; 1 is steadier on a busy machine)")
+                       help="torch threads on cpu (default: $OMP_NUM_THREADS if set, else the cores "
+                            "this process may use, less one and less those other processes keep busy)")
 
     data = p.add_argument_group("workload")
     source = data.add_mutually_exclusive_group()
@@ -92,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     experiment = p.add_argument_group("experiment (default: one paged run)").add_mutually_exclusive_group()
     experiment.add_argument("--compare", action="store_true",
-                            help="paged vs contiguous vs no-KV-cache on the same prompts")
+                            help="paged vs contiguous vs no-KV-cache on the same prompts; no-cache "
+                                 "recomputes every sequence in full each step, so it is slow: "
+                                 "minutes where paged takes seconds")
     experiment.add_argument("--memory-experiment", action="store_true",
                             help="paged vs contiguous at one KV memory budget: sequences at once")
     experiment.add_argument("--prefix-sharing", action="store_true",
@@ -101,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     out = p.add_argument_group("output")
     out.add_argument("--csv", default="benchmark_results.csv", help="results CSV to append to ('' = none)")
     out.add_argument("--output-json", help="write the summaries and ratios to this JSON file")
-    out.add_argument("--progress", action="store_true", help="show a progress bar per run")
+    out.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                     help="a progress bar per mode, on stderr (default: on)")
     return p
 
 
@@ -169,7 +172,7 @@ def prepare(args) -> tuple[BenchSetup, int]:
     if not fitting:
         raise ValueError(f"every prompt is at least max_model_len={max_model_len} tokens long; "
                          "use shorter prompts or a larger --max-model-len")
-    engine_args = {"device": args.device, "dtype": args.dtype, "block_size": args.block_size,
+    engine_args = {"cpu_threads": args.cpu_threads, "device": args.device, "dtype": args.dtype, "block_size": args.block_size,
                    "kv_cache_memory": args.kv_cache_memory, "seed": args.seed,
                    "attention_backend": args.attention_backend, "enforce_eager": args.enforce_eager,
                    "step_timing": args.step_timing}
@@ -187,17 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_args(parser, args)
     experiment = experiment_name(args)
-    if args.cpu_threads:
-        torch.set_num_threads(args.cpu_threads)
+    if Path(args.model_dir) == DEFAULT_MODEL_DIR and not any(DEFAULT_MODEL_DIR.glob("model_*.pt")):
+        parser.error(f"the bundled model is missing from {DEFAULT_MODEL_DIR}; {TRAIN_HINT}")
     try:
         device = str(EngineConfig(model=args.model_dir, device=args.device).resolve_device())
+        if device == "cpu":  # the no-cache mode builds no engine: it gets the engines' threads here
+            args.cpu_threads = apply_cpu_threads(args.cpu_threads)
         setup, skipped = prepare(args)
         warm_up(setup)
         summaries, ratios = EXPERIMENTS[experiment](setup)
-    except FileNotFoundError as e:
-        hint = f"; {TRAIN_HINT}" if Path(args.model_dir) == DEFAULT_MODEL_DIR else ""
-        parser.error(f"{e}{hint}")
-    except (ValueError, DatasetUnavailableError) as e:  # bad input, or settings the engine refused
+    except (FileNotFoundError, ValueError, DatasetUnavailableError) as e:  # a missing file, bad input, refused settings
         parser.error(str(e))
 
     print_report(experiment, setup, summaries, ratios, skipped)

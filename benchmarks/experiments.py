@@ -1,7 +1,8 @@
 """The experiments test_alpaca.py runs: which modes, with which settings, and their ratios.
 
 - single: the paged engine once.
-- compare: paged vs contiguous vs no-cache on the same prompts: the speedups.
+- compare: paged vs contiguous vs no-cache on the same prompts: the speedups (no-cache
+  recomputes every sequence in full each step: minutes where paged takes seconds).
 - memory: paged vs contiguous at one fixed KV memory budget, with room for as many
   sequences as there are prompts, so memory alone limits how many run at once.
 - prefix-sharing: prompts that share a long prefix, prefix caching on vs off.
@@ -32,10 +33,17 @@ class BenchSetup:
     use_tqdm: bool = False
 
 
+def _finished(summary: RunSummary) -> RunSummary:
+    # a comparison takes minutes: say what each mode did as soon as it is done
+    print(f"{summary.mode}: {summary.num_prompts} prompts, {summary.output_tokens:,} output tokens "
+          f"in {summary.wall_s:.2f} s ({summary.output_tok_s:,.0f} output tok/s)", flush=True)
+    return summary
+
+
 def _engine(setup: BenchSetup, mode: str, **overrides) -> RunSummary:
     args = mode_engine_args(mode, {**setup.engine_args, **overrides}, setup.max_model_len)
-    return run_engine(mode, setup.model_dir, setup.tokenizer_dir, setup.requests, setup.params, args,
-                      setup.use_tqdm)
+    return _finished(run_engine(mode, setup.model_dir, setup.tokenizer_dir, setup.requests, setup.params,
+                                args, setup.use_tqdm))
 
 
 def warm_up(setup: BenchSetup) -> None:
@@ -53,8 +61,9 @@ def single(setup: BenchSetup):
 def compare(setup: BenchSetup):
     paged, contiguous = _engine(setup, "paged"), _engine(setup, "contiguous")
     max_num_seqs = setup.engine_args.get("max_num_seqs") or EngineConfig.max_num_seqs
-    no_cache = run_no_cache(setup.model_dir, setup.tokenizer_dir, setup.requests, max_num_seqs,
-                            setup.max_model_len, setup.ignore_eos, setup.engine_args.get("device"))
+    no_cache = _finished(run_no_cache(setup.model_dir, setup.tokenizer_dir, setup.requests, max_num_seqs,
+                                      setup.max_model_len, setup.ignore_eos, setup.engine_args.get("device"),
+                                      setup.use_tqdm))
     speedup = lambda a, b: ratio(a.output_tok_s, b.output_tok_s)
     return [paged, contiguous, no_cache], {
         "paged_vs_contiguous_speedup": speedup(paged, contiguous),

@@ -54,7 +54,8 @@ def _pack(seqs: list[list[int]], device: torch.device):
 @torch.inference_mode()
 def generate_without_cache(model: GPT, prompts: list[list[int]], max_tokens: list[int],
                            max_num_seqs: int, max_model_len: int,
-                           eos_token_ids: frozenset[int] = frozenset()) -> NoCacheResult:
+                           eos_token_ids: frozenset[int] = frozenset(), progress=None) -> NoCacheResult:
+    """`progress`, a tqdm bar (or None), ticks once per finished request."""
     device = model.lm_head.weight.device
     start = time.time()  # every request arrives at the start, as with LLM.generate
     outputs: list[NoCacheOutput | None] = [None] * len(prompts)
@@ -78,7 +79,13 @@ def generate_without_cache(model: GPT, prompts: list[list[int]], max_tokens: lis
                 if num_output >= max_tokens[i] or token in eos_token_ids or len(tokens[i]) >= max_model_len:
                     outputs[i] = NoCacheOutput(tokens[i][len(prompts[i]):],
                                                RequestMetrics(start, first_token_time[i], now))
+                    if progress is not None:
+                        progress.update(1)
                 else:
                     still_running.append(i)
             active = still_running
+            if progress is not None:
+                progress.set_postfix_str(f"{computed:,} token-forwards", refresh=False)
+    if progress is not None:
+        progress.close()
     return NoCacheResult(outputs, computed, peak)

@@ -10,6 +10,8 @@ The no-cache mode runs `no_cache.generate_without_cache` on the same model weigh
 
 import time
 
+from tqdm.auto import tqdm
+
 from microvllm import LLM, SamplingParams
 from microvllm.engine.config import EngineConfig
 from microvllm.model.loader import find_checkpoint, load_model, read_model_config_dict
@@ -56,7 +58,8 @@ def run_engine(mode: str, model_dir: str, tokenizer_dir: str | None, requests: l
     probe = KVUsageProbe(llm.engine)
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=use_tqdm)
+    named_bar = lambda **kwargs: tqdm(**{**kwargs, "desc": mode})
+    outputs = llm.generate(prompts, params, use_tqdm=named_bar if use_tqdm else False)
     wall_s = time.perf_counter() - start
     records = [RequestRecord(len(o.prompt_token_ids), len(o.outputs[0].token_ids), o.metrics)
                for o in outputs]
@@ -67,14 +70,16 @@ def run_engine(mode: str, model_dir: str, tokenizer_dir: str | None, requests: l
 
 def run_no_cache(model_dir: str, tokenizer_dir: str | None, requests: list[BenchRequest],
                  max_num_seqs: int, max_model_len: int, ignore_eos: bool,
-                 device: str | None = None) -> RunSummary:
+                 device: str | None = None, use_tqdm: bool = False) -> RunSummary:
     config = EngineConfig(model=model_dir, device=device)
     torch_device = config.resolve_device()
     model = load_model(model_dir, dtype=config.resolve_dtype(torch_device), device=torch_device)
     eos = frozenset() if ignore_eos else Tokenizer.find(model_dir, tokenizer_dir).eos_token_ids
     start = time.perf_counter()
     result = generate_without_cache(model, [r.prompt_token_ids for r in requests],
-                                    [r.max_tokens for r in requests], max_num_seqs, max_model_len, eos)
+                                    [r.max_tokens for r in requests], max_num_seqs, max_model_len, eos,
+                                    tqdm(total=len(requests), desc="no-cache", disable=not use_tqdm,
+                                         dynamic_ncols=True))
     wall_s = time.perf_counter() - start
     records = [RequestRecord(len(r.prompt_token_ids), len(o.token_ids), o.metrics)
                for r, o in zip(requests, result.outputs)]

@@ -2,6 +2,7 @@
 
 import threading
 import time
+from dataclasses import fields
 
 from tqdm.auto import tqdm
 
@@ -9,9 +10,12 @@ from .engine.config import EngineConfig
 from .engine.interrupts import interrupts_held
 from .engine.llm_engine import LLMEngine
 from .outputs import RequestOutput
-from .sampling_params import SamplingParams
+from . import unsupported
+from .sampling_params import RequestOutputKind, SamplingParams
+from .unsupported import check_arguments
 from .validation import check_bool, check_type
 
+ENGINE_SETTINGS = {f.name for f in fields(EngineConfig)} - {"model", "tokenizer"}
 PROMPT_FORMS = "a str, a {'prompt': str} or {'prompt_token_ids': [int, ...]} dict, or a list of token ids"
 
 
@@ -28,6 +32,7 @@ class LLM:
     """
 
     def __init__(self, model: str, tokenizer: str | None = None, **engine_args):
+        engine_args = check_arguments("LLM", engine_args, ENGINE_SETTINGS, unsupported.LLM_ARGS)
         self.engine = LLMEngine(EngineConfig(model=model, tokenizer=tokenizer, **engine_args))
         self.tokenizer = self.engine.tokenizer
         # outputs of add_request() requests that finished while generate() drove the engine
@@ -39,7 +44,8 @@ class LLM:
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate completions for all prompts; outputs come back in input order."""
-        check_bool("use_tqdm", use_tqdm)
+        if not callable(use_tqdm):
+            check_bool("use_tqdm", use_tqdm)
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
                                                and not isinstance(prompts[0], (str, dict, list, tuple))):
             prompts = [prompts]
@@ -69,12 +75,18 @@ class LLM:
                                          "{'role': str, 'content': str} dict")
                     check_type(f"{where}'s {key}", message[key], str, "a str")
         prompts = [{"prompt_token_ids": self.tokenizer.render_chat(c)} for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        outputs = self.generate(prompts, sampling_params, use_tqdm)
+        for out in outputs:  # the rendered conversation, special tokens and all
+            out.prompt = self.tokenizer.decode(out.prompt_token_ids, skip_special_tokens=False)
+        return outputs
 
-    def _run(self, prompts: list[tuple], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, prompts: list[tuple], params: list[SamplingParams], use_tqdm) -> list[RequestOutput]:
         request_ids, pending = [], set()
         outputs: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(prompts), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
+        # use_tqdm may also be a tqdm-like factory, e.g. for a bar with another description
+        make_bar = use_tqdm if callable(use_tqdm) else tqdm
+        bar = make_bar(total=len(prompts), desc="Processed prompts", disable=not use_tqdm,
+                       dynamic_ncols=True)
         start, num_in, num_out = time.perf_counter(), 0, 0
         try:
             with interrupts_held():  # all queued, or all aborted below
@@ -136,8 +148,10 @@ class LLM:
         text, token_ids = self._parse_prompt(prompt)
         if sampling_params is not None:
             check_type("sampling_params", sampling_params, SamplingParams, "a SamplingParams or None")
+        params = sampling_params or SamplingParams()
         with self._lock, interrupts_held():
-            return self.engine.add_request(text, token_ids, sampling_params or SamplingParams(), request_id)
+            return self.engine.add_request(text, token_ids, params, request_id,
+                                           params.output_kind or RequestOutputKind.FINAL_ONLY)
 
     def step(self) -> list[RequestOutput]:
         """One engine step; returns the requests that finished in it (or since the last step)."""
@@ -150,9 +164,60 @@ class LLM:
         return bool(self._unclaimed_outputs) or self.engine.has_unfinished_requests()
 
     def abort(self, request_id: str) -> None:
-        """Drop a request; its KV blocks are freed at once."""
+        """Drop a request; its KV blocks are freed at once, and the next step() returns
+        its final output with finish_reason "abort"."""
         with self._lock:
-            self.engine.abort_request(request_id)
+            output = self.engine.abort_request(request_id)
+            if output is not None:
+                self._unclaimed_outputs.append(output)
+
+    # -- vLLM-shaped access -------------------------------------------------------------
+
+    def get_tokenizer(self):
+        """The nanochat Tokenizer: encode(text), decode(ids), render_chat(messages)."""
+        return self.tokenizer
+
+    @property
+    def llm_engine(self) -> "EngineRequests":
+        """vLLM's LLMEngine request loop: add_request(request_id, prompt, params),
+        abort_request(request_id), step() (streams by default), has_unfinished_requests()."""
+        return EngineRequests(self)
+
+
+class EngineRequests:
+    """`llm.llm_engine`: the request-by-id loop vLLM's LLMEngine offers, over an LLM.
+
+    As in vLLM, a request whose params leave output_kind unset is streamed: step()
+    returns its output so far (finished=False) at every step that adds tokens, then the
+    finished one. LLM.add_request keeps to finished outputs unless output_kind says so.
+    """
+
+    def __init__(self, llm: LLM):
+        self._llm = llm
+
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None, **vllm_only) -> str:
+        check_arguments("add_request", vllm_only, (), unsupported.ADD_REQUEST_ARGS)
+        text, token_ids = self._llm._parse_prompt(prompt)
+        params = params or SamplingParams()
+        with self._llm._lock, interrupts_held():
+            return self._llm.engine.add_request(text, token_ids, params, request_id,
+                                                params.output_kind or RequestOutputKind.CUMULATIVE)
+
+    def abort_request(self, request_id) -> None:
+        for r in [request_id] if isinstance(request_id, str) else request_id:
+            self._llm.abort(r)
+
+    def step(self) -> list[RequestOutput]:
+        return self._llm.step()
+
+    def has_unfinished_requests(self) -> bool:
+        return self._llm.has_unfinished_requests()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._llm.engine.requests)
+
+    def get_tokenizer(self):
+        return self._llm.tokenizer
 
 
 def _short_repr(value) -> str:

@@ -1,13 +1,23 @@
 """SamplingParams: how the tokens of one request are chosen, validated on creation."""
 
-from dataclasses import dataclass, field
+import enum
+import inspect
+from dataclasses import dataclass, field, fields
+from typing import Callable
 
+from . import unsupported
 from .validation import check_bool, check_int, check_int_list, check_real, check_type
 
 MAX_LOGPROBS = 20
 # below this, logits / temperature overflows float32 and softmax gives NaN; such a
 # temperature means "the most likely token" anyway, so it samples greedily
 GREEDY_TEMPERATURE = 1e-5
+
+
+class RequestOutputKind(enum.Enum):
+    """What step() returns for a request as it runs (generate() always returns FINAL_ONLY)."""
+    CUMULATIVE = 0   # at every step that adds tokens: the whole output so far
+    FINAL_ONLY = 2   # once, when the request finishes
 
 
 @dataclass
@@ -30,10 +40,18 @@ class SamplingParams:
     logprobs: int | None = None         # top log-probs returned per generated token
     prompt_logprobs: int | None = None  # top log-probs returned per prompt token
     skip_special_tokens: bool = True
+    detokenize: bool = True             # False: no text (token ids only); stop strings need text
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens
+    bad_words: list[str] | None = None  # words never generated (logits_processors.py)
+    allowed_token_ids: list[int] | None = None  # the only tokens that may be generated
+    logits_processors: list[Callable] | None = None  # f(output_ids, logits) or f(prompt_ids, output_ids, logits)
+    output_kind: RequestOutputKind | None = None  # None = the entry point's: see RequestOutputKind
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
+    shapes_logits: bool = field(init=False, repr=False)  # any of the three above set
 
     def __post_init__(self):
         self._validate()
+        self.shapes_logits = bool(self.allowed_token_ids or self.bad_words or self.logits_processors)
 
     @property
     def greedy(self) -> bool:
@@ -78,3 +96,48 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 setattr(self, name, check_int(name, getattr(self, name), 0, MAX_LOGPROBS))
+        check_bool("detokenize", self.detokenize)
+        if not self.detokenize and self.stop_strings:
+            raise ValueError("stop strings need text: use detokenize=True, or stop_token_ids")
+        if self.truncate_prompt_tokens is not None:
+            self.truncate_prompt_tokens = check_int("truncate_prompt_tokens", self.truncate_prompt_tokens, 1)
+        if self.bad_words is not None:
+            if isinstance(self.bad_words, str) or not all(isinstance(w, str) and w.strip() for w in self.bad_words):
+                raise TypeError(f"bad_words must be a list of non-empty strings, got {self.bad_words!r}")
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = check_int_list("allowed_token_ids", self.allowed_token_ids, 0)
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids must hold at least one token id")
+        for f in self.logits_processors or ():
+            if not callable(f):
+                raise TypeError(f"logits_processors entries must be callables, got {f!r}")
+            logits_processor_arity(f)
+        if self.output_kind is not None and not isinstance(self.output_kind, RequestOutputKind):
+            raise TypeError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
+
+
+def logits_processor_arity(f: Callable) -> int:
+    """2 for f(output_token_ids, logits), 3 for f(prompt_token_ids, output_token_ids, logits)."""
+    try:
+        params = inspect.signature(f).parameters.values()
+    except (TypeError, ValueError):
+        return 2  # a builtin without a signature: assume the common form
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) in (2, 3):
+        return len(positional)
+    raise TypeError(f"logits processor {f!r} must take (output_token_ids, logits) or "
+                    f"(prompt_token_ids, output_token_ids, logits)")
+
+
+_FIELDS = {f.name for f in fields(SamplingParams) if f.init}
+_dataclass_init = SamplingParams.__init__
+
+
+def _init_refusing_vllm_only_arguments(self, *args, **kwargs):
+    # ahead of the generated __init__, which would only say "unexpected keyword argument"
+    _dataclass_init(self, *args, **unsupported.check_arguments(
+        "SamplingParams", kwargs, _FIELDS, unsupported.SAMPLING_ARGS))
+
+
+SamplingParams.__init__ = _init_refusing_vllm_only_arguments
+

@@ -10,6 +10,12 @@ sys.path[:0] = [str(TESTS), str(TESTS.parent)]
 import fake_flash_attn  # noqa: E402
 from checkpoints import write_checkpoint  # noqa: E402
 
+from microvllm.engine.cpu_threads import apply_cpu_threads  # noqa: E402
+
+# the reference forwards run before any engine is built: give them the engine's thread
+# count too ($OMP_NUM_THREADS when set), not torch's one per core, which stalls on a busy machine
+apply_cpu_threads(None)
+
 
 # the files whose tests are meant for a real GPU; every other test runs on the CPU
 GPU_TEST_FILES = {"test_cuda.py"}

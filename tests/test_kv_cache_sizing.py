@@ -118,3 +118,12 @@ def test_step_timing_is_opt_in_and_times_every_step(checkpoint_dir):
     # on the CPU the device's time is the host's wall time inside the runner
     assert stats.timed_steps == stats.steps == 4
     assert stats.host_ms_per_step >= stats.device_ms_per_step > 0
+
+
+def test_cpu_default_is_capped_by_the_ram_available_but_holds_one_sequence(checkpoint_dir, monkeypatch):
+    from microvllm.engine import memory
+    per_block = 16 * BYTES_PER_TOKEN
+    monkeypatch.setattr(memory, "available_ram", lambda: 4 * 20 * per_block)  # a quarter: 20 blocks
+    assert LLM(checkpoint_dir, max_num_seqs=8, block_size=16).engine.kv_cache.num_blocks == 20
+    monkeypatch.setattr(memory, "available_ram", lambda: 0)
+    assert LLM(checkpoint_dir, max_num_seqs=8, block_size=16).engine.kv_cache.num_blocks == 64 // 16

@@ -26,7 +26,7 @@ def test_abort_frees_blocks_at_once(checkpoint_dir):
     finished = []
     while llm.has_unfinished_requests():
         finished += llm.step()
-    assert [o.request_id for o in finished] == [keep]
+    assert [(o.request_id, o.outputs[0].finish_reason) for o in finished] == [(drop, "abort"), (keep, "length")]
     assert llm.engine.block_manager.num_used_blocks == 0
     llm.abort("no-such-request")  # aborting twice, or an unknown id, is harmless
 

@@ -76,3 +76,15 @@ def test_help_explains_where_to_get_checkpoints():
     result = run("--help")
     assert result.returncode == 0
     assert "karpathy/nanochat" in result.stdout and "~/.cache/nanochat/tokenizer" in result.stdout
+
+
+def test_chat_on_a_base_model_says_so():
+    result = run("--chat", "--prompt", "Hello", "--max-tokens", "2")
+    assert result.returncode == 0, result.stderr
+    assert "warning: --chat on a base model" in result.stderr
+
+
+def test_cpu_threads_flag():
+    assert run("--cpu-threads", "1", "--max-tokens", "2").returncode == 0
+    result = run("--cpu-threads", "0")
+    assert result.returncode == 2 and "--cpu-threads must be >= 1" in result.stderr

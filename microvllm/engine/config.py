@@ -33,6 +33,7 @@ class EngineConfig:
     logit_softcap: float | None = None      # override for nanochat's era-C softcap-20 window
     seed: int = 0                           # draws the seeds of requests that set none
     step_timing: bool = False               # EngineStats gains host and device ms per step
+    cpu_threads: int | None = None          # on cpu; None = OMP_NUM_THREADS if set, else cpu_threads.py's default
 
     def __post_init__(self):
         """Checks every setting by type and range, and stores it normalised."""
@@ -69,6 +70,8 @@ class EngineConfig:
                                             "(nanochat uses 15, or 20 for some era-C checkpoints)",
                                             lambda x: x > 0)
         self.seed = check_int("seed", self.seed)
+        if self.cpu_threads is not None:
+            self.cpu_threads = check_int("cpu_threads", self.cpu_threads, 1)
 
     def resolve_device(self) -> torch.device:
         name = str(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -24,11 +24,13 @@ import xxhash
 from ..model.attention import resolve_attention_backend
 from ..model.loader import load_model
 from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from ..sampling_params import SamplingParams
+from ..sampling_params import RequestOutputKind, SamplingParams
 from ..tokenizer import Tokenizer
 from ..validation import check_type
+from . import logits_processors
 from .block_manager import BlockManager
 from .config import EngineConfig
+from .cpu_threads import apply_cpu_threads
 from .cuda_graphs import DecodeGraphs
 from .interrupts import interrupts_held
 from .kv_cache import PagedKVCache
@@ -71,6 +73,8 @@ class LLMEngine:
         self.config = config
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device)
+        if self.device.type == "cpu":
+            apply_cpu_threads(config.cpu_threads)
         attention_backend = resolve_attention_backend(config.attention_backend, self.device, self.dtype)
         self.block_size = config.block_size or attention_backend.default_block_size
         if self.block_size % attention_backend.block_size_multiple:
@@ -109,7 +113,8 @@ class LLMEngine:
                                   Sampler(self.tokenizer.eos_token_ids), self.device, decode_graphs,
                                   StepTimer(self.device) if config.step_timing else None)
         self.requests: dict[str, Request] = {}
-        self._finished: list[Request] = []  # finished by a step, not returned yet
+        # requests whose outputs the next step() returns (finished, or streamed and advanced)
+        self._due: dict[str, Request] = {}
         self.stats = EngineStats()
         self._request_counter = itertools.count()
         self._seq_counter = itertools.count()
@@ -117,8 +122,14 @@ class LLMEngine:
 
     # -- requests ---------------------------------------------------------------------
 
+    @staticmethod
+    def truncated_prompt(prompt_token_ids: list[int], params: SamplingParams) -> list[int]:
+        k = params.truncate_prompt_tokens
+        return prompt_token_ids if k is None else list(prompt_token_ids)[-k:]
+
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         check_type("sampling_params", params, SamplingParams, "a SamplingParams")
+        prompt_token_ids = self.truncated_prompt(prompt_token_ids, params)
         if not prompt_token_ids:
             raise ValueError("prompt is empty: give at least one token")
         bad = [t for t in prompt_token_ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
@@ -131,13 +142,16 @@ class LLMEngine:
         if len(prompt_token_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; it must be shorter than "
                              f"max_model_len={self.max_model_len} to leave room for output")
-        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
-        if bad:
-            raise ValueError(f"stop_token_ids {bad} are out of vocabulary: ids must be in "
-                             f"[0, {self.vocab_size})")
+        for name in ("stop_token_ids", "allowed_token_ids"):
+            bad = [t for t in getattr(params, name) or () if t >= self.vocab_size]
+            if bad:
+                raise ValueError(f"{name} {bad} are out of vocabulary: ids must be in [0, {self.vocab_size})")
 
     def add_request(self, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None,
+                    output_kind: RequestOutputKind = RequestOutputKind.FINAL_ONLY) -> str:
+        """`output_kind` FINAL_ONLY: step() returns the request once, finished; CUMULATIVE:
+        also at each step that adds tokens. The facade picks it (generate: always FINAL_ONLY)."""
         self.validate_prompt(prompt_token_ids, params)
         if request_id is None:
             request_id = str(next(self._request_counter))
@@ -147,8 +161,12 @@ class LLMEngine:
             request_id = str(check_type("request_id", request_id, (str, int), "a str"))
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        prompt_token_ids = [int(t) for t in prompt_token_ids]  # numpy ints become Python ones
+        # numpy ints become Python ones
+        prompt_token_ids = [int(t) for t in self.truncated_prompt(prompt_token_ids, params)]
         request = Request(request_id, prompt, prompt_token_ids, params)
+        request.output_kind = output_kind
+        if params.bad_words:
+            logits_processors.prepare(request, self.tokenizer)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]  # the first token has no predecessor
         base_seed = self._seed_rng.getrandbits(63) if params.seed is None else params.seed
@@ -160,22 +178,27 @@ class LLMEngine:
         self.requests[request_id] = request
         return request_id
 
-    def abort_request(self, request_id: str) -> None:
-        self._finished = [r for r in self._finished if r.request_id != str(request_id)]
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Drop a request and free its blocks; returns its final output (finish_reason
+        "abort" where it had not finished), or None for an unknown id."""
+        self._due.pop(str(request_id), None)
         request = self.requests.pop(str(request_id), None)
         if request is None:
-            return
+            return None
         for seq in request.sequences:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
+        request.finished_time = time.time()
+        return self.make_output(request)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._finished) or self.scheduler.has_unfinished()
+        return bool(self._due) or self.scheduler.has_unfinished()
 
     # -- the step loop ----------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled forward; return the outputs of requests that finished in it."""
+        """Run one scheduled forward; return the outputs of requests that finished in it,
+        and of streamed (CUMULATIVE) requests that got tokens in it."""
         step_start = time.perf_counter()
         with interrupts_held():
             scheduled = self.scheduler.schedule()
@@ -194,8 +217,8 @@ class LLMEngine:
         elif self.scheduler.has_unfinished():
             raise RuntimeError("no request could be scheduled although some are waiting")
         # built before the list is emptied: an interrupt here returns them next step
-        outputs = [self.make_output(request) for request in self._finished]
-        self._finished = []
+        outputs = [self.make_output(request) for request in self._due.values()]
+        self._due = {}
         return outputs
 
     def _decide(self, seq: Sequence, row: int, sampled) -> TokenUpdate:
@@ -271,7 +294,9 @@ class LLMEngine:
                 if request.is_finished:
                     request.finished_time = now
                     del self.requests[request.request_id]
-                    self._finished.append(request)
+                    self._due[request.request_id] = request
+            if request.output_kind is not RequestOutputKind.FINAL_ONLY:
+                self._due[request.request_id] = request  # streamed: the output so far
 
     def _update_stats(self, scheduled, result: StepOutput) -> None:
         stats = self.stats
@@ -296,9 +321,10 @@ class LLMEngine:
         for seq in request.sequences:
             p = seq.params
             text = seq.text if p.stop_strings and seq.finish_reason == "stop" and isinstance(seq.stop_reason, str) \
-                else self.tokenizer.decode(seq.output_token_ids, p.skip_special_tokens)
+                else self.tokenizer.decode(seq.output_token_ids, p.skip_special_tokens) if p.detokenize else ""
+            logprobs = None if seq.logprobs is None else list(seq.logprobs)  # a streamed copy stays as it was
             completions.append(CompletionOutput(
-                seq.index, text, seq.output_token_ids, seq.cumulative_logprob, seq.logprobs,
+                seq.index, text, seq.output_token_ids, seq.cumulative_logprob, logprobs,
                 seq.finish_reason, seq.stop_reason))
         return RequestOutput(
             request.request_id, request.prompt, request.prompt_token_ids, request.prompt_logprobs,

@@ -7,7 +7,7 @@ on the card (the CUDA context, other processes), the peak of the costliest eager
 chunk of prompt log-probs) and the CUDA graphs' private pool (the largest decode
 batch's forward) are counted; on CPU, room for max_num_seqs full-length sequences, capped.
 A byte budget buys at most PREFIX_CACHE_HEADROOM times what max_num_seqs full-length
-sequences can fill.
+sequences can fill. CPU sizing is cpu_kv_blocks'.
 """
 
 import logging
@@ -47,7 +47,7 @@ def num_kv_blocks(config: EngineConfig, model: GPT, device: torch.device, dtype:
         return config.num_blocks
     blocks_for_all_seqs = config.max_num_seqs * -(-max_model_len // block_size)
     if config.kv_cache_memory is None and device.type != "cuda":
-        return min(blocks_for_all_seqs, MAX_DEFAULT_CPU_KV_CACHE_MEMORY // per_block)
+        return cpu_kv_blocks(config.max_num_seqs, max_model_len, block_size, per_block)
     budget = (config.kv_cache_memory if config.kv_cache_memory is not None
               else gpu_bytes_for_kv_cache(config, model, device, max_model_len, decode_attention, block_size))
     num_blocks = max(int(budget // per_block), 1)
@@ -143,3 +143,25 @@ def describe_kv_cache(kv_cache: PagedKVCache, device: torch.device) -> str:
         free, total = torch.cuda.mem_get_info(device)
         line += f"; GPU memory in use: {(total - free) / GIB:.1f} of {total / GIB:.1f} GiB ({1 - free / total:.0%})"
     return line
+
+
+def cpu_kv_blocks(max_num_seqs: int, max_model_len: int, block_size: int, bytes_per_block: int) -> int:
+    """Room for max_num_seqs full-length sequences, all the scheduler can ever hold (so
+    nothing is preempted), but at most MAX_DEFAULT_CPU_KV_CACHE_MEMORY and a quarter of
+    the RAM available now: the cache is zero-filled, so all of it is resident from the
+    start. Never less than one full-length sequence."""
+    blocks_per_seq = -(-max_model_len // block_size)
+    cap = min(MAX_DEFAULT_CPU_KV_CACHE_MEMORY, available_ram() // 4) // bytes_per_block
+    return min(max_num_seqs * blocks_per_seq, max(cap, blocks_per_seq))
+
+
+def available_ram() -> int:
+    """Bytes of RAM the kernel could hand out now (MemAvailable), else its free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

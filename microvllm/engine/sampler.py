@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .logits_processors import shape_logits
 from .sequence import Sequence
 from .transfer import to_device
 
@@ -94,6 +95,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledTokens:
         params = [s.params for s in seqs]
         raw_logits = logits
+        logits = shape_logits(logits, seqs)  # allowed_token_ids, bad_words, logits_processors
         if any(p.has_penalties for p in params):
             logits = self._apply_penalties(logits, seqs)
         blocked = self._blocked_tokens(seqs)

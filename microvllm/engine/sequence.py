@@ -78,6 +78,8 @@ class Request:
     finished_time: float | None = None
     sequences: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[dict | None] | None = None
+    bad_word_ids: list[tuple[int, ...]] = field(default_factory=list)  # see logits_processors.py
+    output_kind: object = None          # a RequestOutputKind: what step() reports as it runs
 
     @property
     def is_finished(self) -> bool:

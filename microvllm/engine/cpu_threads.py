@@ -1,0 +1,57 @@
+"""How many threads torch's CPU kernels get, chosen once when a CPU engine is built.
+
+torch's own default is one thread per core of the machine. That is the fastest choice
+on an idle machine and a disastrous one on a busy machine: the kernels of a small model
+are short, and each one waits for its slowest thread, so a single thread descheduled by
+a neighbour stalls every matmul (tens of times slower on two shared cores). The default
+here is the number of cores this process may actually run on (its CPU affinity and any
+cgroup CPU quota), minus one left for the Python host loop, minus the cores other
+processes keep busy (the 1-minute load average), and never less than one.
+
+An explicit choice always wins: `cpu_threads=` first, then an `OMP_NUM_THREADS` the
+user set (torch already read it at import), then the default. The setting is
+process-wide (torch has one intra-op pool), so the last CPU engine built decides it.
+"""
+
+import functools
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: its affinity mask, capped by a cgroup v2 CPU quota."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.floor(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota visible: the affinity mask is all we know
+    return cores
+
+
+@functools.cache  # once per process: later, the load average counts our own threads too
+def default_cpu_threads() -> int:
+    cores = usable_cores()
+    try:
+        busy_elsewhere = round(os.getloadavg()[0])
+    except OSError:
+        busy_elsewhere = 0
+    return max(1, min(cores - 1, cores - busy_elsewhere))
+
+
+def apply_cpu_threads(cpu_threads: int | None) -> int:
+    """Set torch's intra-op thread count for a CPU engine; returns the count in force."""
+    if cpu_threads is None and os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()  # the user's OMP_NUM_THREADS, as torch read it
+    threads = default_cpu_threads() if cpu_threads is None else cpu_threads
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    logger.info(f"CPU threads: {threads}")
+    return threads

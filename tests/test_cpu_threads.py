@@ -1,0 +1,58 @@
+"""CPU engines pick a thread count that survives a busy machine, and respect explicit ones."""
+
+import pytest
+import torch
+
+from microvllm import LLM
+from microvllm.engine import cpu_threads
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def pick(monkeypatch, cores, load):
+    monkeypatch.setattr(cpu_threads, "usable_cores", lambda: cores)
+    monkeypatch.setattr(cpu_threads.os, "getloadavg", lambda: (load, load, load))
+    cpu_threads.default_cpu_threads.cache_clear()
+    try:
+        return cpu_threads.default_cpu_threads()
+    finally:
+        cpu_threads.default_cpu_threads.cache_clear()
+
+
+def test_default_leaves_a_core_for_the_host_loop_and_the_busy_cores_to_others(monkeypatch):
+    assert pick(monkeypatch, cores=16, load=0.1) == 15
+    assert pick(monkeypatch, cores=16, load=10.2) == 6
+    assert pick(monkeypatch, cores=2, load=1.0) == 1     # a busy neighbour on two cores
+    assert pick(monkeypatch, cores=1, load=0.0) == 1
+    assert pick(monkeypatch, cores=4, load=30.0) == 1
+
+
+def test_explicit_cpu_threads_is_applied_when_the_engine_is_built(checkpoint_dir, restore_threads):
+    LLM(checkpoint_dir, cpu_threads=2)
+    assert torch.get_num_threads() == 2
+
+
+def test_omp_num_threads_set_by_the_user_is_not_overridden(checkpoint_dir, monkeypatch, restore_threads):
+    torch.set_num_threads(3)  # as torch does at import for OMP_NUM_THREADS=3
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    LLM(checkpoint_dir)
+    assert torch.get_num_threads() == 3
+
+
+def test_default_applies_without_omp_num_threads(checkpoint_dir, monkeypatch, restore_threads):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpu_threads, "default_cpu_threads", lambda: 1)
+    torch.set_num_threads(2)
+    LLM(checkpoint_dir)
+    assert torch.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("value, error", [(0, ValueError), (1.5, TypeError), (True, TypeError)])
+def test_bad_cpu_threads_is_refused(checkpoint_dir, value, error):
+    with pytest.raises(error, match="cpu_threads"):
+        LLM(checkpoint_dir, cpu_threads=value)

@@ -1,0 +1,182 @@
+"""The vLLM-shaped surface: llm_engine's request loop and streaming, get_tokenizer,
+chat prompts, vLLM-only arguments refused by name, and SamplingParams' token shaping."""
+
+import pytest
+
+from microvllm import LLM, RequestOutputKind, SamplingParams
+
+PROMPT = [1, 2, 3, 4, 5]
+GREEDY = dict(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint_dir):
+    return LLM(checkpoint_dir)
+
+
+def greedy(llm, prompt=PROMPT, **params):
+    return llm.generate([prompt], SamplingParams(**{**GREEDY, **params}), use_tqdm=False)[0]
+
+
+def drain(llm):
+    outputs = []
+    while llm.has_unfinished_requests():
+        outputs += llm.step()
+    return outputs
+
+
+def test_get_tokenizer_round_trips_text(llm):
+    tokenizer = llm.get_tokenizer()
+    assert tokenizer.decode(tokenizer.encode("hello")) == "hello"
+    assert llm.llm_engine.get_tokenizer() is tokenizer
+
+
+def test_llm_engine_streams_partial_outputs_then_the_finished_one(llm):
+    expected = greedy(llm).outputs[0].token_ids
+    llm.llm_engine.add_request("s", {"prompt_token_ids": PROMPT}, SamplingParams(**GREEDY))
+    outputs = drain(llm)
+    assert all(o.request_id == "s" for o in outputs)
+    assert [o.finished for o in outputs] == [False] * 11 + [True]
+    assert [o.outputs[0].token_ids for o in outputs] == [expected[:i] for i in range(1, 13)]
+    assert outputs[-1].outputs[0].finish_reason == "length"
+
+
+def test_streamed_outputs_are_snapshots(llm):
+    llm.llm_engine.add_request("snap", PROMPT, SamplingParams(**GREEDY, logprobs=1))
+    outputs = drain(llm)
+    assert [len(o.outputs[0].logprobs) for o in outputs] == list(range(1, 13))
+
+
+def test_final_only_requests_are_returned_once(llm):
+    llm.llm_engine.add_request("f", PROMPT, SamplingParams(**GREEDY, output_kind=RequestOutputKind.FINAL_ONLY))
+    assert [o.finished for o in drain(llm)] == [True]
+
+
+def test_our_add_request_streams_only_when_asked(llm):
+    llm.add_request(PROMPT, SamplingParams(**GREEDY))
+    assert [o.finished for o in drain(llm)] == [True]
+    llm.add_request(PROMPT, SamplingParams(**GREEDY, output_kind=RequestOutputKind.CUMULATIVE))
+    assert len(drain(llm)) == 12
+
+
+def test_generate_returns_finished_outputs_in_order_whatever_the_output_kind(llm):
+    params = SamplingParams(**GREEDY, output_kind=RequestOutputKind.CUMULATIVE)
+    outs = llm.generate([PROMPT, [7, 8]], params, use_tqdm=False)
+    assert [o.finished for o in outs] == [True, True]
+    assert outs[0].prompt_token_ids == PROMPT and outs[1].prompt_token_ids == [7, 8]
+
+
+def test_aborted_request_is_reported_with_finish_reason_abort(llm):
+    engine = llm.llm_engine
+    engine.add_request("a", PROMPT, SamplingParams(**GREEDY))
+    engine.add_request("b", PROMPT, SamplingParams(**GREEDY, output_kind=RequestOutputKind.FINAL_ONLY))
+    llm.step()
+    engine.abort_request(["a", "b"])
+    outputs = drain(llm)
+    assert [(o.request_id, o.finished, o.outputs[0].finish_reason) for o in outputs] == \
+        [("a", True, "abort"), ("b", True, "abort")]
+    assert len(outputs[0].outputs[0].token_ids) == 1
+    assert engine.get_num_unfinished_requests() == 0
+    assert llm.engine.block_manager.num_used_blocks == 0
+
+
+def test_chat_outputs_carry_the_rendered_prompt(llm):
+    out = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=2), use_tqdm=False)[0]
+    assert out.prompt == "<|bos|><|user_start|>hi<|user_end|><|assistant_start|>"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(tensor_parallel_size=2), r"LLM\(tensor_parallel_size=2\) is not supported: microvllm runs"),
+    (dict(trust_remote_code=True), "hold no code"),
+    (dict(quantization="awq"), "is not supported"),
+])
+def test_vllm_only_llm_arguments_are_refused_by_name(checkpoint_dir, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LLM(checkpoint_dir, **kwargs)
+
+
+def test_vllm_defaults_are_accepted_and_typos_get_a_suggestion(checkpoint_dir):
+    LLM(checkpoint_dir, tensor_parallel_size=1, trust_remote_code=False, num_blocks=8)
+    with pytest.raises(TypeError, match="no argument 'max_num_seq'; did you mean 'max_num_seqs'"):
+        LLM(checkpoint_dir, max_num_seq=4)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(best_of=4), ValueError, r"SamplingParams\(best_of=4\) is not supported: sample n"),
+    (dict(guided_decoding={"json": {}}), ValueError, "allowed_token_ids, bad_words or logits_processors"),
+    (dict(use_beam_search=True), ValueError, "no beam search"),
+    (dict(temprature=0.5), TypeError, "did you mean 'temperature'"),
+    (dict(stop="x", detokenize=False), ValueError, "stop strings need text"),
+    (dict(truncate_prompt_tokens=0), ValueError, "truncate_prompt_tokens"),
+    (dict(bad_words="word"), TypeError, "bad_words"),
+    (dict(allowed_token_ids=[]), ValueError, "allowed_token_ids"),
+    (dict(logits_processors=[lambda logits: logits]), TypeError, "must take"),
+    (dict(output_kind="delta"), TypeError, "output_kind"),
+])
+def test_bad_or_vllm_only_sampling_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        SamplingParams(**kwargs)
+    SamplingParams(best_of=None, use_beam_search=False, logit_bias=None)  # vLLM's defaults are fine
+
+
+def test_llm_engine_add_request_refuses_vllm_only_arguments(llm):
+    with pytest.raises(ValueError, match="priority"):
+        llm.llm_engine.add_request("p", PROMPT, SamplingParams(), priority=3)
+
+
+def test_out_of_vocabulary_allowed_token_ids_are_refused(llm):
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        greedy(llm, allowed_token_ids=[10**6])
+
+
+def test_detokenize_false_returns_the_same_tokens_and_no_text(llm):
+    plain, silent = greedy(llm).outputs[0], greedy(llm, detokenize=False).outputs[0]
+    assert silent.token_ids == plain.token_ids and plain.text and silent.text == ""
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_tail(llm):
+    out = greedy(llm, [9, 8] + PROMPT, truncate_prompt_tokens=5)
+    assert out.prompt_token_ids == PROMPT
+    assert out.outputs[0].token_ids == greedy(llm).outputs[0].token_ids
+
+
+def test_allowed_token_ids_limit_every_token(llm):
+    allowed = [40, 41, 42]
+    tokens = greedy(llm, allowed_token_ids=allowed, temperature=1.0, seed=3).outputs[0].token_ids
+    assert set(tokens) <= set(allowed)
+
+
+def test_bad_words_are_never_generated(llm):
+    tokens = greedy(llm).outputs[0].token_ids
+    word = llm.tokenizer.decode(tokens[1:3])  # the byte tokenizer: two tokens, two bytes
+    assert word.strip() == word and len(word) == 2
+    out = greedy(llm, bad_words=[word]).outputs[0]
+    pairs = list(zip(out.token_ids, out.token_ids[1:]))
+    assert tuple(tokens[1:3]) not in pairs and out.token_ids[:2] == tokens[:2]  # only its last token is banned
+
+
+def test_logits_processors_of_both_signatures_shape_the_logits(llm):
+    seen = []
+
+    def force_7(output_ids, logits):
+        logits[:] = float("-inf")
+        logits[7] = 0.0
+        return logits
+
+    def record(prompt_ids, output_ids, logits):
+        seen.append((list(prompt_ids), list(output_ids)))
+        return logits
+
+    out = greedy(llm, logits_processors=[record, force_7], logprobs=0).outputs[0]
+    assert out.token_ids == [7] * 12
+    assert seen[:2] == [(PROMPT, []), (PROMPT, [7])]
+    assert out.logprobs[0][7].logprob < 0  # log-probs stay the model's own
+
+
+def test_greedy_outputs_beside_shaped_requests_are_unchanged(llm):
+    prompts = [PROMPT, [9, 9, 9], [4, 4]]
+    plain = llm.generate(prompts, SamplingParams(**GREEDY), use_tqdm=False)
+    shaped = SamplingParams(**GREEDY, logits_processors=[lambda ids, logits: logits], bad_words=["zz"],
+                            detokenize=True, truncate_prompt_tokens=50)
+    mixed = llm.generate(prompts, [SamplingParams(**GREEDY), shaped, SamplingParams(**GREEDY)], use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in mixed] == [o.outputs[0].token_ids for o in plain]
