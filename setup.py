@@ -13,7 +13,11 @@ setup(
     extras_require={
         # pyarrow writes the parquet loader test file; triton runs its kernels on the CPU
         # in interpreter mode, so its tests need no GPU
-        "test": ["pytest", "hypothesis", "pyarrow", "triton; sys_platform == 'linux' and platform_machine == 'x86_64'"],
+        # transformers' own NanoChatForCausalLM is the tests' oracle for the transformers format
+        "test": ["pytest", "hypothesis", "pyarrow", "triton; sys_platform == 'linux' and platform_machine == 'x86_64'",
+                 "transformers>=5", "huggingface_hub", "safetensors", "tokenizers"],
+        # hub ids (huggingface_hub) and the transformers format (safetensors weights, tokenizer.json)
+        "hf": ["huggingface_hub", "safetensors", "tokenizers"],
         "bench": ["datasets", "matplotlib", "pyarrow"],
         "train": ["tokenizers"],
     },

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     dtype = DTYPES[args.dtype] if args.dtype else None
     try:
-        if detect_format(resolve_model_dir(args.src, step=args.step)) == "nanochat":
+        if detect_format(resolve_model_dir(args.src, step=args.step), args.step) == "nanochat":
             out = nanochat_to_transformers(args.src, args.out, args.step, args.tokenizer, dtype)
             print(f"wrote a transformers NanoChatForCausalLM dir: {out}")
         else:

@@ -6,6 +6,7 @@ No test reaches the network: HF_HUB_OFFLINE=1 unless a test fakes the download i
 """
 
 import shutil
+import sys
 
 import pytest
 
@@ -181,3 +182,26 @@ def test_missing_path_lists_the_forms(tmp_path):
                                                 r"SOURCE\[:TAG\]"):
         LLM(str(tmp_path / "a" / "b"))
 
+
+
+def test_run_py_takes_the_same_forms(base_dir, capsys):
+    import run
+    run.main(["--model", "sft:d4", "--prompt", "To be", "--max-tokens", "4", "--device", "cpu"])
+    assert "requests 1 | prompt tokens 6 | generated tokens 4 |" in capsys.readouterr().out
+
+
+def test_hub_id_without_the_hf_extra_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails, as when not installed
+    with pytest.raises(ImportError, match=r'needs huggingface_hub: pip install -e "\.\[hf\]"'):
+        resolve_model_dir("org/model")
+
+
+def test_a_dir_with_both_formats_reads_safetensors_unless_a_step_is_asked(tmp_path):
+    pytest.importorskip("safetensors")
+    pytest.importorskip("tokenizers")
+    from microvllm.convert import nanochat_to_transformers
+    from microvllm.model.sources import detect_format
+    both = write_checkpoint(tmp_path / "both", era="A", window_pattern=None)
+    nanochat_to_transformers(both, both)
+    assert detect_format(both) == "transformers"
+    assert detect_format(both, step=100) == "nanochat"

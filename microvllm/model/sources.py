@@ -98,14 +98,17 @@ def resolve_model_dir(model: str | Path, revision: str | None = None, step: int 
     raise FileNotFoundError(f"model: {name} does not exist; model takes {FORMS}")
 
 
-def detect_format(model_dir: Path) -> str:
+def detect_format(model_dir: Path, step: int | None = None) -> str:
     """'transformers' or 'nanochat', or an error that says what was looked for."""
+    has_native = any(re.fullmatch(r"model_\d+\.pt", p.name) for p in model_dir.iterdir())
     model_type = None
     if (model_dir / "config.json").is_file():
         model_type = hf_format.read_config(model_dir).get("model_type")
-        if model_type == hf_format.MODEL_TYPE:
+        # a repo holding both formats is read from its safetensors (no pickle), unless a step is asked for
+        safetensors_first = step is None and any(model_dir.glob("*.safetensors"))
+        if model_type == hf_format.MODEL_TYPE and (not has_native or safetensors_first):
             return "transformers"
-    if any(re.fullmatch(r"model_\d+\.pt", p.name) for p in model_dir.iterdir()):
+    if has_native:
         return "nanochat"
     if model_type is not None:
         raise ValueError(f"{model_dir / 'config.json'} is for model_type {model_type!r}, not "
@@ -121,7 +124,7 @@ def load_model_and_tokenizer(model: str | Path, tokenizer: str | Path | None = N
                              max_positions: int | None = None) -> tuple[GPT, Tokenizer]:
     """The GPT (eval mode, `dtype`, on `device`) and tokenizer that `model` names."""
     model_dir = resolve_model_dir(model, revision, step)
-    if detect_format(model_dir) == "nanochat":
+    if detect_format(model_dir, step) == "nanochat":
         return (load_model(model_dir, step, dtype, device, logit_softcap, max_positions),
                 Tokenizer.find(model_dir, tokenizer))
     if step is not None:
