@@ -55,22 +55,21 @@ def nanochat_checkpoint_dir(source: str, tag: str | None) -> Path:
     return phase_dir / tag
 
 
-def _offline() -> bool:
-    # the hub library reads HF_HUB_OFFLINE once, at import; a later setting counts too
-    return hf_format.import_hf("huggingface_hub.constants").HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+def _downloads_off(hub_constants) -> bool:
+    # the hub library reads HF_HUB_OFFLINE once, at import: a setting made since counts too
+    return hub_constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
 def hub_snapshot_dir(repo_id: str, revision: str | None = None, step: int | None = None) -> Path:
     """The local snapshot of a hub repo: the cached one if any, else a download when allowed."""
-    hub = hf_format.import_hf("huggingface_hub")
-    errors, constants = hf_format.import_hf("huggingface_hub.errors"), hf_format.import_hf("huggingface_hub.constants")
+    hub, errors, constants = (hf_format.import_hf(f"huggingface_hub{sub}") for sub in ("", ".errors", ".constants"))
     patterns = HUB_FILES + ["model_*.pt" if step is None else f"model_{step:06d}.pt"]
     try:
         return Path(hub.snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
                                           local_files_only=True))
     except errors.LocalEntryNotFoundError:  # not cached, or cached only in part
         pass
-    if _offline():
+    if _downloads_off(constants):
         raise FileNotFoundError(
             f"model={repo_id!r} is not a local dir, and the hub repo {repo_id} is not in the Hugging Face "
             f"cache ({constants.HF_HUB_CACHE}) while downloads are off (HF_HUB_OFFLINE=1). Fetch it "
