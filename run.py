@@ -32,9 +32,17 @@ real nanochat checkpoints:
     python run.py --model ~/.cache/nanochat/base_checkpoints/d20 --prompt "The capital of France is"
     python run.py --model ~/.cache/nanochat/chatsft_checkpoints/d20 --chat --prompt "Why is the sky blue?"
 
-  The largest step in the dir is used unless --step is given. The tokenizer is looked
-  for in DIR/tokenizer, DIR/../tokenizer, $NANOCHAT_BASE_DIR/tokenizer and
-  ~/.cache/nanochat/tokenizer, in that order; --tokenizer DIR overrides the search.
+  Or name them as nanochat does, by phase (base, mid, sft, rl) and model tag, under
+  $NANOCHAT_BASE_DIR (default ~/.cache/nanochat); a Hugging Face hub id also works
+  (from the local cache, downloaded unless HF_HUB_OFFLINE=1; needs pip install -e ".[hf]"):
+
+    python run.py --model sft:d20 --chat --prompt "Why is the sky blue?"
+    python run.py --model karpathy/nanochat-d32 --chat --prompt "Hi"
+
+  The largest step in the dir is used unless --step is given. The tokenizer
+  (tokenizer.pkl, or tokenizer.json) is looked for in DIR, DIR/tokenizer,
+  DIR/../tokenizer, $NANOCHAT_BASE_DIR/tokenizer and ~/.cache/nanochat/tokenizer, in
+  that order; --tokenizer DIR overrides the search.
 """
 
 
@@ -42,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(BUNDLED_MODEL),
-                        help="nanochat checkpoint dir (default: the bundled demo model)")
+                        help="a checkpoint dir (nanochat or transformers format), a nanochat SOURCE[:TAG] "
+                             "such as sft:d20, or a hub id ORG/NAME (default: the bundled demo model)")
     parser.add_argument("--tokenizer", help="dir holding tokenizer.pkl (default: searched, see below)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the largest)")
     prompts = parser.add_mutually_exclusive_group()
@@ -133,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             outputs = llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - start
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         parser.error(str(e))
 
     for i, (prompt, output) in enumerate(zip(prompts, outputs), 1):

@@ -12,8 +12,12 @@ setup(
     install_requires=["torch>=2.5", "tiktoken", "xxhash", "numpy", "tqdm"],
     extras_require={
         # pyarrow writes the parquet loader test file. triton (about 1 GB installed) is not
-        # here: CUDA builds of torch bring it, and without it the Triton kernel's tests skip
-        "test": ["pytest", "hypothesis", "pyarrow"],
+        # here: CUDA builds of torch bring it, and without it the Triton kernel's tests skip.
+        # transformers' own NanoChatForCausalLM is the tests' oracle for the transformers format
+        "test": ["pytest", "hypothesis", "pyarrow",
+                 "transformers>=5", "huggingface_hub", "safetensors", "tokenizers"],
+        # hub ids (huggingface_hub) and the transformers format (safetensors weights, tokenizer.json)
+        "hf": ["huggingface_hub", "safetensors", "tokenizers"],
         "bench": ["datasets", "matplotlib", "pyarrow"],
         "train": ["tokenizers"],
     },

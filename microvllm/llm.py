@@ -23,7 +23,9 @@ class LLM:
     """Offline batched generation with a nanochat checkpoint.
 
     `LLM(model=DIR)` loads the largest step in DIR and finds the tokenizer beside it;
-    the keyword arguments are EngineConfig's (step, device, dtype, block_size,
+    `model` may also be a transformers-format dir, a nanochat SOURCE[:TAG] such as
+    "sft:d20", or a Hugging Face hub id (model/sources.py). The keyword arguments are
+    EngineConfig's (step, revision, device, dtype, block_size,
     num_blocks, kv_cache_memory, gpu_memory_utilization, max_num_seqs,
     max_num_batched_tokens, max_model_len, enable_prefix_caching, attention_backend,
     enforce_eager, logit_softcap, seed).

@@ -1,9 +1,11 @@
-"""nanochat's tokenizer (a pickled tiktoken Encoding) and its chat format.
+"""nanochat's tokenizer (a pickled tiktoken Encoding, or a tokenizer.json) and its chat format.
 
 `tokenizer.pkl` is read with an unpickler that can rebuild a tiktoken Encoding and
 nothing else, so a planted pickle cannot run code. The Encoding is built from the
 ranks the file holds; a pickle that only names one of tiktoken's registry encodings
 (which tiktoken would download) is refused.
+A dir without one may hold the transformers form, `tokenizer.json` (see
+tokenizer_json.py).
 """
 
 import os
@@ -11,6 +13,8 @@ import pickle
 from pathlib import Path
 
 import tiktoken
+
+from .tokenizer_json import TokenizerJson
 
 SPECIAL_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>",
                   "<|assistant_end|>", "<|python_start|>", "<|python_end|>",
@@ -53,15 +57,18 @@ def tokenizer_search_paths(model_dir: str | Path) -> list[Path]:
     """Where a tokenizer is looked for, in order, when none is given."""
     model_dir = Path(model_dir)
     base_dir = os.environ.get("NANOCHAT_BASE_DIR")
-    paths = [model_dir / "tokenizer", model_dir.parent / "tokenizer"]
+    paths = [model_dir, model_dir / "tokenizer", model_dir.parent / "tokenizer"]
     if base_dir:
         paths.append(Path(base_dir) / "tokenizer")
     paths.append(Path.home() / ".cache" / "nanochat" / "tokenizer")
     return paths
 
 
+TOKENIZER_FILES = ("tokenizer.pkl", "tokenizer.json")
+
+
 class Tokenizer:
-    def __init__(self, encoding: tiktoken.Encoding):
+    def __init__(self, encoding: tiktoken.Encoding | TokenizerJson):
         self.encoding = encoding
         self.vocab_size = encoding.n_vocab
         missing = [t for t in SPECIAL_TOKENS if t not in encoding.special_tokens_set]
@@ -79,7 +86,9 @@ class Tokenizer:
         if Path(path).is_file():
             raise ValueError(f"tokenizer={str(path)!r} is a file; pass the dir that holds tokenizer.pkl")
         if not pkl.is_file():
-            raise FileNotFoundError(f"no tokenizer.pkl in {path}")
+            if (Path(path) / "tokenizer.json").is_file():
+                return cls(TokenizerJson(Path(path) / "tokenizer.json"))
+            raise FileNotFoundError(f"no tokenizer.pkl or tokenizer.json in {path}")
         with open(pkl, "rb") as f:
             try:
                 pickled = _EncodingUnpickler(f).load()
@@ -95,10 +104,10 @@ class Tokenizer:
             return cls.from_dir(tokenizer_dir)
         searched = tokenizer_search_paths(model_dir)
         for path in searched:
-            if (path / "tokenizer.pkl").is_file():
+            if any((path / name).is_file() for name in TOKENIZER_FILES):
                 return cls.from_dir(path)
         raise FileNotFoundError(
-            "no tokenizer.pkl found; looked in " + ", ".join(map(str, searched))
+            "no tokenizer.pkl or tokenizer.json found; looked in " + ", ".join(map(str, searched))
             + ". Pass tokenizer=DIR or set NANOCHAT_BASE_DIR.")
 
     def encode(self, text: str, prepend_bos: bool = True) -> list[int]:

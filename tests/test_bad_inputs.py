@@ -118,7 +118,7 @@ def test_missing_checkpoint_dir(tmp_path):
 
 def test_dir_without_model_files(tmp_path):
     (tmp_path / "tokenizer").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"no model_<step>.pt file"):
+    with pytest.raises(FileNotFoundError, match=r"holds no model: looked for nanochat's model_<step>.pt"):
         LLM(tmp_path)
 
 
@@ -189,7 +189,7 @@ def test_missing_tokenizer(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("NANOCHAT_BASE_DIR", raising=False)
     directory = write_checkpoint(tmp_path / "m", tokenizer=False)
-    with pytest.raises(FileNotFoundError, match="no tokenizer.pkl found; looked in"):
+    with pytest.raises(FileNotFoundError, match="no tokenizer.pkl or tokenizer.json found; looked in"):
         LLM(directory)
 
 
@@ -283,7 +283,7 @@ def test_engine_settings_of_the_wrong_type_or_range(checkpoint_dir, kwargs, erro
 
 
 def test_model_given_a_file_or_a_number(checkpoint_dir):
-    with pytest.raises(ValueError, match=r"is a file; pass the checkpoint dir that holds it"):
+    with pytest.raises(ValueError, match=r"is a file; give the directory that holds it"):
         LLM(checkpoint_dir / "model_000100.pt")
     with pytest.raises(TypeError, match="model must be a directory path"):
         LLM(5)

@@ -15,9 +15,10 @@ MAX_DEFAULT_CPU_KV_CACHE_MEMORY = 1024**3
 
 @dataclass
 class EngineConfig:
-    model: str
+    model: str                              # a dir, a nanochat SOURCE[:TAG] or a hub id (model/sources.py)
     tokenizer: str | None = None
     step: int | None = None                 # checkpoint step; None = the largest
+    revision: str | None = None             # of a hub id: a branch, tag or commit; None = main
     device: str | None = None               # None = cuda if available, else cpu
     dtype: str | torch.dtype | None = None  # None = bfloat16 on cuda, float32 on cpu
     block_size: int | None = None           # None = the attention backend's default

@@ -22,10 +22,9 @@ from dataclasses import dataclass
 import xxhash
 
 from ..model.attention import resolve_attention_backend
-from ..model.loader import load_model
+from ..model.sources import load_model_and_tokenizer
 from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from ..sampling_params import RequestOutputKind, SamplingParams
-from ..tokenizer import Tokenizer
 from ..validation import check_type
 from . import logits_processors
 from .block_manager import BlockManager
@@ -81,9 +80,9 @@ class LLMEngine:
             raise ValueError(f"block_size={self.block_size} is not supported by {attention_backend.name}: "
                              f"use a multiple of {attention_backend.block_size_multiple}, "
                              f"or attention_backend='sdpa'")
-        self.model = load_model(config.model, config.step, self.dtype, self.device,
-                                config.logit_softcap, max_positions=config.max_model_len)
-        self.tokenizer = Tokenizer.find(config.model, config.tokenizer)
+        self.model, self.tokenizer = load_model_and_tokenizer(
+            config.model, config.tokenizer, config.step, config.revision, self.dtype, self.device,
+            config.logit_softcap, max_positions=config.max_model_len)
         model_config = self.model.config
         if self.tokenizer.vocab_size != model_config.vocab_size:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's "

@@ -135,6 +135,12 @@ def load_model(model_dir: str | Path, step: int | None = None, dtype: torch.dtyp
         config = build_model_config(config_dict, state_dict, logit_softcap)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{meta_path.parent}: {e}") from None
+    return build_model(config, state_dict, dtype, device, max_positions)
+
+
+def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu", max_positions: int | None = None) -> GPT:
+    """The GPT of a state dict in nanochat's names, whatever file form it was read from."""
     with torch.device("meta"):
         model = GPT(config, max_positions)
     check_keys(model, state_dict)
