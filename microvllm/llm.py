@@ -19,7 +19,7 @@ class LLM:
     the keyword arguments are EngineConfig's (step, device, dtype, block_size,
     num_blocks, kv_cache_memory, gpu_memory_utilization, max_num_seqs,
     max_num_batched_tokens, max_model_len, enable_prefix_caching, attention_backend,
-    enforce_eager, logit_softcap, seed).
+    enforce_eager, logit_softcap, quantization, seed).
     """
 
     def __init__(self, model: str, tokenizer: str | None = None, **engine_args):

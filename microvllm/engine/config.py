@@ -4,6 +4,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model.quantization import QUANTIZATIONS
+from ..validation import check_choice
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # on CPU, by default: room for max_num_seqs full-length sequences, at most this much
 MAX_DEFAULT_CPU_KV_CACHE_MEMORY = 1024**3
@@ -27,6 +30,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     enforce_eager: bool = False             # on cuda: no CUDA graphs for decode steps
     logit_softcap: float | None = None      # override for nanochat's era-C softcap-20 window
+    quantization: str | None = None         # "int8" or "fp8" weights, made at load time
     seed: int = 0                           # draws the seeds of requests that set none
 
     def __post_init__(self):
@@ -45,6 +49,7 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        check_choice("quantization", self.quantization, QUANTIZATIONS + (None,))
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"max_model_len must be an int >= 2, got {self.max_model_len!r}")
 

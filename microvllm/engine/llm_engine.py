@@ -43,7 +43,8 @@ class LLMEngine:
                              f"use a multiple of {attention_backend.block_size_multiple}, "
                              f"or attention_backend='sdpa'")
         self.model = load_model(config.model, config.step, self.dtype, self.device,
-                                config.logit_softcap, max_positions=config.max_model_len)
+                                config.logit_softcap, max_positions=config.max_model_len,
+                                quantization=config.quantization)
         self.tokenizer = Tokenizer.find(config.model, config.tokenizer)
         model_config = self.model.config
         if self.tokenizer.vocab_size != model_config.vocab_size:

@@ -13,6 +13,7 @@ import torch
 
 from .config import ModelConfig
 from .gpt import GPT
+from .quantization import quantize_linears
 
 # keys of short-lived nanochat prototypes whose forward math was never released
 PROTOTYPE_KEY_MARKERS = ("v0_lambdas", "value_embed_A", "value_embed.", "bigram")
@@ -109,8 +110,11 @@ def check_keys(model: GPT, state_dict: dict) -> None:
 
 def load_model(model_dir: str | Path, step: int | None = None, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", logit_softcap: float | None = None,
-               max_positions: int | None = None) -> GPT:
+               max_positions: int | None = None, quantization: str | None = None) -> GPT:
     """The GPT of a nanochat checkpoint dir, in eval mode, cast to `dtype` on `device`.
+
+    `quantization` ("int8" or "fp8") swaps every linear layer for its quantized twin
+    once the weights are on the device (see quantization.py).
 
     `logit_softcap` overrides 15: nanochat used 20 from 2026-03-02 to 03-09 (era C),
     which the weights cannot reveal.
@@ -123,4 +127,5 @@ def load_model(model_dir: str | Path, step: int | None = None, dtype: torch.dtyp
         model = GPT(config, max_positions)
     check_keys(model, state_dict)
     model.load_state_dict(state_dict, assign=True)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return quantize_linears(model, quantization) if quantization is not None else model
