@@ -167,8 +167,8 @@ def report_quality(model_dir: Path, agree_tokens: int) -> None:
     print(f"== quality on the held-out split ({len(ids):,} tokens, windows of {window})")
     bpb = {name: bits_per_byte(llm.engine.model, ids, bos, token_bytes, window) for name, llm in llms.items()}
     for name, value in bpb.items():
-        print(f"{name:12s} {value:.4f} bits/byte")
-    print(f"int8 bits/byte vs unquantized: {100 * (bpb['int8'] / bpb['unquantized'] - 1):+.2f}%")
+        print(f"{name:12s} {value:.5f} bits/byte")
+    print(f"int8 bits/byte vs unquantized: {100 * (bpb['int8'] / bpb['unquantized'] - 1):+.3f}%")
     prompts = [f"{name}.\n" for name in ("ROMEO", "JULIET", "KING RICHARD", "FALSTAFF")]
     params = SamplingParams(temperature=0, max_tokens=agree_tokens, ignore_eos=True)
     outs = {name: llm.generate(prompts, params, use_tqdm=False) for name, llm in llms.items()}

@@ -53,7 +53,8 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 weight [N, K], float32 scales [N]); the row's largest magnitude maps to 448."""
     scales = _row_scales(weight, FP8_MAX)
-    return (weight.float() / scales[:, None]).to(FP8_DTYPE), scales
+    # e4m3fn has no infinity: a quotient a rounding error above 448 must not become NaN
+    return (weight.float() / scales[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scales
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -100,10 +101,9 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        x_scales = _row_scales(rows, FP8_MAX)[:, None]  # [M, 1]: one scale per token
-        x_fp8 = (rows.float() / x_scales).to(FP8_DTYPE)
+        x_fp8, x_scales = quantize_fp8(rows)  # one scale per token
         # mat2 must be column-major: the transpose of the row-major [N, K] weight is
-        y = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scales, scale_b=self.scales,
+        y = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scales[:, None], scale_b=self.scales,
                              out_dtype=self.out_dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
