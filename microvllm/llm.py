@@ -28,7 +28,7 @@ class LLM:
     EngineConfig's (step, revision, device, dtype, block_size,
     num_blocks, kv_cache_memory, gpu_memory_utilization, max_num_seqs,
     max_num_batched_tokens, max_model_len, enable_prefix_caching, attention_backend,
-    enforce_eager, logit_softcap, seed).
+    enforce_eager, logit_softcap, quantization, seed).
 
     One LLM serves one call at a time: calls from other threads wait their turn.
     """

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import torch
 
 from ..model.attention import ATTENTION_BACKENDS
-from ..validation import check_bool, check_int, check_real, check_type
+from ..model.quantization import QUANTIZATIONS
+from ..validation import check_bool, check_choice, check_int, check_real, check_type
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # on CPU, by default: room for max_num_seqs full-length sequences, at most this much
@@ -32,6 +33,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     enforce_eager: bool = False             # on cuda: no CUDA graphs for decode steps
     logit_softcap: float | None = None      # override for nanochat's era-C softcap-20 window
+    quantization: str | None = None         # "int8" or "fp8" weights, made at load time
     seed: int = 0                           # draws the seeds of requests that set none
     step_timing: bool = False               # EngineStats gains host and device ms per step
     cpu_threads: int | None = None          # on cpu; None = OMP_NUM_THREADS if set, else cpu_threads.py's default
@@ -73,6 +75,7 @@ class EngineConfig:
         self.seed = check_int("seed", self.seed)
         if self.cpu_threads is not None:
             self.cpu_threads = check_int("cpu_threads", self.cpu_threads, 1)
+        check_choice("quantization", self.quantization, QUANTIZATIONS + (None,))
 
     def resolve_device(self) -> torch.device:
         name = str(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import xxhash
 
 from ..model.attention import resolve_attention_backend
+from ..model.quantization import quantize_linears
 from ..model.sources import load_model_and_tokenizer
 from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from ..sampling_params import RequestOutputKind, SamplingParams
@@ -83,6 +84,8 @@ class LLMEngine:
         self.model, self.tokenizer = load_model_and_tokenizer(
             config.model, config.tokenizer, config.step, config.revision, self.dtype, self.device,
             config.logit_softcap, max_positions=config.max_model_len)
+        if config.quantization is not None:
+            self.model = quantize_linears(self.model, config.quantization)
         model_config = self.model.config
         if self.tokenizer.vocab_size != model_config.vocab_size:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's "
