@@ -4,10 +4,11 @@ import time
 
 from tqdm.auto import tqdm
 
+from .engine.beam_search import BeamSearch
 from .engine.config import EngineConfig
 from .engine.llm_engine import LLMEngine
-from .outputs import RequestOutput
-from .sampling_params import SamplingParams
+from .outputs import BeamSearchOutput, RequestOutput
+from .sampling_params import BeamSearchParams, SamplingParams
 
 PROMPT_FORMS = "a str, a {'prompt': str} or {'prompt_token_ids': [int, ...]} dict, or a list of token ids"
 
@@ -33,10 +34,7 @@ class LLM:
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate completions for all prompts; outputs come back in input order."""
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
-                                               and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        parsed = [self._parse_prompt(p) for p in prompts]
+        parsed = self._parse_prompts(prompts)
         params = self._params_per_prompt(sampling_params, len(parsed))
         for (_, token_ids), p in zip(parsed, params):
             self.engine.validate_prompt(token_ids, p)  # before any is queued: all or nothing
@@ -49,6 +47,30 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [{"prompt_token_ids": self.tokenizer.render_chat(c)} for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """The params.beam_width best continuations of each prompt, in input order.
+
+        The beams run in the engine's batches beside any requests already added; those
+        that finish meanwhile come back from the next step().
+        """
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        parsed = self._parse_prompts(prompts)
+        search = BeamSearch(self.engine, params)
+        for _, token_ids in parsed:
+            search.validate(token_ids)  # before any is queued: all or nothing
+        for text, token_ids in parsed:
+            search.add(text, token_ids)
+        bar = tqdm(total=len(parsed), desc="Beam search", disable=not use_tqdm, dynamic_ncols=True)
+        try:
+            while not search.is_finished:
+                self._unclaimed_outputs += search.step()
+                bar.update(search.num_finished - bar.n)
+        finally:
+            bar.close()
+            search.abort()  # interrupted: leave the engine clean and usable
+        return search.outputs()
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         pending = set(request_ids)
@@ -75,6 +97,13 @@ class LLM:
             for request_id in pending:  # interrupted: leave the engine clean and usable
                 self.engine.abort_request(request_id)
         return [outputs[r] for r in request_ids]
+
+    def _parse_prompts(self, prompts) -> list[tuple[str | None, list[int]]]:
+        """One prompt or a list of them, each parsed."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
+                                               and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        return [self._parse_prompt(p) for p in prompts]
 
     def _parse_prompt(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 
-from .validation import check_int, check_real
+from .validation import check_bool, check_int, check_real
 
 MAX_LOGPROBS = 20
 
@@ -69,3 +69,21 @@ class SamplingParams:
             if value is not None:
                 check_int(name, value, 0, MAX_LOGPROBS)
 
+
+
+@dataclass
+class BeamSearchParams:
+    """How LLM.beam_search explores: the beam_width best continuations of each prompt."""
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False            # False: a beam that emits EOS is finished
+    temperature: float = 0.0            # > 0 adds one sampled token to each beam's candidates
+    length_penalty: float = 1.0         # beams rank by cum_logprob / length ** length_penalty
+
+    def __post_init__(self):
+        # each beam offers its 2 * beam_width most likely tokens, as top log-probs
+        check_int("beam_width", self.beam_width, 1, MAX_LOGPROBS // 2)
+        check_int("max_tokens", self.max_tokens, 1)
+        check_bool("ignore_eos", self.ignore_eos)
+        check_real("temperature", self.temperature, "a finite number >= 0", lambda x: x >= 0)
+        check_real("length_penalty", self.length_penalty, "a finite number")

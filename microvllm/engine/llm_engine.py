@@ -115,6 +115,10 @@ class LLMEngine:
         self.requests[request_id] = request
         return request_id
 
+    def new_sequence(self, request: Request, index: int, token_ids: list[int], seed: int) -> Sequence:
+        """A sequence of `request` beyond those add_request made (beam search's forks)."""
+        return Sequence(next(self._seq_counter), request, index, token_ids, seed)
+
     def abort_request(self, request_id: str) -> None:
         request = self.requests.pop(str(request_id), None)
         if request is None:
