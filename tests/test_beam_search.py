@@ -11,6 +11,7 @@ from microvllm.engine.block_manager import BlockManager
 from microvllm.engine.kv_cache import PagedKVCache
 from microvllm.engine.sequence import Request, Sequence
 from reference import reference_beam_search
+from test_decode_graphs import with_decode_graphs
 from test_model_matches_reference import load_reference
 
 PROMPTS = [[256, 10, 20, 30], [256] + list(range(40, 57)), [256, 7]]  # 4, 18 and 2 tokens
@@ -96,6 +97,15 @@ def test_beams_do_not_depend_on_preemption_or_step_size(checkpoint_dir, tight_se
         assert [[list(c) for c in s.logprobs] for s in got.sequences] == \
             [[list(c) for c in s.logprobs] for s in want.sequences]
     assert tight.engine.block_manager.num_used_blocks == 0
+
+
+def test_beams_through_decode_graphs_with_few_sequence_slots(checkpoint_dir, llm):
+    params = BeamSearchParams(beam_width=4, max_tokens=10, ignore_eos=True)
+    graphed = LLM(checkpoint_dir, max_num_seqs=6)  # fewer slots than the 12 beams
+    capture = with_decode_graphs(graphed)
+    for got, want in zip(graphed.beam_search(PROMPTS, params), llm.beam_search(PROMPTS, params)):
+        assert_same_beams(beams(got), beams(want))
+    assert capture.replays and max(capture.replays) <= 6
 
 
 def test_beams_share_batches_with_other_requests(llm):
