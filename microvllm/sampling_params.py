@@ -1,4 +1,4 @@
-"""SamplingParams: how the tokens of one request are chosen, validated on creation."""
+"""SamplingParams and BeamSearchParams: how tokens are chosen, validated on creation."""
 
 from dataclasses import dataclass, field
 
@@ -68,7 +68,6 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None:
                 check_int(name, value, 0, MAX_LOGPROBS)
-
 
 
 @dataclass

@@ -55,7 +55,7 @@ class BeamSearch:
         self.engine = engine
         self.params = params
         self.eos_token_ids = engine.tokenizer.eos_token_ids
-        # the engine stops nothing: EOS and lengths are the search's business
+        # EOS and max_tokens are the search's business, not the engine's
         self.sampling_params = SamplingParams(temperature=params.temperature, max_tokens=None,
                                               ignore_eos=True, logprobs=2 * params.beam_width)
         self.prompts: list[_Prompt] = []
