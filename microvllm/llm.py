@@ -6,12 +6,13 @@ from dataclasses import fields
 
 from tqdm.auto import tqdm
 
+from .engine.beam_search import BeamSearch
 from .engine.config import EngineConfig
 from .engine.interrupts import interrupts_held
 from .engine.llm_engine import LLMEngine
-from .outputs import RequestOutput
 from . import unsupported
-from .sampling_params import RequestOutputKind, SamplingParams
+from .outputs import BeamSearchOutput, RequestOutput
+from .sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 from .unsupported import check_arguments
 from .validation import check_bool, check_type
 
@@ -48,11 +49,7 @@ class LLM:
         """Generate completions for all prompts; outputs come back in input order."""
         if not callable(use_tqdm):
             check_bool("use_tqdm", use_tqdm)
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
-                                               and not isinstance(prompts[0], (str, dict, list, tuple))):
-            prompts = [prompts]
-        check_type("prompts", prompts, (list, tuple), f"a prompt or a list of prompts ({PROMPT_FORMS})")
-        parsed = [self._parse_prompt(p) for p in prompts]
+        parsed = self._parse_prompts(prompts)
         params = self._params_per_prompt(sampling_params, len(parsed))
         for (_, token_ids), p in zip(parsed, params):
             self.engine.validate_prompt(token_ids, p)  # before any is queued: all or nothing
@@ -81,6 +78,34 @@ class LLM:
         for out in outputs:  # the rendered conversation, special tokens and all
             out.prompt = self.tokenizer.decode(out.prompt_token_ids, skip_special_tokens=False)
         return outputs
+
+    def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """The params.beam_width best continuations of each prompt, in input order.
+
+        The beams run in the engine's batches beside any requests already added; those
+        that finish meanwhile come back from the next step().
+        """
+        check_type("params", params, BeamSearchParams, "a BeamSearchParams")
+        check_bool("use_tqdm", use_tqdm)
+        parsed = self._parse_prompts(prompts)
+        with self._lock:
+            return self._beam_search(parsed, params, use_tqdm)
+
+    def _beam_search(self, parsed: list[tuple], params: BeamSearchParams, use_tqdm: bool) -> list[BeamSearchOutput]:
+        search = BeamSearch(self.engine, params)
+        for _, token_ids in parsed:
+            search.validate(token_ids)  # before any is queued: all or nothing
+        for text, token_ids in parsed:
+            search.add(text, token_ids)
+        bar = tqdm(total=len(parsed), desc="Beam search", disable=not use_tqdm, dynamic_ncols=True)
+        try:
+            while not search.is_finished:
+                self._unclaimed_outputs += search.step()
+                bar.update(search.num_finished - bar.n)
+        finally:
+            bar.close()
+            search.abort()  # interrupted: leave the engine clean and usable
+        return search.outputs()
 
     def _run(self, prompts: list[tuple], params: list[SamplingParams], use_tqdm) -> list[RequestOutput]:
         request_ids, pending = [], set()
@@ -113,6 +138,14 @@ class LLM:
             for request_id in pending:  # failed or interrupted: queue nothing, leave the engine usable
                 self.engine.abort_request(request_id)
         return [outputs[r] for r in request_ids]
+
+    def _parse_prompts(self, prompts) -> list[tuple[str | None, list[int]]]:
+        """One prompt or a list of them, each parsed."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
+                                               and not isinstance(prompts[0], (str, dict, list, tuple))):
+            prompts = [prompts]
+        check_type("prompts", prompts, (list, tuple), f"a prompt or a list of prompts ({PROMPT_FORMS})")
+        return [self._parse_prompt(p) for p in prompts]
 
     def _parse_prompt(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

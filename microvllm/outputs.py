@@ -53,3 +53,20 @@ class RequestOutput:
         if key == "token_ids":
             return self.outputs[0].token_ids
         raise KeyError(f"{key!r}: dict-style access offers 'text' and 'token_ids'")
+
+
+@dataclass
+class BeamSearchSequence:
+    """One beam: its tokens (the prompt's first, as in vLLM), their text and log-probs."""
+    tokens: list[int]
+    logprobs: list[dict[int, Logprob]]  # per generated token: the candidates it was chosen from
+    cum_logprob: float = 0.0
+    text: str | None = None             # tokens decoded, prompt and special tokens included
+    finish_reason: str | None = None    # "stop" (EOS) | "length"
+    stop_reason: int | None = None      # the EOS token id
+
+
+@dataclass
+class BeamSearchOutput:
+    """The best beams of one prompt, best first: at most beam_width of them."""
+    sequences: list[BeamSearchSequence]

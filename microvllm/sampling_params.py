@@ -1,4 +1,4 @@
-"""SamplingParams: how the tokens of one request are chosen, validated on creation."""
+"""SamplingParams and BeamSearchParams: how tokens are chosen, validated on creation."""
 
 import enum
 import inspect
@@ -141,3 +141,20 @@ def _init_refusing_vllm_only_arguments(self, *args, **kwargs):
 
 SamplingParams.__init__ = _init_refusing_vllm_only_arguments
 
+
+@dataclass
+class BeamSearchParams:
+    """How LLM.beam_search explores: the beam_width best continuations of each prompt."""
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False            # False: a beam that emits EOS is finished
+    temperature: float = 0.0            # > 0 adds one sampled token to each beam's candidates
+    length_penalty: float = 1.0         # beams rank by cum_logprob / length ** length_penalty
+
+    def __post_init__(self):
+        # each beam offers its 2 * beam_width most likely tokens, as top log-probs
+        check_int("beam_width", self.beam_width, 1, MAX_LOGPROBS // 2)
+        check_int("max_tokens", self.max_tokens, 1)
+        check_bool("ignore_eos", self.ignore_eos)
+        check_real("temperature", self.temperature, "a finite number >= 0", lambda x: x >= 0)
+        check_real("length_penalty", self.length_penalty, "a finite number")

@@ -103,3 +103,29 @@ def reference_greedy(sd, cfg, era, prompt: list[int], max_tokens: int, stop_ids=
         if token in stop_ids:
             break
     return out, logprobs
+
+
+def reference_beam_search(sd, cfg, era, prompt: list[int], width: int, max_tokens: int,
+                          eos_ids=(), length_penalty: float = 1.0):
+    """Beam search by brute force, with vLLM's rules: (tokens, cum log-prob) pairs, best first.
+
+    Every step scores every live beam's 2 * width most likely next tokens with a full
+    recompute; candidates ending in EOS are finished, the `width` best others live on;
+    at the end all are ranked by cum_logprob / len ** length_penalty (len counts the
+    prompt, not a final EOS).
+    """
+    def score(beam):
+        tokens, cum = beam
+        return cum / (len(tokens) - (tokens[-1] in eos_ids)) ** length_penalty
+
+    live, finished = [(list(prompt), 0.0)], []
+    for _ in range(max_tokens):
+        candidates = []
+        for tokens, cum in live:
+            top = reference_logits(sd, cfg, era, tokens)[-1].log_softmax(-1).topk(2 * width)
+            for token, logprob in zip(top.indices.tolist(), top.values.tolist()):
+                (finished if token in eos_ids else candidates).append((tokens + [token], cum + logprob))
+        live = sorted(candidates, key=score, reverse=True)[:width]
+        if not live:
+            break
+    return sorted(finished + live, key=score, reverse=True)[:width]

@@ -34,6 +34,7 @@ workloads = st.fixed_dictionaries({
     "requests": st.lists(st.tuples(st.integers(0, 3), st.integers(1, 30), st.integers(1, 12),
                                    st.integers(1, 3)), min_size=1, max_size=12),
     "aborts": st.lists(st.integers(0, 40), max_size=4),
+    "forks": st.lists(st.integers(0, 40), max_size=6),
     "seed": st.integers(0, 1000),
 })
 
@@ -73,6 +74,13 @@ def test_random_workloads_keep_invariants_and_finish(w):
             seq.token_ids.append((seq.seq_id + seq.num_tokens * 3 + w["seed"]) % 50)
             if seq.num_output_tokens >= seq.params.max_tokens:
                 scheduler.finish(seq, "length")
+        if step in w["forks"] and scheduler.running:  # as beam search does between steps
+            parent = scheduler.running[step % len(scheduler.running)]
+            if scheduler.can_fork(parent):
+                child = Sequence(1_000_000 + step, parent.request, 0, list(parent.token_ids), seed=0)
+                parent.request.sequences.append(child)
+                copy = scheduler.fork(parent, child)
+                assert (copy is None) == (parent.num_computed_tokens % bs == 0)
         if step in w["aborts"]:
             victim = requests[step % len(requests)]
             for seq in victim.sequences:

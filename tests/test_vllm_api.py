@@ -88,7 +88,7 @@ def test_chat_outputs_carry_the_rendered_prompt(llm):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(tensor_parallel_size=2), r"LLM\(tensor_parallel_size=2\) is not supported: microvllm runs"),
     (dict(trust_remote_code=True), "hold no code"),
-    (dict(quantization="awq"), "is not supported"),
+    (dict(quantization="awq"), "is not one of .int8., .fp8., None"),
 ])
 def test_vllm_only_llm_arguments_are_refused_by_name(checkpoint_dir, kwargs, message):
     with pytest.raises(ValueError, match=message):

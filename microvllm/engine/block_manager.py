@@ -116,6 +116,29 @@ class BlockManager:
         for _ in range(needed):
             seq.block_table.append(self._take_free_block())
 
+    def can_fork(self, parent: Sequence) -> bool:
+        return parent.num_computed_tokens % self.block_size == 0 or self.num_free_blocks > 0
+
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
+        """Give `child` the KV of every token `parent` has computed.
+
+        The full blocks are shared (one more user each); a partial last block cannot be,
+        since both will write their next tokens into it, so the child gets a fresh block
+        and the caller copies the KV across: the returned (source, destination) pair.
+        """
+        assert not child.block_table, "child already holds blocks"
+        num_full = parent.num_computed_tokens // self.block_size
+        for block_id in parent.block_table[:num_full]:
+            self._take(block_id)
+        child.block_table = parent.block_table[:num_full]
+        child.block_hashes = parent.block_hashes[:num_full]
+        child.num_registered_blocks = min(parent.num_registered_blocks, num_full)
+        child.num_computed_tokens = parent.num_computed_tokens
+        if parent.num_computed_tokens % self.block_size == 0:
+            return None
+        child.block_table.append(self._take_free_block())
+        return parent.block_table[num_full], child.block_table[-1]
+
     def free(self, seq: Sequence) -> None:
         # tail blocks first: they are the least likely to be shared, so evict them first
         for block_id in reversed(seq.block_table):

@@ -34,6 +34,13 @@ class PagedKVCache:
         element_size = torch.empty((), dtype=dtype).element_size()
         return 2 * num_layers * block_size * num_kv_heads * head_dim * element_size
 
+    def copy_blocks(self, sources: list[int], destinations: list[int]) -> None:
+        """Copy whole blocks, every layer's K and V: one indexed copy per pool for the lot."""
+        src = torch.tensor(sources, device=self.k.device)
+        dst = torch.tensor(destinations, device=self.k.device)
+        self.k.index_copy_(1, dst, self.k.index_select(1, src))
+        self.v.index_copy_(1, dst, self.v.index_select(1, src))
+
     def flat_pools(self, layer_idx: int):
         """K and V of one layer as `[num_slots, n_kv_head, head_dim]`, indexable by slot."""
         k, v = self.k[layer_idx], self.v[layer_idx]

@@ -180,6 +180,10 @@ class LLMEngine:
         self.requests[request_id] = request
         return request_id
 
+    def new_sequence(self, request: Request, index: int, token_ids: list[int], seed: int) -> Sequence:
+        """A sequence of `request` beyond those add_request made (beam search's forks)."""
+        return Sequence(next(self._seq_counter), request, index, token_ids, seed)
+
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Drop a request and free its blocks; returns its final output (finish_reason
         "abort" where it had not finished), or None for an unknown id."""

@@ -95,6 +95,21 @@ class Scheduler:
         shareable = (seq.num_prompt_tokens - 1) // self.block_manager.block_size
         return first.block_table[:shareable]
 
+    def can_fork(self, parent: Sequence) -> bool:
+        return len(self.running) < self.max_num_seqs and self.block_manager.can_fork(parent)
+
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
+        """Start `child` running from `parent`'s computed KV; returns a block to copy, if any.
+
+        The child joins the running sequences last, as if just admitted (so it is the first
+        to be preempted); it was never waiting, so the admission counters leave it out.
+        """
+        copy = self.block_manager.fork(parent, child)
+        child.num_cached_tokens = child.num_computed_tokens
+        child.status = SequenceStatus.RUNNING
+        self.running.append(child)
+        return copy
+
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free(seq)

@@ -1,0 +1,180 @@
+"""Beam search: a driver that steps the engine and forks or prunes beams between steps.
+
+Every beam is an ordinary Sequence, so the beams of all prompts run in the same batches
+as any other request. A beam's sequence asks for 2 * beam_width top log-probs; after
+each step the driver takes the sampled token back off every beam that sampled and keeps
+its candidates. Once all live beams of a prompt hold candidates, the beam_width best
+survive and each gets its next token: a beam's first child carries on in its sequence,
+the others fork it (full KV blocks shared, the partial last block copied: one batched
+copy per step for all forks), and a beam without children gives its sequence back.
+
+Scoring is vLLM's: a beam's candidates are its top 2 * beam_width tokens (and the
+sampled one, which differs from the top only when temperature > 0), weighed by the
+model's own log-probs; a candidate ending in EOS is finished and set aside, the others
+compete for the beam_width places. After max_tokens steps the finished and the live
+beams are ranked together by cum_logprob / length ** length_penalty, where length
+counts the prompt and not a final EOS.
+
+The beams of a prompt are scored together, at one length. When some of them sampled in
+a step and others did not (a sibling was preempted, or left out of a full step), those
+that did give their sequences back at once, and their children start as new sequences
+(their full blocks come back from the prefix cache). No beam ever waits while holding
+blocks, so a search cannot stall the engine, and it finds the same beams as if every
+step had been in step.
+"""
+
+from dataclasses import dataclass, field
+
+from ..outputs import BeamSearchOutput, BeamSearchSequence, Logprob, RequestOutput
+from ..sampling_params import BeamSearchParams, SamplingParams
+from .llm_engine import LLMEngine
+from .sequence import Request, Sequence
+
+
+@dataclass(eq=False)
+class _Beam:
+    tokens: list[int]                   # prompt and generated; the last has no KV yet
+    logprobs: list[dict[int, Logprob]]
+    cum_logprob: float
+    seq: Sequence | None = None         # None: given back, its children start afresh
+    candidates: dict[int, Logprob] | None = None  # what it sampled from, this round
+    parent: "_Beam | None" = None
+
+
+@dataclass(eq=False)
+class _Prompt:
+    request: Request
+    seed: int                           # every beam's, so a restart samples what it would have
+    steps_left: int
+    live: list[_Beam]
+    finished: list[BeamSearchSequence] = field(default_factory=list)
+
+
+class BeamSearch:
+    def __init__(self, engine: LLMEngine, params: BeamSearchParams):
+        self.engine = engine
+        self.params = params
+        self.eos_token_ids = engine.tokenizer.eos_token_ids
+        # EOS and max_tokens are the search's business, not the engine's
+        self.sampling_params = SamplingParams(temperature=params.temperature, max_tokens=None,
+                                              ignore_eos=True, logprobs=2 * params.beam_width)
+        self.prompts: list[_Prompt] = []
+
+    def validate(self, prompt_token_ids: list[int]) -> None:
+        self.engine.validate_prompt(prompt_token_ids, self.sampling_params)
+
+    def add(self, prompt: str | None, prompt_token_ids: list[int]) -> None:
+        request_id = self.engine.add_request(prompt, prompt_token_ids, self.sampling_params)
+        request = self.engine.requests[request_id]
+        steps = min(self.params.max_tokens, self.engine.max_model_len - len(prompt_token_ids))
+        root = _Beam(list(prompt_token_ids), [], 0.0, request.sequences[0])
+        self.prompts.append(_Prompt(request, root.seq.seed, steps, [root]))
+
+    @property
+    def num_finished(self) -> int:
+        return sum(not p.live for p in self.prompts)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.num_finished == len(self.prompts)
+
+    def step(self) -> list[RequestOutput]:
+        """One engine step, then the search's moves; returns other requests' finished outputs."""
+        ours = {p.request.request_id for p in self.prompts}
+        others = [out for out in self.engine.step() if out.request_id not in ours]
+        copies = []
+        for prompt in self.prompts:
+            if prompt.live:
+                self._advance(prompt, copies)
+        if copies:
+            self.engine.kv_cache.copy_blocks(*zip(*copies))
+        return others
+
+    def abort(self) -> None:
+        for prompt in self.prompts:
+            prompt.live = []
+            self.engine.abort_request(prompt.request.request_id)
+
+    def outputs(self) -> list[BeamSearchOutput]:
+        tokenizer = self.engine.tokenizer
+        outputs = []
+        for prompt in self.prompts:
+            best = sorted(prompt.finished, key=self._score, reverse=True)[:self.params.beam_width]
+            for beam in best:
+                beam.text = tokenizer.decode(beam.tokens, skip_special_tokens=False)
+            outputs.append(BeamSearchOutput(best))
+        return outputs
+
+    # -- between steps ----------------------------------------------------------------
+
+    def _advance(self, prompt: _Prompt, copies: list) -> None:
+        for beam in prompt.live:
+            seq = beam.seq
+            if beam.candidates is None and seq is not None and seq.num_tokens > len(beam.tokens):
+                seq.token_ids.pop()  # the search, not the sampler, picks the next token
+                beam.candidates = seq.logprobs.pop()
+        if all(beam.candidates is not None for beam in prompt.live):
+            self._select(prompt, copies)
+        else:
+            for beam in prompt.live:
+                if beam.candidates is not None and beam.seq is not None:
+                    self._give_back(prompt, beam)
+
+    def _select(self, prompt: _Prompt, copies: list) -> None:
+        p = self.params
+        candidates = []
+        for beam in prompt.live:
+            for token, logprob in beam.candidates.items():
+                child = _Beam(beam.tokens + [token], beam.logprobs + [beam.candidates],
+                              beam.cum_logprob + logprob.logprob, parent=beam)
+                if token in self.eos_token_ids and not p.ignore_eos:
+                    prompt.finished.append(self._result(child, "stop", token))
+                else:
+                    candidates.append(child)
+        # all candidates have one length here, so this ranks by cum_logprob
+        survivors = sorted(candidates, key=self._score, reverse=True)[:p.beam_width]
+        prompt.steps_left -= 1
+        if not prompt.steps_left or not survivors:
+            prompt.finished += [self._result(beam, "length") for beam in survivors]
+            prompt.live = []
+            self.engine.abort_request(prompt.request.request_id)
+            return
+        for beam in prompt.live:  # first, so that forks can take the blocks they free
+            if beam.seq is not None and not any(c.parent is beam for c in survivors):
+                self._give_back(prompt, beam)
+        for index, child in enumerate(survivors):
+            child.seq = self._sequence_for(prompt, child, index, copies)
+        prompt.live = survivors
+        prompt.request.sequences = [beam.seq for beam in survivors]
+
+    def _sequence_for(self, prompt: _Prompt, child: _Beam, index: int, copies: list) -> Sequence:
+        parent = child.parent.seq
+        if parent is not None and parent.num_tokens < len(child.tokens):
+            parent.token_ids.append(child.tokens[-1])  # the first child carries on in place
+            return parent
+        seq = self.engine.new_sequence(prompt.request, index, list(child.tokens), prompt.seed)
+        # output positions count from the prompt, wherever this sequence starts; the
+        # sampling noise is keyed by them
+        seq.num_prompt_tokens = len(prompt.request.prompt_token_ids)
+        scheduler = self.engine.scheduler
+        if parent is not None and scheduler.can_fork(parent):
+            copy = scheduler.fork(parent, seq)
+            if copy is not None:
+                copies.append(copy)
+        else:
+            scheduler.add(seq)  # recomputed, mostly from the prefix cache
+        return seq
+
+    def _give_back(self, prompt: _Prompt, beam: _Beam) -> None:
+        self.engine.scheduler.finish(beam.seq, "abort")
+        prompt.request.sequences.remove(beam.seq)
+        beam.seq = None
+
+    def _score(self, beam) -> float:
+        length = len(beam.tokens) - (beam.tokens[-1] in self.eos_token_ids)
+        return beam.cum_logprob / length ** self.params.length_penalty
+
+    @staticmethod
+    def _result(beam: _Beam, finish_reason: str, stop_reason: int | None = None) -> BeamSearchSequence:
+        return BeamSearchSequence(beam.tokens, beam.logprobs, beam.cum_logprob,
+                                  finish_reason=finish_reason, stop_reason=stop_reason)
