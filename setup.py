@@ -13,8 +13,12 @@ setup(
     extras_require={
         # pyarrow writes the parquet loader test file; triton runs its kernels on the CPU
         # in interpreter mode, so its tests need no GPU
-        "test": ["pytest", "hypothesis", "pyarrow", "triton; sys_platform == 'linux' and platform_machine == 'x86_64'"],
+        # ray runs the data-parallel tests on a local two-CPU cluster
+        "test": ["pytest", "hypothesis", "pyarrow", "triton; sys_platform == 'linux' and platform_machine == 'x86_64'",
+                 "ray[data]>=2.40,<3"],
         "bench": ["datasets", "matplotlib", "pyarrow"],
         "train": ["tokenizers"],
+        # data-parallel replicas (LLM(..., data_parallel_size=N)) and the Ray Data path
+        "distributed": ["ray[data]>=2.40,<3"],
     },
 )

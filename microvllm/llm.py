@@ -8,6 +8,7 @@ from .engine.config import EngineConfig
 from .engine.llm_engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
+from .validation import check_int
 
 PROMPT_FORMS = "a str, a {'prompt': str} or {'prompt_token_ids': [int, ...]} dict, or a list of token ids"
 
@@ -20,10 +21,20 @@ class LLM:
     num_blocks, kv_cache_memory, gpu_memory_utilization, max_num_seqs,
     max_num_batched_tokens, max_model_len, enable_prefix_caching, attention_backend,
     enforce_eager, logit_softcap, seed).
+
+    `data_parallel_size=N` runs N engine replicas on Ray (one GPU each, or on CPU
+    `cpu_threads_per_replica` cores each, by default an equal share) and shards every
+    batch across them; see microvllm/distributed.
     """
 
-    def __init__(self, model: str, tokenizer: str | None = None, **engine_args):
-        self.engine = LLMEngine(EngineConfig(model=str(model), tokenizer=tokenizer, **engine_args))
+    def __init__(self, model: str, tokenizer: str | None = None, data_parallel_size: int = 1,
+                 cpu_threads_per_replica: int | None = None, **engine_args):
+        config = EngineConfig(model=str(model), tokenizer=tokenizer, **engine_args)
+        if check_int("data_parallel_size", data_parallel_size, 1) == 1:
+            self.engine = LLMEngine(config)
+        else:  # replicas that look like one engine from here
+            from .distributed import ReplicaPool
+            self.engine = ReplicaPool(config, data_parallel_size, cpu_threads_per_replica)
         self.tokenizer = self.engine.tokenizer
         # outputs of add_request() requests that finished while generate() drove the engine
         self._unclaimed_outputs: list[RequestOutput] = []
