@@ -17,6 +17,7 @@ and stepping as it always does:
 import dataclasses
 import itertools
 import random
+import time
 import warnings
 from dataclasses import dataclass, fields
 
@@ -24,6 +25,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from ..engine.config import EngineConfig
+from ..engine.llm_engine import LLMEngine
 from ..engine.stats import EngineStats
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
@@ -32,6 +34,7 @@ from ..validation import check_int
 from .replica import EngineReplica
 from .router import Router
 
+RELEASE_WAIT_S = 10.0
 DEFAULT_STEP_BUDGET_S = 0.1  # engine time per replica call: short for a live bar, long next to a call's cost
 
 
@@ -65,24 +68,24 @@ class ReplicaPool:
         except RayTaskError as e:  # the replica's own error, raised as itself
             self.shutdown()
             raise e.cause from None
-        self.block_size, self.max_model_len = infos[0]["block_size"], infos[0]["max_model_len"]
+        self.block_size, self.max_model_len, self.vocab_size = \
+            (infos[0][k] for k in ("block_size", "max_model_len", "vocab_size"))
         self.router = Router(data_parallel_size, self.block_size)
         self.step_budget_s = step_budget_s
         self.requests: dict[str, _Request] = {}   # unfinished, by request id
         self._in_flight: dict[ray.ObjectRef, int] = {}  # a replica's running call -> its index
         self._replica_stats = [EngineStats() for _ in self.replicas]
-        self._held_outputs: list[RequestOutput] = []  # finished beside a refused request
         self._request_counter = itertools.count()
         self._seed_rng = random.Random(config.seed)
 
     # -- the engine's interface ---------------------------------------------------------
 
-    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Nothing to do here: each replica checks a request as it queues it, and step()
-        raises the error of one it refused."""
+    # the engine's own checks: they read only vocab_size and max_model_len, which the pool holds
+    validate_prompt = LLMEngine.validate_prompt
 
     def add_request(self, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
                     request_id: str | None = None) -> str:
+        self.validate_prompt(prompt_token_ids, params)
         request_id = str(next(self._request_counter)) if request_id is None else str(request_id)
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -98,23 +101,15 @@ class ReplicaPool:
     def step(self) -> list[RequestOutput]:
         self._dispatch()
         if not self._in_flight:
-            held, self._held_outputs = self._held_outputs, []
-            return held
+            return []
         ready, _ = ray.wait(list(self._in_flight), num_returns=1)
         index = self._in_flight.pop(ready[0])
         try:
-            finished, refused, self._replica_stats[index] = ray.get(ready[0])
+            finished, self._replica_stats[index] = ray.get(ready[0])
         except RayActorError as e:
             self._lose_replica(index, e)
             return []
-        outputs = [out for out in finished if self._forget(out.request_id)]
-        for request_id, _ in refused:
-            self._forget(request_id)
-        if refused:
-            self._held_outputs += outputs  # the next step returns them
-            raise refused[0][1]
-        held, self._held_outputs = self._held_outputs, []
-        return held + outputs
+        return [out for out in finished if self._forget(out.request_id)]
 
     def abort_request(self, request_id: str) -> None:
         request = self.requests.get(str(request_id))
@@ -123,7 +118,7 @@ class ReplicaPool:
         self._forget(str(request_id))
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests) or bool(self._held_outputs)
+        return bool(self.requests)
 
     @property
     def stats(self) -> EngineStats:
@@ -173,24 +168,34 @@ class ReplicaPool:
 
 
 def _placement(config: EngineConfig, num_replicas: int, cpu_threads: int | None):
-    """The replicas' engine config, actor options and torch threads, checked against the
-    cluster, so a job that cannot be placed fails now instead of waiting forever."""
-    resources = ray.cluster_resources()
-    device = config.device or ("cuda" if resources.get("GPU", 0) >= 1 else "cpu")
+    """The replicas' engine config, actor options and torch threads, checked against what
+    the cluster has free, so a job that cannot be placed fails now instead of waiting."""
+    device = config.device or ("cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu")
     if device.startswith("cuda"):
         if device != "cuda":
             raise ValueError(f"device={device!r} names one GPU; with data_parallel_size > 1 use "
                              f"device='cuda': each replica gets a GPU of its own")
-        if resources.get("GPU", 0) < num_replicas:
+        free = _free_resources("GPU", num_replicas)
+        if free < num_replicas:
             raise ValueError(f"data_parallel_size={num_replicas} needs {num_replicas} GPUs, one per "
-                             f"replica, but the Ray cluster has {resources.get('GPU', 0):g}")
+                             f"replica, but the Ray cluster has {free:g} free")
         return dataclasses.replace(config, device="cuda"), {"num_gpus": 1, "num_cpus": cpu_threads or 1}, \
             cpu_threads
-    total = int(resources.get("CPU", 0))
     largest_node = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]), default=0)
-    cpu_threads = cpu_threads or max(1, min(total // num_replicas, largest_node))
-    if cpu_threads * num_replicas > total or cpu_threads > largest_node:
+    needed = num_replicas * (cpu_threads or 1)
+    free = int(_free_resources("CPU", needed))
+    cpu_threads = cpu_threads or max(1, min(free // num_replicas, largest_node))
+    if cpu_threads * num_replicas > free or cpu_threads > largest_node:
         raise ValueError(f"data_parallel_size={num_replicas} with cpu_threads_per_replica={cpu_threads} "
                          f"needs {num_replicas * cpu_threads} CPUs, {cpu_threads} on one node, but the "
-                         f"Ray cluster has {total} (at most {largest_node} on a node): lower either")
+                         f"Ray cluster has {free} free (at most {largest_node} on a node): lower either")
     return dataclasses.replace(config, device="cpu"), {"num_cpus": cpu_threads}, cpu_threads
+
+
+def _free_resources(name: str, needed: float, wait_s: float = RELEASE_WAIT_S) -> float:
+    """How much of a resource is free, waiting a little for `needed` of it: actors that
+    were just killed give theirs back a moment later."""
+    deadline = time.monotonic() + wait_s
+    while (free := ray.available_resources().get(name, 0)) < needed and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return free

@@ -18,28 +18,25 @@ class EngineReplica:
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
         self.engine = LLMEngine(config)
-        return {"block_size": self.engine.block_size, "max_model_len": self.engine.max_model_len}
+        return {"block_size": self.engine.block_size, "max_model_len": self.engine.max_model_len,
+                "vocab_size": self.engine.vocab_size}
 
     def run(self, requests: list[tuple], budget_s: float):
         """Queue `requests` (request_id, prompt, prompt_token_ids, params), then step for
         about `budget_s` seconds (one step at least) or until nothing is left.
 
-        Returns the outputs that finished, the requests refused as (request_id, error),
-        and the engine's stats. A refused request is not queued; the others are.
+        Returns the outputs that finished and the engine's stats. The pool has checked
+        the requests with the engine's rules already.
         """
-        refused = []
         for request_id, prompt, token_ids, params in requests:
-            try:
-                self.engine.add_request(prompt, token_ids, params, request_id)
-            except (TypeError, ValueError) as e:
-                refused.append((request_id, e))
+            self.engine.add_request(prompt, token_ids, params, request_id)
         finished = []
         deadline = time.perf_counter() + budget_s
         while self.engine.has_unfinished_requests():
             finished += self.engine.step()
             if time.perf_counter() >= deadline:
                 break
-        return finished, refused, self.engine.stats
+        return finished, self.engine.stats
 
     def abort(self, request_id: str) -> None:
         self.engine.abort_request(request_id)
