@@ -45,6 +45,7 @@ class _Request:
     params: SamplingParams
     cost: int        # outstanding tokens, for the router
     replica: int
+    prefix_key: int | None
     sent: bool = False
 
     def as_call(self, request_id: str) -> tuple:
@@ -75,6 +76,9 @@ class ReplicaPool:
         self.requests: dict[str, _Request] = {}   # unfinished, by request id
         self._in_flight: dict[ray.ObjectRef, int] = {}  # a replica's running call -> its index
         self._replica_stats = [EngineStats() for _ in self.replicas]
+        # (replica, prefix key) pairs whose blocks a replica has written, or is writing now
+        self._cached_prefixes: set[tuple[int, int]] = set()
+        self._warming_prefixes: set[tuple[int, int]] = set()
         self._request_counter = itertools.count()
         self._seed_rng = random.Random(config.seed)
 
@@ -95,7 +99,8 @@ class ReplicaPool:
         new_tokens = params.max_tokens or max(self.max_model_len - len(token_ids), 0)
         cost = len(token_ids) + params.n * new_tokens
         self.requests[request_id] = _Request(prompt, token_ids, params, cost,
-                                             self.router.route(token_ids, cost))
+                                             self.router.route(token_ids, cost),
+                                             self.router.prefix_key(token_ids))
         return request_id
 
     def step(self) -> list[RequestOutput]:
@@ -109,6 +114,7 @@ class ReplicaPool:
         except RayActorError as e:
             self._lose_replica(index, e)
             return []
+        self._prefixes_written(index)
         return [out for out in finished if self._forget(out.request_id)]
 
     def abort_request(self, request_id: str) -> None:
@@ -135,18 +141,39 @@ class ReplicaPool:
     # -- inside ---------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        """Call every live replica that has work and no call running."""
+        """Call every live replica that has work and no call running.
+
+        The first request of a prefix new to a replica goes alone: requests admitted in the
+        same engine step cannot hit each other's blocks (a block is cached once its KV is
+        written), so the others with that prefix wait for the next call, and a call that
+        holds some back runs a single step, which writes the prefix.
+        """
         busy = set(self._in_flight.values())
         batches = {i: [] for i, r in enumerate(self.replicas) if r is not None and i not in busy}
-        has_work = set()
+        has_work, holding = set(), set()
         for request_id, request in self.requests.items():
-            if request.replica in batches:
-                has_work.add(request.replica)
-                if not request.sent:
-                    batches[request.replica].append(request.as_call(request_id))
-                    request.sent = True
+            index = request.replica
+            if index not in batches:
+                continue
+            has_work.add(index)
+            if request.sent:
+                continue
+            prefix = (index, request.prefix_key)
+            if request.prefix_key is not None and prefix not in self._cached_prefixes:
+                if prefix in self._warming_prefixes:
+                    holding.add(index)
+                    continue  # held until its prefix is written
+                self._warming_prefixes.add(prefix)
+            batches[index].append(request.as_call(request_id))
+            request.sent = True
         for index in has_work:
-            self._in_flight[self.replicas[index].run.remote(batches[index], self.step_budget_s)] = index
+            budget_s = 0.0 if index in holding else self.step_budget_s
+            self._in_flight[self.replicas[index].run.remote(batches[index], budget_s)] = index
+
+    def _prefixes_written(self, index: int) -> None:
+        written = {p for p in self._warming_prefixes if p[0] == index}
+        self._warming_prefixes -= written
+        self._cached_prefixes |= written
 
     def _forget(self, request_id: str) -> bool:
         request = self.requests.pop(request_id, None)

@@ -21,13 +21,13 @@ class Router:
         self.spill_tokens = spill_tokens
         self.load = [0] * num_replicas         # outstanding tokens per replica
         self.alive = [True] * num_replicas
-        self.prefix_owners: dict[tuple[int, ...], set[int]] = {}  # live replicas only
+        self.prefix_owners: dict[int, set[int]] = {}  # prefix key -> live replicas holding it
 
     def route(self, prompt_token_ids: list[int], cost: int) -> int:
         """The replica for a request of `cost` outstanding tokens; its load grows by that."""
         least = min((i for i, alive in enumerate(self.alive) if alive), key=self.load.__getitem__)
         choice = least
-        key = self._prefix_key(prompt_token_ids)
+        key = self.prefix_key(prompt_token_ids)
         if key is not None:
             owners = self.prefix_owners.setdefault(key, set())
             owner = min(sorted(owners), key=self.load.__getitem__, default=None)
@@ -47,7 +47,10 @@ class Router:
         for owners in self.prefix_owners.values():
             owners.discard(replica)
 
-    def _prefix_key(self, prompt_token_ids: list[int]) -> tuple[int, ...] | None:
+    def prefix_key(self, prompt_token_ids: list[int]) -> int | None:
+        """A hash of the first full block(s), or None for a prompt too short to cache them.
+
+        A collision only routes a request to a replica without its prefix: no harm done."""
         n = self.block_size * self.prefix_blocks
         # the engine recomputes the last prompt token, so only blocks before it can hit the cache
-        return tuple(prompt_token_ids[:n]) if len(prompt_token_ids) > n else None
+        return hash(tuple(prompt_token_ids[:n])) if len(prompt_token_ids) > n else None
