@@ -141,6 +141,21 @@ def test_ray_data_predictor_streams_a_dataset_to_jsonl(local_ray, checkpoint_dir
         [(i, o.outputs[0].text) for i, o in enumerate(expected)]
 
 
+def test_benchmark_compares_one_engine_with_replicas(local_ray, checkpoint_dir, tmp_path, capsys):
+    import test_alpaca
+    from benchmarks.results_csv import read_runs
+
+    csv = tmp_path / "results.csv"
+    assert test_alpaca.main(["--model-dir", str(checkpoint_dir), "--synthetic", "--prefix-sharing",
+                             "--prefix-len", "32", "--num-prompts", "6", "--max-tokens", "4",
+                             "--prompt-len-range", "4", "12", "--data-parallel-size", "2",
+                             "--csv", str(csv)]) == 0
+    out = capsys.readouterr().out
+    assert "throughput ratio" in out and "cached prompt tokens 2 replicas" in out
+    assert [(r["experiment"], r["mode"]) for r in read_runs(csv)] == \
+        [("data-parallel", "paged"), ("data-parallel", "2 replicas")]
+
+
 # -- routing, without a cluster ----------------------------------------------------------
 
 def test_router_sends_a_shared_first_block_to_one_replica_until_it_is_far_ahead():
