@@ -95,7 +95,8 @@ class TestOnePool:
         busy = ray.get([r.run.remote([], 0.0) for r in pool_llm.engine.replicas])
         assert all(not finished for finished, _ in busy)  # nothing left running there
 
-    def test_a_second_pool_finds_no_free_cpus(self, pool_llm, checkpoint_dir):
+    def test_a_second_pool_finds_no_free_cpus(self, pool_llm, checkpoint_dir, monkeypatch):
+        monkeypatch.setattr("microvllm.distributed.pool.RELEASE_WAIT_S", 0.0)
         with pytest.raises(ValueError, match="needs 2 CPUs"):
             LLM(checkpoint_dir, data_parallel_size=2, cpu_threads_per_replica=1)
 

@@ -34,7 +34,7 @@ from ..validation import check_int
 from .replica import EngineReplica
 from .router import Router
 
-RELEASE_WAIT_S = 10.0
+RELEASE_WAIT_S = 10.0  # how long a killed actor's CPUs or GPU may take to come free
 DEFAULT_STEP_BUDGET_S = 0.1  # engine time per replica call: short for a live bar, long next to a call's cost
 
 
@@ -114,12 +114,14 @@ class ReplicaPool:
         except RayActorError as e:
             self._lose_replica(index, e)
             return []
+        except RayTaskError as e:  # the engine raised: its own error, as itself
+            raise e.cause from e
         self._prefixes_written(index)
         return [out for out in finished if self._forget(out.request_id)]
 
     def abort_request(self, request_id: str) -> None:
         request = self.requests.get(str(request_id))
-        if request is not None and request.sent:
+        if request is not None and request.sent and self.replicas[request.replica] is not None:
             self.replicas[request.replica].abort.remote(str(request_id))
         self._forget(str(request_id))
 
@@ -219,10 +221,10 @@ def _placement(config: EngineConfig, num_replicas: int, cpu_threads: int | None)
     return dataclasses.replace(config, device="cpu"), {"num_cpus": cpu_threads}, cpu_threads
 
 
-def _free_resources(name: str, needed: float, wait_s: float = RELEASE_WAIT_S) -> float:
+def _free_resources(name: str, needed: float) -> float:
     """How much of a resource is free, waiting a little for `needed` of it: actors that
     were just killed give theirs back a moment later."""
-    deadline = time.monotonic() + wait_s
+    deadline = time.monotonic() + RELEASE_WAIT_S
     while (free := ray.available_resources().get(name, 0)) < needed and time.monotonic() < deadline:
         time.sleep(0.1)
     return free
