@@ -15,10 +15,14 @@ setup(
         # here: CUDA builds of torch bring it, and without it the Triton kernel's tests skip.
         # transformers' own NanoChatForCausalLM is the tests' oracle for the transformers format
         "test": ["pytest", "hypothesis", "pyarrow",
-                 "transformers>=5", "huggingface_hub", "safetensors", "tokenizers"],
+                 "transformers>=5", "huggingface_hub", "safetensors", "tokenizers",
+                 # ray runs the data-parallel tests on a local two-CPU cluster
+                 "ray[data]>=2.40,<3"],
         # hub ids (huggingface_hub) and the transformers format (safetensors weights, tokenizer.json)
         "hf": ["huggingface_hub", "safetensors", "tokenizers"],
         "bench": ["datasets", "matplotlib", "pyarrow"],
         "train": ["tokenizers"],
+        # data-parallel replicas (LLM(..., data_parallel_size=N)) and the Ray Data path
+        "distributed": ["ray[data]>=2.40,<3"],
     },
 )

@@ -5,6 +5,7 @@
     python test_alpaca.py --synthetic --prompt-len-range 16 256 --output-len-range 16 128 --compare
     python test_alpaca.py --synthetic --memory-experiment  # PagedAttention's memory claim
     python test_alpaca.py --synthetic --prefix-sharing     # prefix caching on a shared prefix
+    python test_alpaca.py --synthetic --data-parallel-size 2 --cpu-threads 1  # 2 replicas vs 1 engine
 
 Prints a table per run (and the ratios between modes), appends one row per run to
 --csv, and writes everything to --output-json when asked. Plot the CSV with
@@ -66,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--max-model-len", type=int, help="default: the model's sequence_len")
     model.add_argument("--cpu-threads", type=int,
                        help="torch threads on cpu (default: $OMP_NUM_THREADS if set, else the cores "
-                            "this process may use, less one and less those other processes keep busy)")
+                            "this process may use, less one and less those other processes keep busy; "
+                            "with --data-parallel-size, per replica)")
+    model.add_argument("--data-parallel-size", type=int, default=1,
+                       help="N > 1: one engine vs N replicas on Ray, same prompts (with "
+                            "--prefix-sharing: on the shared-prefix prompts)")
 
     data = p.add_argument_group("workload")
     source = data.add_mutually_exclusive_group()
@@ -109,9 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(parser: argparse.ArgumentParser, args) -> None:
-    for name in ("num_prompts", "max_tokens", "prefix_len", "block_size", "max_num_seqs", "cpu_threads"):
+    for name in ("num_prompts", "max_tokens", "prefix_len", "block_size", "max_num_seqs", "cpu_threads",
+                 "data_parallel_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.data_parallel_size > 1 and (args.compare or args.memory_experiment):
+        parser.error("--data-parallel-size compares one engine with replicas; it does not combine "
+                     "with --compare or --memory-experiment")
     if args.synthetic and args.chat:
         parser.error("--chat wraps text prompts; it does not apply to --synthetic token prompts")
 
@@ -143,7 +152,7 @@ def build_requests(args, tokenizer: Tokenizer) -> list[BenchRequest]:
 
 
 def experiment_name(args) -> str:
-    return ("compare" if args.compare else "memory" if args.memory_experiment
+    return ("data-parallel" if args.data_parallel_size > 1 else "compare" if args.compare else "memory" if args.memory_experiment
             else "prefix-sharing" if args.prefix_sharing else "single")
 
 
@@ -181,7 +190,7 @@ def prepare(args) -> tuple[BenchSetup, int]:
     ignore_eos = args.ignore_eos or args.synthetic
     params = sampling_params(fitting, args.temperature, args.top_k, ignore_eos, args.seed)
     setup = BenchSetup(args.model_dir, args.tokenizer_dir, fitting, params, engine_args, max_model_len,
-                       ignore_eos, args.progress)
+                       ignore_eos, args.progress, args.data_parallel_size, args.cpu_threads)
     return setup, len(requests) - len(fitting)
 
 

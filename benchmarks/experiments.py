@@ -6,6 +6,9 @@
 - memory: paged vs contiguous at one fixed KV memory budget, with room for as many
   sequences as there are prompts, so memory alone limits how many run at once.
 - prefix-sharing: prompts that share a long prefix, prefix caching on vs off.
+- data-parallel: one engine vs N replicas on Ray (each with cpu_threads threads on CPU),
+  on the same prompts, which may share a prefix: the throughput and cached-token ratios
+  (the best of two alternating rounds each).
 Each returns the run summaries and a dict of named ratios, measured in the same run.
 """
 
@@ -15,10 +18,11 @@ from microvllm import SamplingParams
 from microvllm.engine.config import EngineConfig
 
 from .metrics import RunSummary, ratio
-from .runs import mode_engine_args, run_engine, run_no_cache
+from .runs import mode_engine_args, run_engine, run_no_cache, run_replicas
 from .workloads import BenchRequest
 
 DEFAULT_MEMORY_BUDGET_SEQS = 8  # the memory experiment's budget, in max-length sequences
+DATA_PARALLEL_ROUNDS = 2
 
 
 @dataclass
@@ -31,6 +35,8 @@ class BenchSetup:
     max_model_len: int
     ignore_eos: bool
     use_tqdm: bool = False
+    data_parallel_size: int = 1
+    cpu_threads: int | None = None  # per replica in data-parallel; None = an equal share
 
 
 def _finished(summary: RunSummary) -> RunSummary:
@@ -107,4 +113,28 @@ def prefix_sharing(setup: BenchSetup):
     }
 
 
-EXPERIMENTS = {"single": single, "compare": compare, "memory": memory, "prefix-sharing": prefix_sharing}
+def cached_prompt_tokens(s: RunSummary) -> float:
+    return s.prefix_hit_rate * s.input_tokens
+
+
+def data_parallel(setup: BenchSetup, rounds: int = DATA_PARALLEL_ROUNDS):
+    """Alternating rounds of each, keeping each one's fastest: the others sharing the
+    machine slow whichever runs while they are busy."""
+    n = setup.data_parallel_size
+    args = mode_engine_args("paged", setup.engine_args, setup.max_model_len)
+    ones, replicas = [], []
+    for _ in range(rounds):
+        ones.append(_engine(setup, "paged"))
+        replicas.append(run_replicas(f"{n} replicas", setup.model_dir, setup.tokenizer_dir, setup.requests,
+                                     setup.params, args, n, setup.cpu_threads, setup.use_tqdm))
+    one, many = (max(runs, key=lambda s: s.output_tok_s) for runs in (ones, replicas))
+    return [one, many], {
+        "throughput_ratio": ratio(many.output_tok_s, one.output_tok_s),
+        "cached_prompt_tokens_one_engine": round(cached_prompt_tokens(one)),
+        f"cached_prompt_tokens_{n}_replicas": round(cached_prompt_tokens(many)),
+        "cached_prompt_tokens_ratio": ratio(cached_prompt_tokens(many), cached_prompt_tokens(one)),
+    }
+
+
+EXPERIMENTS = {"single": single, "compare": compare, "memory": memory, "prefix-sharing": prefix_sharing,
+               "data-parallel": data_parallel}

@@ -6,14 +6,17 @@ Engine modes:
   sequence, no prefix caching: what a KV cache without paging pre-allocates;
 - prefix-cache-on / prefix-cache-off: paged, with prefix caching on or off.
 The no-cache mode runs `no_cache.generate_without_cache` on the same model weights.
+`run_replicas` runs the paged engine as N data-parallel replicas on Ray.
 """
 
 import time
+from dataclasses import fields
 
 from tqdm.auto import tqdm
 
 from microvllm import LLM, SamplingParams
 from microvllm.engine.config import EngineConfig
+from microvllm.engine.stats import EngineStats
 from microvllm.model.loader import find_checkpoint, load_model, read_model_config_dict
 from microvllm.tokenizer import Tokenizer
 
@@ -84,3 +87,38 @@ def run_no_cache(model_dir: str, tokenizer_dir: str | None, requests: list[Bench
     records = [RequestRecord(len(r.prompt_token_ids), len(o.token_ids), o.metrics)
                for r, o in zip(requests, result.outputs)]
     return summarize("no-cache", records, wall_s, result.computed_tokens, result.peak_batch_size)
+
+
+def run_replicas(mode: str, model_dir: str, tokenizer_dir: str | None, requests: list[BenchRequest],
+                 params: list[SamplingParams], engine_args: dict, data_parallel_size: int,
+                 cpu_threads: int | None, use_tqdm: bool = False) -> RunSummary:
+    """The paged engine as `data_parallel_size` replicas; replica start-up is not timed."""
+    import ray  # the distributed extra; LLM names it when missing
+
+    started_ray = not ray.is_initialized()
+    if started_ray:  # a local cluster with a small object store: prompts and outputs are small
+        ray.init(object_store_memory=256 * 1024**2, include_dashboard=False, log_to_driver=False)
+    llm = LLM(model_dir, tokenizer_dir, data_parallel_size=data_parallel_size,
+              cpu_threads_per_replica=cpu_threads, **engine_args)
+    try:
+        # warm every replica on prompts shorter than a block, so the prefix cache stays empty
+        bos = requests[0].prompt_token_ids[0]
+        llm.generate([{"prompt_token_ids": [bos, 1 + i]} for i in range(4 * data_parallel_size)],
+                     SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+        before = llm.engine.stats
+        start = time.perf_counter()
+        outputs = llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in requests], params,
+                               use_tqdm=use_tqdm)
+        wall_s = time.perf_counter() - start
+        after = llm.engine.stats
+    finally:
+        llm.engine.shutdown()
+        if started_ray:
+            ray.shutdown()
+    # the timed run's counters only; its peaks are the whole life's (warm-up peaks are lower)
+    stats = EngineStats(**{f.name: getattr(after, f.name) - (0 if f.name.startswith("peak")
+                                                              else getattr(before, f.name))
+                           for f in fields(EngineStats)})
+    records = [RequestRecord(len(o.prompt_token_ids), len(o.outputs[0].token_ids), o.metrics)
+               for o in outputs]
+    return summarize(mode, records, wall_s, stats.computed_tokens, stats.peak_running_seqs, stats)

@@ -14,7 +14,7 @@ from . import unsupported
 from .outputs import BeamSearchOutput, RequestOutput
 from .sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 from .unsupported import check_arguments
-from .validation import check_bool, check_type
+from .validation import check_bool, check_int, check_type
 
 ENGINE_SETTINGS = {f.name for f in fields(EngineConfig)} - {"model", "tokenizer"}
 PROMPT_FORMS = "a str, a {'prompt': str} or {'prompt_token_ids': [int, ...]} dict, or a list of token ids"
@@ -31,12 +31,22 @@ class LLM:
     max_num_batched_tokens, max_model_len, enable_prefix_caching, attention_backend,
     enforce_eager, logit_softcap, quantization, seed).
 
+    `data_parallel_size=N` runs N engine replicas on Ray (one GPU each, or on CPU
+    `cpu_threads_per_replica` cores each, by default an equal share) and shards every
+    batch across them; see microvllm/distributed.
+
     One LLM serves one call at a time: calls from other threads wait their turn.
     """
 
-    def __init__(self, model: str, tokenizer: str | None = None, **engine_args):
+    def __init__(self, model: str, tokenizer: str | None = None, data_parallel_size: int = 1,
+                 cpu_threads_per_replica: int | None = None, **engine_args):
         engine_args = check_arguments("LLM", engine_args, ENGINE_SETTINGS, unsupported.LLM_ARGS)
-        self.engine = LLMEngine(EngineConfig(model=model, tokenizer=tokenizer, **engine_args))
+        config = EngineConfig(model=model, tokenizer=tokenizer, **engine_args)
+        if check_int("data_parallel_size", data_parallel_size, 1) == 1:
+            self.engine = LLMEngine(config)
+        else:  # replicas that look like one engine from here
+            from .distributed import ReplicaPool
+            self.engine = ReplicaPool(config, data_parallel_size, cpu_threads_per_replica)
         self.tokenizer = self.engine.tokenizer
         # outputs of add_request() requests that finished while generate() drove the engine
         self._unclaimed_outputs: list[RequestOutput] = []
