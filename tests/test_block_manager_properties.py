@@ -1,6 +1,6 @@
 """BlockManager and Scheduler invariants under random workloads (property-based)."""
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from microvllm import SamplingParams
 from microvllm.engine.block_manager import BlockManager
@@ -41,6 +41,8 @@ workloads = st.fixed_dictionaries({
 
 @settings(max_examples=150, deadline=None)
 @given(workloads)
+@example({"block_size": 1, "extra_blocks": 0, "max_num_seqs": 2, "max_tokens_per_step": 3,
+          "caching": False, "requests": [(2, 18, 12, 1)], "aborts": [], "forks": [17], "seed": 0})
 def test_random_workloads_keep_invariants_and_finish(w):
     max_len = 48
     bs = w["block_size"]
@@ -78,6 +80,10 @@ def test_random_workloads_keep_invariants_and_finish(w):
             parent = scheduler.running[step % len(scheduler.running)]
             if scheduler.can_fork(parent):
                 child = Sequence(1_000_000 + step, parent.request, 0, list(parent.token_ids), seed=0)
+                # as beam search does: outputs count from the request's prompt, so the child
+                # stops at its parent's length limit (a child counting the parent's tokens as
+                # its prompt would outgrow max_len and every block, and never finish)
+                child.num_prompt_tokens = parent.num_prompt_tokens
                 parent.request.sequences.append(child)
                 copy = scheduler.fork(parent, child)
                 assert (copy is None) == (parent.num_computed_tokens % bs == 0)
