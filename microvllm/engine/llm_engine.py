@@ -25,7 +25,7 @@ from .memory import describe_kv_cache, num_kv_blocks
 from .model_runner import ModelRunner, StepOutput
 from .sampler import Sampler
 from .scheduler import Scheduler
-from .sequence import Request, Sequence
+from .sequence import Request, Sequence, SequenceStatus
 from .stats import EngineStats
 
 logger = logging.getLogger(__name__)
@@ -139,9 +139,8 @@ class LLMEngine:
         self.scheduler.update(scheduled)
         self._update_stats(scheduled, result)
         self._record_prompt_logprobs(result)
-        touched = self._append_sampled(result)
         finished = []
-        for request in touched:
+        for request in self._append_sampled(result):
             if request.is_finished:
                 request.finished_time = time.time()
                 del self.requests[request.request_id]
@@ -161,6 +160,11 @@ class LLMEngine:
         stats.peak_running_seqs = max(stats.peak_running_seqs, len(self.scheduler.running))
 
     def _append_sampled(self, result: StepOutput) -> list[Request]:
+        """Append each sampled token; return the requests that one of them finished.
+
+        A request finishes only when its last unfinished sequence stops on a token, so
+        looking at those alone keeps a step's cost off the many that go on.
+        """
         now = time.time()
         touched = {}
         for row, item in enumerate(result.sampled_seqs):
@@ -176,19 +180,22 @@ class LLMEngine:
             request = seq.request
             request.first_token_time = request.first_token_time or now
             self._check_stop(seq, token)
-            touched[request.request_id] = request
+            if seq.status is SequenceStatus.FINISHED:
+                touched[request.request_id] = request
         return list(touched.values())
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
-        p = seq.params
-        if seq.num_output_tokens >= p.min_tokens:
+        p = seq.request.params
+        num_tokens = len(seq.token_ids)
+        num_output_tokens = num_tokens - seq.num_prompt_tokens
+        if num_output_tokens >= p.min_tokens:
             if not p.ignore_eos and token in self.tokenizer.eos_token_ids:
                 return self.scheduler.finish(seq, "stop")
             if token in p.stop_token_ids:
                 return self.scheduler.finish(seq, "stop", token)
             if p.stop_strings and self._check_stop_strings(seq):
                 return
-        if seq.num_output_tokens == p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if num_output_tokens == p.max_tokens or num_tokens >= self.max_model_len:
             self.scheduler.finish(seq, "length")
 
     def _check_stop_strings(self, seq: Sequence) -> bool:
