@@ -107,13 +107,15 @@ class BlockManager:
         seq.num_computed_tokens = len(prefix_blocks) * self.block_size
         self.append_slots(seq, num_new_tokens)
 
+    def _blocks_to_append(self, seq: Sequence, num_new_tokens: int) -> int:
+        # inline ceil division: this runs for every running sequence on every step
+        return -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size) - len(seq.block_table)
+
     def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
-        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        return needed <= self.num_free_blocks
+        return self._blocks_to_append(seq, num_new_tokens) <= len(self.free_block_queue)
 
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> None:
-        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        for _ in range(needed):
+        for _ in range(self._blocks_to_append(seq, num_new_tokens)):
             seq.block_table.append(self._take_free_block())
 
     def can_fork(self, parent: Sequence) -> bool:

@@ -49,17 +49,18 @@ class Scheduler:
         scheduled: list[ScheduledSequence] = []
         preempted = False
         i = 0
+        block_manager = self.block_manager
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.block_manager.can_append(seq, num_new):
+            num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            while not block_manager.can_append(seq, num_new):
                 victim = self.running[-1]  # never one already scheduled: those are before i
                 self.preempt(victim)
                 preempted = True
                 if victim is seq:
                     break
             else:
-                self.block_manager.append_slots(seq, num_new)
+                block_manager.append_slots(seq, num_new)
                 scheduled.append(ScheduledSequence(seq, num_new))
                 budget -= num_new
                 i += 1

@@ -1,0 +1,91 @@
+"""Host overhead per decode step: the time a step spends outside the model forward.
+
+A tiny random model (the forward costs little) runs `--num-seqs` sequences that all
+decode together; for every step of decodes only, the step's wall time minus its
+forward (and logits) time is the engine's own cost: scheduling, packing the batch,
+sampling, appending tokens, stop checks and outputs. This is what caps throughput
+once the forward is fast (on a GPU), so it is printed with its parts.
+
+Times are this thread's CPU time (`time.thread_time`), so a busy machine that takes
+the core away now and then does not inflate them; run it with OMP_NUM_THREADS=1 so
+the forward's work is on this thread too.
+
+    python -m benchmarks.host_overhead [--num-seqs 256] [--steps 64]
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+
+import torch
+
+from microvllm import LLM, SamplingParams
+from microvllm.model.config import ModelConfig
+
+from .random_checkpoint import random_state_dict, save_checkpoint, tokenizer_with_vocab
+
+TINY = dict(sequence_len=512, vocab_size=512, n_layer=1, n_head=1, n_kv_head=1, n_embd=32)
+TARGET_MS = 1.0
+
+
+def timed(parts: dict, name: str, fn):
+    def wrapper(*args, **kwargs):
+        start = time.thread_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            parts[name].append(time.thread_time() - start)
+    return wrapper
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-seqs", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=64, help="decode steps to time")
+    parser.add_argument("--prompt-len", type=int, default=16)
+    args = parser.parse_args(argv)
+
+    directory = tempfile.mkdtemp(prefix="host_overhead_")
+    save_checkpoint(directory, 0, TINY, random_state_dict(ModelConfig(**TINY, era="A")),
+                    tokenizer_with_vocab(TINY["vocab_size"]))
+    llm = LLM(directory, max_num_seqs=args.num_seqs)
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=args.steps + 8, ignore_eos=True)
+    for i in range(args.num_seqs):
+        engine.add_request(None, [(i * 7 + j) % TINY["vocab_size"] for j in range(args.prompt_len)], params)
+    while engine.scheduler.waiting:   # admit and prefill everyone first
+        engine.step()
+    engine.step()                     # one decode step to warm up
+
+    parts = defaultdict(list)
+    scheduler, runner = engine.scheduler, engine.runner
+    scheduler.schedule = timed(parts, "schedule", scheduler.schedule)
+    runner._prepare = timed(parts, "prepare", runner._prepare)
+    runner.sampler = timed(parts, "sample", runner.sampler)
+    engine._append_sampled = timed(parts, "append + stop checks", engine._append_sampled)
+    scheduler.update = timed(parts, "update (blocks, prefix cache)", scheduler.update)
+    forward = defaultdict(list)  # the model's share, timed apart from the engine's parts
+    runner._eager_forward = timed(forward, "forward", runner._eager_forward)
+    runner.model.compute_logits = timed(forward, "logits", runner.model.compute_logits)
+    overheads, forwards = [], []
+    for _ in range(args.steps):
+        start = time.thread_time()
+        engine.step()
+        step_time = time.thread_time() - start
+        forwards.append(forward["forward"][-1] + forward["logits"][-1])
+        overheads.append(step_time - forwards[-1])
+
+    ms = lambda values: 1e3 * statistics.median(values)
+    print(f"{args.num_seqs} decoding sequences, {args.steps} steps, {torch.get_num_threads()} threads, "
+          f"median CPU time per step:")
+    print(f"  forward + logits: {ms(forwards):6.3f} ms")
+    print(f"  host overhead:    {ms(overheads):6.3f} ms  (target <= {TARGET_MS} ms: "
+          f"{'met' if ms(overheads) <= TARGET_MS else 'NOT met'})")
+    for name, values in parts.items():
+        print(f"    {name:30} {ms(values):6.3f} ms")
+
+
+if __name__ == "__main__":
+    main()

