@@ -61,14 +61,26 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return q.float() * scales.float()[:, None]
 
 
-class Int8Linear(nn.Module):
-    """y = x @ (q * scale).T with q int8, for activations in the engine dtype."""
+class _QuantizedLinear(nn.Module):
+    """What both quantized twins share: a bias-free nn.Linear's shape, and its repr."""
+    kind = ""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         if linear.bias is not None:
-            raise ValueError("int8 quantization covers bias-free linears only (nanochat has no biases)")
+            raise ValueError(f"{self.kind} quantization covers bias-free linears only (nanochat has no biases)")
         self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind} per-channel"
+
+
+class Int8Linear(_QuantizedLinear):
+    """y = x @ (q * scale).T with q int8, for activations in the engine dtype."""
+    kind = "int8"
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear)
         q, scales = quantize_int8(linear.weight.detach())
         self.register_buffer("weight", q)
         # _weight_int8pack_mm wants the scales in the activations' dtype
@@ -82,18 +94,13 @@ class Int8Linear(nn.Module):
             y = F.linear(rows, self.weight.to(rows.dtype)) * self.scales
         return y.view(*x.shape[:-1], self.out_features)
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
-
-class Fp8Linear(nn.Module):
+class Fp8Linear(_QuantizedLinear):
     """y = (x_fp8 * x_scale) @ (w_fp8 * w_scale).T through torch._scaled_mm."""
+    kind = "fp8"
 
     def __init__(self, linear: nn.Linear):
-        super().__init__()
-        if linear.bias is not None:
-            raise ValueError("fp8 quantization covers bias-free linears only (nanochat has no biases)")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        super().__init__(linear)
         q, scales = quantize_fp8(linear.weight.detach())
         self.register_buffer("weight", q)
         self.register_buffer("scales", scales[None, :])  # [1, N] float32: row-wise scaling
@@ -106,9 +113,6 @@ class Fp8Linear(nn.Module):
         y = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scales[:, None], scale_b=self.scales,
                              out_dtype=self.out_dtype)
         return y.view(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 per-channel"
 
 
 def check_fp8_supported(device: torch.device) -> None:
