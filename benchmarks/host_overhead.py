@@ -30,13 +30,14 @@ TINY = dict(sequence_len=512, vocab_size=512, n_layer=1, n_head=1, n_kv_head=1, 
 TARGET_MS = 1.0
 
 
-def timed(parts: dict, name: str, fn):
+def timed(step_parts: dict, name: str, fn):
+    """fn, adding its CPU time to step_parts[name] (some parts run once per sequence)."""
     def wrapper(*args, **kwargs):
         start = time.thread_time()
         try:
             return fn(*args, **kwargs)
         finally:
-            parts[name].append(time.thread_time() - start)
+            step_parts[name] += time.thread_time() - start
     return wrapper
 
 
@@ -59,23 +60,27 @@ def main(argv=None):
         engine.step()
     engine.step()                     # one decode step to warm up
 
-    parts = defaultdict(list)
+    step_parts = defaultdict(float)  # this step's CPU seconds by part
     scheduler, runner = engine.scheduler, engine.runner
-    scheduler.schedule = timed(parts, "schedule", scheduler.schedule)
-    runner._prepare = timed(parts, "prepare", runner._prepare)
-    runner.sampler = timed(parts, "sample", runner.sampler)
-    engine._append_sampled = timed(parts, "append + stop checks", engine._append_sampled)
-    scheduler.update = timed(parts, "update (blocks, prefix cache)", scheduler.update)
-    forward = defaultdict(list)  # the model's share, timed apart from the engine's parts
-    runner._eager_forward = timed(forward, "forward", runner._eager_forward)
-    runner.model.compute_logits = timed(forward, "logits", runner.model.compute_logits)
-    overheads, forwards = [], []
+    scheduler.schedule = timed(step_parts, "schedule", scheduler.schedule)
+    runner._prepare = timed(step_parts, "prepare", runner._prepare)
+    runner.sampler = timed(step_parts, "sample", runner.sampler)
+    engine._decide = timed(step_parts, "stop checks", engine._decide)
+    engine._commit = timed(step_parts, "commit (tokens, blocks, prefix cache)", engine._commit)
+    engine.make_output = timed(step_parts, "outputs", engine.make_output)
+    # the model's share, timed apart from the engine's parts
+    runner._eager_forward = timed(step_parts, "forward", runner._eager_forward)
+    runner.model.compute_logits = timed(step_parts, "logits", runner.model.compute_logits)
+    parts, overheads, forwards = defaultdict(list), [], []
     for _ in range(args.steps):
+        step_parts.clear()
         start = time.thread_time()
         engine.step()
         step_time = time.thread_time() - start
-        forwards.append(forward["forward"][-1] + forward["logits"][-1])
+        forwards.append(step_parts.pop("forward") + step_parts.pop("logits"))
         overheads.append(step_time - forwards[-1])
+        for name, seconds in step_parts.items():
+            parts[name].append(seconds)
 
     ms = lambda values: 1e3 * statistics.median(values)
     print(f"{args.num_seqs} decoding sequences, {args.steps} steps, {torch.get_num_threads()} threads, "
