@@ -152,7 +152,7 @@ def test_invalid_engine_settings_name_the_field(name, data):
     "max_model_len": st.one_of(st.none(), st.integers(2, 10**5)), "enable_prefix_caching": st.booleans(),
     "enforce_eager": st.booleans(), "logit_softcap": st.one_of(st.none(), st.floats(0.5, 50)),
     "seed": st.integers(), "step": st.one_of(st.none(), st.integers(0, 10**6)),
-    "attention_backend": st.sampled_from(["auto", "sdpa", "flash_attn", "triton"]),
+    "attention_backend": st.sampled_from(["auto", "sdpa", "cpu", "flash_attn", "triton"]),
     "dtype": st.sampled_from([None, "auto", "float32", "bfloat16", "float16"]),
 }))
 def test_valid_engine_settings_are_accepted(kwargs):

@@ -11,6 +11,8 @@ unlimited), as nanochat's sliding windows do.
   SDPA. Sequences come sorted (decodes first, then by context length) and are cut into
   a few padded groups of similar lengths, so a long prefill chunk or context does not
   pad every other sequence to its size.
+- CpuPagedAttention (cpu_attention.py): on CPU, decodes read the cache in place
+  through a small C kernel built on first use; prefill chunks go through SDPA.
 - FlashPagedAttention: flash_attn's varlen kernel reading the block table directly.
 - TritonPagedAttention (triton_attention.py): our own Triton kernel over the block
   table, any power-of-two block_size; imported only when chosen.
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "flash_attn", "triton")
+ATTENTION_BACKENDS = ("auto", "sdpa", "cpu", "flash_attn", "triton")
 # small blocks waste little memory at the end of each sequence and share prefixes
 # finely; flash_attn takes only multiples of 256
 DEFAULT_BLOCK_SIZE = 16
@@ -116,12 +118,14 @@ class SdpaPagedAttention:
     GROUP_CONTEXT_RATIO = 2
     GROUP_CONTEXT_SLACK = 128
 
-    def __init__(self, view):
+    def __init__(self, view, first_seq: int = 0):
+        """Groups the sequences from `first_seq` on (those before are another backend's)."""
         self.view = view
         self.groups = []
-        first_seq, first_token = 0, 0
+        self.covers_step = first_seq == 0
         query_lens, context_lens = view.query_lens, view.context_lens
-        for i in range(1, len(query_lens) + 1):
+        first_token = sum(query_lens[:first_seq])
+        for i in range(first_seq + 1, len(query_lens) + 1):
             if i < len(query_lens) and (query_lens[i] == 1) == (query_lens[first_seq] == 1) and \
                     context_lens[i] <= max(self.GROUP_CONTEXT_RATIO * context_lens[first_seq],
                                            context_lens[first_seq] + self.GROUP_CONTEXT_SLACK):
@@ -132,10 +136,14 @@ class SdpaPagedAttention:
 
     def __call__(self, layer_idx, q, k, v, window):
         self.view.write(layer_idx, k, v)
-        k_blocks, v_blocks = self.view.cache.k[layer_idx], self.view.cache.v[layer_idx]
-        if len(self.groups) == 1 and self.groups[0].all_valid:
+        if self.covers_step and len(self.groups) == 1 and self.groups[0].all_valid:
+            k_blocks, v_blocks = self.view.cache.k[layer_idx], self.view.cache.v[layer_idx]
             return self._attend(self.groups[0], q, k_blocks, v_blocks, window).reshape(q.shape)
-        out = torch.empty_like(q)
+        return self.attend(layer_idx, q, window, torch.empty_like(q))
+
+    def attend(self, layer_idx, q, window, out):
+        """Fill the grouped sequences' rows of `out` (the step's K/V already written)."""
+        k_blocks, v_blocks = self.view.cache.k[layer_idx], self.view.cache.v[layer_idx]
         for group in self.groups:
             y = self._attend(group, q, k_blocks, v_blocks, window)
             out[group.query_index[group.query_valid]] = y[group.query_valid]
@@ -237,6 +245,11 @@ def _flash_window(window: int | None) -> tuple[int, int]:
     return (-1, -1) if window is None else (window, 0)
 
 
+def _cpu_kernel():
+    from .cpu_attention import load_kernel
+    return load_kernel()
+
+
 def _importable(module: str) -> bool:
     # an import, not a spec lookup: a wheel built for another torch or CUDA fails here
     try:
@@ -266,7 +279,14 @@ def resolve_attention_backend(name: str, device: torch.device, dtype: torch.dtyp
     flash_dtype = dtype in (torch.float16, torch.bfloat16)  # flash_attn computes in nothing else
     if name == "auto":
         name = ("flash_attn" if on_cuda and flash_dtype and _importable("flash_attn") else
-                "triton" if on_cuda and _importable("triton") else "sdpa")
+                "triton" if on_cuda and _importable("triton") else
+                "cpu" if device.type == "cpu" and dtype == torch.float32 and _cpu_kernel() else "sdpa")
+    if name == "cpu":
+        if device.type != "cpu" or dtype != torch.float32 or not _cpu_kernel():
+            raise ValueError("attention_backend='cpu' needs device='cpu', dtype='float32' and a C "
+                             "compiler (cc, or $CC) to build its kernel; use 'sdpa' or 'auto'")
+        from .cpu_attention import CpuPagedAttention
+        return AttentionBackend(name, CpuPagedAttention, SdpaDecodeAttention)
     if name == "flash_attn":
         if not on_cuda or not _importable("flash_attn"):
             raise ValueError("attention_backend='flash_attn' needs a CUDA device and the "

@@ -1,0 +1,110 @@
+"""The CPU backend (C decode kernel, SDPA for prefill chunks) computes what SDPA computes."""
+
+import logging
+import subprocess
+
+import pytest
+import torch
+
+from microvllm import LLM, SamplingParams
+from microvllm.model import cpu_attention
+from microvllm.model.attention import SdpaPagedAttention, resolve_attention_backend
+from microvllm.model.cpu_attention import CpuPagedAttention, load_kernel
+from paged_steps import MIXED_CONTEXT_LENS, MIXED_QUERY_LENS, compare_backends
+
+CPU = torch.device("cpu")
+
+if load_kernel() is None:
+    pytest.skip("no C compiler to build the CPU decode kernel", allow_module_level=True)
+
+
+@pytest.fixture
+def fresh_kernel_cache(tmp_path, monkeypatch):
+    """An empty kernel cache, and load_kernel forgetting what it found before (and after)."""
+    monkeypatch.setenv("MICROVLLM_CACHE", str(tmp_path / "kernels"))
+    load_kernel.cache_clear()
+    yield tmp_path / "kernels"
+    load_kernel.cache_clear()
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("n_head, n_kv_head, head_dim", [(4, 2, 8), (2, 2, 16), (6, 2, 64)],
+                         ids=["gqa", "mha", "gqa-group-of-3"])
+@pytest.mark.parametrize("window", [None, 5])
+def test_mixed_batch_matches_sdpa(block_size, n_head, n_kv_head, head_dim, window):
+    got, want = compare_backends(CpuPagedAttention, MIXED_QUERY_LENS, MIXED_CONTEXT_LENS,
+                                 block_size, n_head, n_kv_head, head_dim, window)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 0, 20, 500])
+def test_decode_only_batch_matches_sdpa(window):
+    got, want = compare_backends(CpuPagedAttention, [1, 1, 1, 1], [1, 33, 130, 300], 4, 8, 2, 16, window)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_only_batch_is_sdpa_exactly():
+    got, want = compare_backends(CpuPagedAttention, [7, 20], [7, 60], 4, 4, 2, 16, None)
+    assert torch.equal(got, want)
+
+
+def test_a_batch_split_across_threads_gives_the_single_thread_result(monkeypatch):
+    lens = [1, 33, 130, 300, 7, 64]
+    one_thread, _ = compare_backends(CpuPagedAttention, [1] * len(lens), lens, 4, 4, 2, 16, None)
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(CpuPagedAttention, "MIN_KEYS_PER_THREAD", 1)
+    torch.set_num_threads(3)
+    try:
+        split, _ = compare_backends(CpuPagedAttention, [1] * len(lens), lens, 4, 4, 2, 16, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(split, one_thread)
+
+
+@pytest.mark.parametrize("lens, parts", [([5, 5, 5, 5], 2), ([100, 1, 1, 1], 3), ([3], 4), ([1, 2, 3, 4, 5, 6], 3)])
+def test_split_covers_every_sequence_once_in_order(lens, parts):
+    ranges = cpu_attention._split(lens, parts)
+    assert ranges[0][0] == 0 and ranges[-1][1] == len(lens) and len(ranges) <= parts
+    assert all(end == next_first for (_, end), (next_first, _) in zip(ranges, ranges[1:]))
+    assert all(first < end for first, end in ranges)
+
+
+def test_auto_picks_the_kernel_for_float32_on_cpu_and_sdpa_otherwise():
+    assert resolve_attention_backend("auto", CPU, torch.float32).step is CpuPagedAttention
+    assert resolve_attention_backend("auto", CPU, torch.bfloat16).step is SdpaPagedAttention
+    with pytest.raises(ValueError, match="attention_backend='cpu' needs device='cpu', dtype='float32'"):
+        resolve_attention_backend("cpu", CPU, torch.bfloat16)
+
+
+def test_without_a_compiler_auto_falls_back_to_sdpa_and_cpu_is_refused(fresh_kernel_cache, monkeypatch):
+    monkeypatch.setenv("CC", str(fresh_kernel_cache / "no-such-cc"))
+    assert resolve_attention_backend("auto", CPU, torch.float32).step is SdpaPagedAttention
+    with pytest.raises(ValueError, match=r"a C compiler \(cc, or \$CC\)"):
+        resolve_attention_backend("cpu", CPU, torch.float32)
+
+
+def test_a_failing_build_warns_with_the_compiler_output_and_falls_back(fresh_kernel_cache, monkeypatch, caplog):
+    monkeypatch.setattr(cpu_attention, "FLAGS", (*cpu_attention.FLAGS, "-no-such-flag"))
+    with caplog.at_level(logging.WARNING, logger="microvllm.model.cpu_attention"):
+        assert load_kernel() is None
+    assert "building the CPU decode attention kernel failed" in caplog.text
+    assert "-no-such-flag" in caplog.text
+
+
+def test_a_built_kernel_is_reused_from_the_cache(fresh_kernel_cache, monkeypatch):
+    assert load_kernel() is not None
+    assert len(list(fresh_kernel_cache.glob("paged_decode_*.so"))) == 1
+    load_kernel.cache_clear()
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("rebuilt a cached kernel"))
+    assert load_kernel() is not None
+
+
+def test_llm_greedy_tokens_and_logprobs_match_sdpa(checkpoint_dir):
+    # block_size 4 and 16-token chunks: one-token chunks and decodes share steps with prefills
+    prompts = [[(7 * i + 3 * j) % 256 for i in range(n)] for j, n in enumerate((5, 23, 30, 17))]
+    params = SamplingParams(temperature=0, max_tokens=8, logprobs=0, ignore_eos=True)
+    outputs = [LLM(checkpoint_dir, attention_backend=backend, block_size=4, max_num_batched_tokens=16)
+               .generate(prompts, params, use_tqdm=False) for backend in ("sdpa", "cpu")]
+    for want, got in zip(*outputs):
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        assert got.outputs[0].cumulative_logprob == pytest.approx(want.outputs[0].cumulative_logprob, abs=1e-4)
