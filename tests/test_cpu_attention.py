@@ -43,6 +43,13 @@ def test_decode_only_batch_matches_sdpa(window):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("window", [None, 20])
+def test_bfloat16_cache_matches_sdpa(window):
+    got, want = compare_backends(CpuPagedAttention, MIXED_QUERY_LENS, MIXED_CONTEXT_LENS, 16, 6, 2, 64,
+                                 window, dtype=torch.bfloat16)
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
 def test_prefill_only_batch_is_sdpa_exactly():
     got, want = compare_backends(CpuPagedAttention, [7, 20], [7, 60], 4, 4, 2, 16, None)
     assert torch.equal(got, want)
@@ -69,11 +76,12 @@ def test_split_covers_every_sequence_once_in_order(lens, parts):
     assert all(first < end for first, end in ranges)
 
 
-def test_auto_picks_the_kernel_for_float32_on_cpu_and_sdpa_otherwise():
+def test_auto_picks_the_kernel_for_float32_and_bfloat16_on_cpu_and_sdpa_otherwise():
     assert resolve_attention_backend("auto", CPU, torch.float32).step is CpuPagedAttention
-    assert resolve_attention_backend("auto", CPU, torch.bfloat16).step is SdpaPagedAttention
-    with pytest.raises(ValueError, match="attention_backend='cpu' needs device='cpu', dtype='float32'"):
-        resolve_attention_backend("cpu", CPU, torch.bfloat16)
+    assert resolve_attention_backend("auto", CPU, torch.bfloat16).step is CpuPagedAttention
+    assert resolve_attention_backend("auto", CPU, torch.float16).step is SdpaPagedAttention
+    with pytest.raises(ValueError, match="attention_backend='cpu' needs device='cpu', dtype 'float32' or"):
+        resolve_attention_backend("cpu", CPU, torch.float16)
 
 
 def test_without_a_compiler_auto_falls_back_to_sdpa_and_cpu_is_refused(fresh_kernel_cache, monkeypatch):

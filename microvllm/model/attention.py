@@ -245,9 +245,9 @@ def _flash_window(window: int | None) -> tuple[int, int]:
     return (-1, -1) if window is None else (window, 0)
 
 
-def _cpu_kernel():
-    from .cpu_attention import load_kernel
-    return load_kernel()
+def _cpu_kernel(dtype: torch.dtype) -> bool:
+    from .cpu_attention import KERNEL_DTYPES, load_kernel
+    return dtype in KERNEL_DTYPES and load_kernel() is not None
 
 
 def _importable(module: str) -> bool:
@@ -280,11 +280,11 @@ def resolve_attention_backend(name: str, device: torch.device, dtype: torch.dtyp
     if name == "auto":
         name = ("flash_attn" if on_cuda and flash_dtype and _importable("flash_attn") else
                 "triton" if on_cuda and _importable("triton") else
-                "cpu" if device.type == "cpu" and dtype == torch.float32 and _cpu_kernel() else "sdpa")
+                "cpu" if device.type == "cpu" and _cpu_kernel(dtype) else "sdpa")
     if name == "cpu":
-        if device.type != "cpu" or dtype != torch.float32 or not _cpu_kernel():
-            raise ValueError("attention_backend='cpu' needs device='cpu', dtype='float32' and a C "
-                             "compiler (cc, or $CC) to build its kernel; use 'sdpa' or 'auto'")
+        if device.type != "cpu" or not _cpu_kernel(dtype):
+            raise ValueError("attention_backend='cpu' needs device='cpu', dtype 'float32' or 'bfloat16', "
+                             "and a C compiler (cc, or $CC) to build its kernel; use 'sdpa' or 'auto'")
         from .cpu_attention import CpuPagedAttention
         return AttentionBackend(name, CpuPagedAttention, SdpaDecodeAttention)
     if name == "flash_attn":

@@ -35,7 +35,9 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("paged_decode.c")
 # -fopenmp-simd vectorises the kernel's loops without pulling in an OpenMP runtime
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared")
-_ARGTYPES = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 8 + [ctypes.c_float]
+_ARGTYPES = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int]
+# the cache dtypes the kernel reads (it computes in float32)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _cache_dir() -> Path:
@@ -79,8 +81,8 @@ def load_kernel():
     try:
         if not path.exists() and not _build(compiler, path):
             return None
-        kernel = ctypes.CDLL(str(path)).paged_decode_attention_f32
-    except OSError as error:  # no compiler at that path, an unwritable cache, a bad library
+        kernel = ctypes.CDLL(str(path)).paged_decode_attention
+    except (OSError, AttributeError) as error:  # no compiler there, an unwritable cache, a bad library
         logger.warning(f"the CPU decode attention kernel is unavailable ({error}), using SDPA instead")
         return None
     kernel.argtypes, kernel.restype = _ARGTYPES, ctypes.c_int
@@ -139,7 +141,7 @@ class CpuPagedAttention:
         args = (q.data_ptr(), cache.k[layer_idx].data_ptr(), cache.v[layer_idx].data_ptr(),
                 self.block_tables.data_ptr(), self.context_lens.data_ptr(), out.data_ptr())
         shape = (self.block_tables.shape[1], n_head, cache.k.shape[3], head_dim, cache.block_size,
-                 -1 if window is None else window, head_dim ** -0.5)
+                 -1 if window is None else window, head_dim ** -0.5, int(q.dtype == torch.bfloat16))
         call = lambda first, end: kernel(*args, first, end, *shape)
         if len(self.ranges) == 1:
             results = [call(*self.ranges[0])]
