@@ -58,3 +58,18 @@ def test_compiled_checkpoint_prefix_is_stripped(make_checkpoint):
     directory = make_checkpoint(compiled_prefix=True)
     out = LLM(directory).generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) >= 1
+
+
+@pytest.mark.parametrize("era", ["A", "E"])
+def test_bfloat16_logprobs_stay_within_bfloat16_tolerance_of_the_float32_reference(make_checkpoint, era):
+    # teacher-forced on the engine's own tokens, so a near-tie that bf16 breaks the other
+    # way does not send the comparison down another path
+    directory = make_checkpoint(era=era, window_pattern=None if era == "A" else "SSL", **ERA_SHAPES[era])
+    sd, cfg = load_reference(directory)
+    prompt = [(7 * i + 3) % 256 for i in range(40 if era == "A" else 140)]
+    llm = LLM(directory, dtype="bfloat16", block_size=16, max_num_batched_tokens=64)
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, logprobs=0, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    want = reference_logits(sd, cfg, era, prompt + out.token_ids).log_softmax(-1)
+    for i, (entry, token) in enumerate(zip(out.logprobs, out.token_ids)):
+        assert entry[token].logprob == pytest.approx(float(want[len(prompt) + i - 1, token]), abs=0.05)
