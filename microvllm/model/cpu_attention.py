@@ -126,11 +126,12 @@ class CpuPagedAttention:
             self.ranges = _split(decode_lens, parts)
 
     def __call__(self, layer_idx, q, k, v, window):
+        if not self.num_decodes:
+            return self.prefill(layer_idx, q, k, v, window)
         self.view.write(layer_idx, k, v)
         q = q.contiguous()
         out = torch.empty_like(q)
-        if self.num_decodes:
-            self._decode(layer_idx, q, out, window)
+        self._decode(layer_idx, q, out, window)
         if self.prefill:
             self.prefill.attend(layer_idx, q, window, out)
         return out
