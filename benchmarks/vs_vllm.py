@@ -4,8 +4,9 @@ Writes two random-weight era-A checkpoints with the same weights: nanochat's for
 for microvllm, transformers' `NanoChatForCausalLM` format for vLLM (which runs it
 through its Transformers backend), and checks that transformers' logits match ours.
 Then, per workload and round, runs each engine in a fresh process (alternating which
-goes first), one warm-up generate of the whole workload before the timed one, greedy
-and ignore_eos, and prints output tok/s of both and their ratio.
+goes first), one warm-up generate of a workload of the same shape (other prompts, so
+no prefix cache serves the timed one) before the timed one, greedy and ignore_eos, and
+prints output tok/s of both and their ratio.
 
     python -m benchmarks.vs_vllm --vllm-python /path/to/vllm-venv/bin/python
 
@@ -89,18 +90,20 @@ def check_export(nanochat_dir: Path, hf_dir: Path) -> float:
 
 # -- one engine, one process --------------------------------------------------------------
 
-def run_ours(model_dir: str, prompts, max_tokens, dtype: str | None) -> dict:
+def run_ours(model_dir: str, workload: dict, dtype: str | None) -> dict:
     start = time.perf_counter()
     from microvllm import LLM, SamplingParams
     llm = LLM(model_dir, dtype=dtype)
     startup = time.perf_counter() - start
-    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
-    generate = lambda: [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    def generate(prompts, max_tokens):
+        params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     return dict(startup=startup, dtype=str(llm.engine.dtype).removeprefix("torch."),
-                **_timed(generate))
+                **_timed(generate, workload))
 
 
-def run_vllm(model_dir: str, prompts, max_tokens, dtype: str | None) -> dict:
+def run_vllm(model_dir: str, workload: dict, dtype: str | None) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     start = time.perf_counter()
@@ -108,24 +111,26 @@ def run_vllm(model_dir: str, prompts, max_tokens, dtype: str | None) -> dict:
     llm = LLM(model=model_dir, skip_tokenizer_init=True, max_model_len=SEQUENCE_LEN, seed=0,
               dtype=dtype or "auto")
     startup = time.perf_counter() - start
-    inputs = [{"prompt_token_ids": p} for p in prompts]
-    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, detokenize=False)
-              for m in max_tokens]
-    generate = lambda: [list(o.outputs[0].token_ids)
-                        for o in llm.generate(inputs, params, use_tqdm=False)]
+
+    def generate(prompts, max_tokens):
+        inputs = [{"prompt_token_ids": p} for p in prompts]
+        params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, detokenize=False)
+                  for m in max_tokens]
+        return [list(o.outputs[0].token_ids) for o in llm.generate(inputs, params, use_tqdm=False)]
     return dict(startup=startup, dtype=str(llm.llm_engine.model_config.dtype).removeprefix("torch."),
-                **_timed(generate))
+                **_timed(generate, workload))
 
 
-def _timed(generate) -> dict:
+def _timed(generate, workload: dict) -> dict:
+    # the warm-up runs a workload of the same shape with other prompts: both engines cache
+    # prefixes, and a repeat of the timed prompts would skip most of their prefill
     start = time.perf_counter()
-    generate()  # warm-up: the whole workload once
+    warmup_tokens = sum(map(len, generate(workload["warmup_prompts"], workload["warmup_max_tokens"])))
     warmup = time.perf_counter() - start
     start = time.perf_counter()
-    outputs = generate()
+    outputs = generate(workload["prompts"], workload["max_tokens"])
     wall = time.perf_counter() - start
-    num_tokens = sum(map(len, outputs))
-    return dict(tok_s=num_tokens / wall, first_tok_s=num_tokens / warmup, outputs=outputs)
+    return dict(tok_s=sum(map(len, outputs)) / wall, first_tok_s=warmup_tokens / warmup, outputs=outputs)
 
 
 def in_subprocess(python: str, engine: str, model_dir: Path, workload_file: Path,
@@ -178,7 +183,7 @@ def main(argv=None):
     if args.worker:
         workload = json.loads(Path(args.workload_file).read_text())
         run = run_ours if args.worker == "ours" else run_vllm
-        print(json.dumps(run(args.model_dir, workload["prompts"], workload["max_tokens"], args.dtype)))
+        print(json.dumps(run(args.model_dir, workload, args.dtype)))
         return
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="vs_vllm_"))
@@ -204,9 +209,12 @@ def main(argv=None):
     rows = []
     for name in chosen:
         model, num_requests, prompt_lens, output_lens = WORKLOADS[name]
-        prompts, max_tokens = make_workload(num_requests, prompt_lens, output_lens, MODELS[model]["vocab_size"])
+        vocab_size = MODELS[model]["vocab_size"]
+        prompts, max_tokens = make_workload(num_requests, prompt_lens, output_lens, vocab_size)
+        warmup_prompts, warmup_max_tokens = make_workload(num_requests, prompt_lens, output_lens, vocab_size, seed=1)
         workload_file = root / f"workload_{list(WORKLOADS).index(name)}.json"
-        workload_file.write_text(json.dumps(dict(prompts=prompts, max_tokens=max_tokens)))
+        workload_file.write_text(json.dumps(dict(prompts=prompts, max_tokens=max_tokens, warmup_prompts=warmup_prompts,
+                                                 warmup_max_tokens=warmup_max_tokens)))
         results = {engine: [] for engine in engines}
         for r in range(args.rounds):
             order = list(engines) if r % 2 == 0 else list(engines)[::-1]
