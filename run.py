@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         params = [SamplingParams(n=args.n, temperature=args.temperature, top_k=args.top_k,
                                  top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed + i)
                   for i in range(len(prompts))]
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         parser.error(f"bad sampling value: {e}")
     try:
         # every sequence runs at once, and the KV cache holds just those (on cpu, its
@@ -135,6 +135,11 @@ def main(argv: list[str] | None = None) -> None:
         llm = LLM(model=args.model, tokenizer=args.tokenizer, step=args.step,
                   device=args.device, dtype=args.dtype, cpu_threads=args.cpu_threads,
                   max_num_seqs=min(len(prompts) * args.n, EngineConfig.max_num_seqs))
+    # TypeError too: a checkpoint's meta may hold a value of the wrong type. Caught here
+    # only, where input is checked, so that a TypeError from a bug keeps its traceback.
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+        parser.error(str(e))
+    try:
         start = time.perf_counter()
         if args.chat:
             outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params,

@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         setup, skipped = prepare(args)
         warm_up(setup)
         summaries, ratios = EXPERIMENTS[experiment](setup)
-    except (FileNotFoundError, ValueError, DatasetUnavailableError) as e:  # a missing file, bad input, refused settings
+    # a missing file, bad input (a value of the wrong type, too), refused settings
+    except (FileNotFoundError, ValueError, TypeError, DatasetUnavailableError) as e:
         parser.error(str(e))
 
     print_report(experiment, setup, summaries, ratios, skipped)

@@ -239,6 +239,20 @@ def test_script_rejects_bad_dataset_input_with_exit_code_2(checkpoint_dir, tmp_p
         assert exit_info.value.code == 2
 
 
+def test_script_rejects_a_checkpoint_meta_value_of_the_wrong_type_with_exit_code_2(make_checkpoint, capsys):
+    import test_alpaca
+    model_dir = make_checkpoint()
+    (meta_path,) = model_dir.glob("meta_*.json")
+    meta = json.loads(meta_path.read_text())
+    meta["model_config"]["n_layer"] = "4"  # validation raises TypeError for a str
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(SystemExit) as exit_info:
+        test_alpaca.main(["--model-dir", str(model_dir), "--synthetic", "--num-prompts", "2",
+                          "--prompt-len-range", "4", "8", "--max-tokens", "2", "--csv", ""])
+    assert exit_info.value.code == 2
+    assert "model_config.n_layer must be an int" in capsys.readouterr().err
+
+
 # -- random checkpoints and the GPU targets -----------------------------------------------
 
 @pytest.mark.parametrize("vocab_size", [265, 1000, 65536])

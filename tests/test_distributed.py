@@ -95,6 +95,19 @@ class TestOnePool:
         busy = ray.get([r.run.remote([], 0.0) for r in pool_llm.engine.replicas])
         assert all(not finished for finished, _ in busy)  # nothing left running there
 
+    def test_automatic_request_ids_skip_ids_given_by_hand(self, pool_llm):
+        greedy = SamplingParams(max_tokens=2, temperature=0.0)
+        first = int(pool_llm.add_request(PROMPTS[0], greedy))  # where the pool's counter stands
+        mine = [str(first)] + [pool_llm.add_request(PROMPTS[0], greedy, request_id=str(first + i))
+                               for i in (1, 3)]
+        outs = pool_llm.generate(PROMPTS[:4], greedy, use_tqdm=False)
+        ids = [o.request_id for o in outs]
+        assert len(set(ids)) == 4 and not set(ids) & set(mine)
+        finished = []
+        while pool_llm.has_unfinished_requests():
+            finished += pool_llm.step()
+        assert sorted(o.request_id for o in finished) == sorted(mine)
+
     def test_a_second_pool_finds_no_free_cpus(self, pool_llm, checkpoint_dir, monkeypatch):
         monkeypatch.setattr("microvllm.distributed.pool.RELEASE_WAIT_S", 0.0)
         with pytest.raises(ValueError, match="needs 2 CPUs"):

@@ -1,5 +1,6 @@
 """run.py, the command-line front end, driven as a user would: through a subprocess."""
 
+import json
 import os
 import subprocess
 import sys
@@ -69,6 +70,20 @@ def test_unknown_model_dir(tmp_path):
     result = run("--model", str(tmp_path / "no-such-model"))
     assert result.returncode == 2
     assert "no-such-model does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_checkpoint_meta_value_of_the_wrong_type_exits_2_with_one_line_message(tmp_path):
+    bundled = REPO / "models" / "shakespeare-d4"
+    meta = json.loads((bundled / "meta_001500.json").read_text())
+    meta["model_config"]["n_layer"] = "4"  # validation raises TypeError for a str
+    (tmp_path / "meta_001500.json").write_text(json.dumps(meta))
+    (tmp_path / "model_001500.pt").symlink_to(bundled / "model_001500.pt")
+    (tmp_path / "tokenizer").symlink_to(bundled / "tokenizer")
+    result = run("--model", str(tmp_path))
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("run.py: error:") and "model_config.n_layer must be an int" in error
     assert "Traceback" not in result.stderr
 
 

@@ -84,9 +84,11 @@ class ReplicaPool:
 
     # -- the engine's interface ---------------------------------------------------------
 
-    # the engine's own checks: they read only vocab_size and max_model_len, which the pool holds
+    # the engine's own checks: they read only vocab_size and max_model_len, which the pool
+    # holds, and the unfinished requests and the id counter, which it keeps as the engine does
     validate_prompt = LLMEngine.validate_prompt
     truncated_prompt = staticmethod(LLMEngine.truncated_prompt)
+    free_request_id = LLMEngine.free_request_id
 
     def add_request(self, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
                     request_id: str | None = None,
@@ -95,9 +97,7 @@ class ReplicaPool:
             raise ValueError("streamed outputs (output_kind=CUMULATIVE) need one engine: "
                              "use data_parallel_size=1")
         self.validate_prompt(prompt_token_ids, params)
-        request_id = str(next(self._request_counter)) if request_id is None else str(request_id)
-        if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+        request_id = self.free_request_id(request_id)
         if params.seed is None:  # drawn exactly when, and in the order, one engine would draw it
             params = dataclasses.replace(params, seed=self._seed_rng.getrandbits(63))
         token_ids = list(prompt_token_ids)

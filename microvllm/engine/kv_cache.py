@@ -10,6 +10,8 @@ lengths). DecodeKVView does the same for a step of single-token decodes held in
 fixed-size device buffers, with no host-side lengths, so a CUDA graph can replay it.
 """
 
+import math
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,8 +26,8 @@ class PagedKVCache:
         shape = (num_layers, num_blocks + 1, block_size, num_kv_heads, head_dim)
         # zeros, not empty: padded reads of unused slots are masked out, but a NaN there
         # would still poison the attention output (0 * NaN = NaN)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = zero_filled_pool(shape, dtype, device)
+        self.v = zero_filled_pool(shape, dtype, device)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.padding_block = num_blocks
 
@@ -45,6 +47,20 @@ class PagedKVCache:
         """K and V of one layer as `[num_slots, n_kv_head, head_dim]`, indexable by slot."""
         k, v = self.k[layer_idx], self.v[layer_idx]
         return k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])
+
+
+def zero_filled_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A zero-filled pool. On CPU its memory is an anonymous map, which the kernel hands
+    out as zero pages on first touch: torch.zeros would write every byte at start-up
+    (about 1 s per GiB, most of it page faults) and make the whole pool resident, while
+    a run only touches the blocks it uses."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    # private, so that a forked child does not share the cache; Windows' maps are private already
+    flags = {"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS} if hasattr(mmap, "MAP_ANONYMOUS") else {}
+    # the tensor holds the map, which is unmapped when the last view of it goes
+    return torch.frombuffer(mmap.mmap(-1, nbytes, **flags), dtype=dtype).view(shape)
 
 
 class _KVWriter:

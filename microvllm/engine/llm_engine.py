@@ -149,12 +149,9 @@ class LLMEngine:
             if bad:
                 raise ValueError(f"{name} {bad} are out of vocabulary: ids must be in [0, {self.vocab_size})")
 
-    def add_request(self, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
-                    request_id: str | None = None,
-                    output_kind: RequestOutputKind = RequestOutputKind.FINAL_ONLY) -> str:
-        """`output_kind` FINAL_ONLY: step() returns the request once, finished; CUMULATIVE:
-        also at each step that adds tokens. The facade picks it (generate: always FINAL_ONLY)."""
-        self.validate_prompt(prompt_token_ids, params)
+    def free_request_id(self, request_id: str | int | None) -> str:
+        """`request_id` as a str, refused if a request holds it; None: the counter's next
+        id that no request holds."""
         if request_id is None:
             request_id = str(next(self._request_counter))
             while request_id in self.requests:  # skip ids a user gave by hand
@@ -163,6 +160,15 @@ class LLMEngine:
             request_id = str(check_type("request_id", request_id, (str, int), "a str"))
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        return request_id
+
+    def add_request(self, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+                    request_id: str | None = None,
+                    output_kind: RequestOutputKind = RequestOutputKind.FINAL_ONLY) -> str:
+        """`output_kind` FINAL_ONLY: step() returns the request once, finished; CUMULATIVE:
+        also at each step that adds tokens. The facade picks it (generate: always FINAL_ONLY)."""
+        self.validate_prompt(prompt_token_ids, params)
+        request_id = self.free_request_id(request_id)
         # numpy ints become Python ones
         prompt_token_ids = [int(t) for t in self.truncated_prompt(prompt_token_ids, params)]
         request = Request(request_id, prompt, prompt_token_ids, params)

@@ -148,8 +148,9 @@ def describe_kv_cache(kv_cache: PagedKVCache, device: torch.device) -> str:
 def cpu_kv_blocks(max_num_seqs: int, max_model_len: int, block_size: int, bytes_per_block: int) -> int:
     """Room for max_num_seqs full-length sequences, all the scheduler can ever hold (so
     nothing is preempted), but at most MAX_DEFAULT_CPU_KV_CACHE_MEMORY and a quarter of
-    the RAM available now: the cache is zero-filled, so all of it is resident from the
-    start. Never less than one full-length sequence."""
+    the RAM available now: a block takes RAM from its first use on, and a long run
+    (prefix caching keeps freed blocks) ends up using them all. Never less than one
+    full-length sequence."""
     blocks_per_seq = -(-max_model_len // block_size)
     cap = min(MAX_DEFAULT_CPU_KV_CACHE_MEMORY, available_ram() // 4) // bytes_per_block
     return min(max_num_seqs * blocks_per_seq, max(cap, blocks_per_seq))
