@@ -210,8 +210,7 @@ class LLMEngine:
             scheduled = self.scheduler.schedule()
         if scheduled:
             result = self.runner.execute(scheduled)
-            updates = [self._decide(item.seq, row, result.sampled)
-                       for row, item in enumerate(result.sampled_seqs)]
+            updates = self._decide(result)
             prompt_logprobs = [(request, self._new_prompt_logprobs(request, *logprobs))
                                for request, *logprobs in result.prompt_logprobs]
             with interrupts_held():
@@ -227,7 +226,28 @@ class LLMEngine:
         self._due = {}
         return outputs
 
-    def _decide(self, seq: Sequence, row: int, sampled) -> TokenUpdate:
+    def _decide(self, result: StepOutput) -> list[TokenUpdate | None]:
+        """Per sampled row, what its token brings beyond itself (log-probs, the text where
+        stop strings are watched, the end of its sequence), or None for a token that is
+        only appended."""
+        eos, max_model_len = self.tokenizer.eos_token_ids, self.max_model_len
+        updates = []
+        for row, (item, token) in enumerate(zip(result.sampled_seqs, self._tokens(result))):
+            seq = item.seq
+            p, num_tokens = seq.params, len(seq.token_ids) + 1  # with this token
+            # most rows: checked inline, since _stop would find nothing to stop at
+            if (p.logprobs is None and not p.stop_strings and token not in eos and token not in p.stop_token_ids
+                    and num_tokens - seq.num_prompt_tokens != p.max_tokens and num_tokens < max_model_len):
+                updates.append(None)
+            else:
+                updates.append(self._token_update(seq, row, result.sampled))
+        return updates
+
+    @staticmethod
+    def _tokens(result: StepOutput) -> list[int]:
+        return result.sampled.token_ids if result.sampled else []
+
+    def _token_update(self, seq: Sequence, row: int, sampled) -> TokenUpdate:
         update = TokenUpdate(seq, sampled.token_ids[row])
         if seq.logprobs is not None:
             update.logprob = sampled.logprobs[row]
@@ -286,23 +306,29 @@ class LLMEngine:
         for request, entries in prompt_logprobs:
             request.prompt_logprobs += entries
         now = time.time()
-        for update in updates:
-            seq, request = update.seq, update.seq.request
-            seq.token_ids.append(update.token)
-            if update.logprob_entry is not None:
-                seq.cumulative_logprob += update.logprob
-                seq.logprobs.append(update.logprob_entry)
-            if update.text is not None:
-                seq.text = update.text
-            request.first_token_time = request.first_token_time or now
-            if update.finish is not None:
-                self.scheduler.finish(seq, *update.finish)
-                if request.is_finished:
-                    request.finished_time = now
-                    del self.requests[request.request_id]
-                    self._due[request.request_id] = request
+        for item, token, update in zip(result.sampled_seqs, self._tokens(result), updates):
+            seq, request = item.seq, item.seq.request
+            seq.token_ids.append(token)
+            if request.first_token_time is None:
+                request.first_token_time = now
+            if update is not None:
+                self._apply(update, now)
             if request.output_kind is not RequestOutputKind.FINAL_ONLY:
                 self._due[request.request_id] = request  # streamed: the output so far
+
+    def _apply(self, update: TokenUpdate, now: float) -> None:
+        seq, request = update.seq, update.seq.request
+        if update.logprob_entry is not None:
+            seq.cumulative_logprob += update.logprob
+            seq.logprobs.append(update.logprob_entry)
+        if update.text is not None:
+            seq.text = update.text
+        if update.finish is not None:
+            self.scheduler.finish(seq, *update.finish)
+            if request.is_finished:
+                request.finished_time = now
+                del self.requests[request.request_id]
+                self._due[request.request_id] = request
 
     def _update_stats(self, scheduled, result: StepOutput) -> None:
         stats = self.stats

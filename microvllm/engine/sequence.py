@@ -36,15 +36,13 @@ class Sequence:
     finish_reason: str | None = None    # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     text: str = ""
+    params: SamplingParams = field(init=False, repr=False)  # the request's; read on every step
 
     def __post_init__(self):
+        self.params = self.request.params
         self.num_prompt_tokens = len(self.token_ids)
         if self.request.params.logprobs is not None:
             self.logprobs, self.cumulative_logprob = [], 0.0
-
-    @property
-    def params(self) -> SamplingParams:
-        return self.request.params
 
     @property
     def num_tokens(self) -> int:
