@@ -231,16 +231,15 @@ class LLMEngine:
         stop strings are watched, the end of its sequence), or None for a token that is
         only appended."""
         eos, max_model_len = self.tokenizer.eos_token_ids, self.max_model_len
-        updates = []
-        for row, (item, token) in enumerate(zip(result.sampled_seqs, self._tokens(result))):
+        tokens = self._tokens(result)
+        updates = [None] * len(tokens)
+        for row, (item, token) in enumerate(zip(result.sampled_seqs, tokens)):
             seq = item.seq
             p, num_tokens = seq.params, len(seq.token_ids) + 1  # with this token
-            # most rows: checked inline, since _stop would find nothing to stop at
-            if (p.logprobs is None and not p.stop_strings and token not in eos and token not in p.stop_token_ids
-                    and num_tokens - seq.num_prompt_tokens != p.max_tokens and num_tokens < max_model_len):
-                updates.append(None)
-            else:
-                updates.append(self._token_update(seq, row, result.sampled))
+            # most rows are done here: nothing to record, and nothing _stop could stop at
+            if (p.logprobs is not None or p.stop_strings or token in eos or token in p.stop_token_ids
+                    or num_tokens - seq.num_prompt_tokens == p.max_tokens or num_tokens >= max_model_len):
+                updates[row] = self._token_update(seq, row, result.sampled)
         return updates
 
     @staticmethod
@@ -305,7 +304,7 @@ class LLMEngine:
         self._update_stats(scheduled, result)
         for request, entries in prompt_logprobs:
             request.prompt_logprobs += entries
-        now = time.time()
+        now, final_only = time.time(), RequestOutputKind.FINAL_ONLY  # a local: enum lookups are slow
         for item, token, update in zip(result.sampled_seqs, self._tokens(result), updates):
             seq, request = item.seq, item.seq.request
             seq.token_ids.append(token)
@@ -313,7 +312,7 @@ class LLMEngine:
                 request.first_token_time = now
             if update is not None:
                 self._apply(update, now)
-            if request.output_kind is not RequestOutputKind.FINAL_ONLY:
+            if request.output_kind is not final_only:
                 self._due[request.request_id] = request  # streamed: the output so far
 
     def _apply(self, update: TokenUpdate, now: float) -> None:
@@ -334,7 +333,7 @@ class LLMEngine:
         stats = self.stats
         stats.steps += 1
         stats.forward_seconds += result.forward_seconds
-        stats.computed_tokens += sum(s.num_new_tokens for s in scheduled)
+        stats.computed_tokens += sum([s.num_new_tokens for s in scheduled])
         stats.generated_tokens += len(result.sampled_seqs)
         stats.preemptions = self.scheduler.num_preemptions
         stats.prompt_tokens = self.scheduler.admitted_prompt_tokens

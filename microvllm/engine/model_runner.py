@@ -24,6 +24,8 @@ from .sequence import Sequence
 from .stats import StepTimer
 from .transfer import to_device
 
+# added to a prefill chunk's sort key, past any context length
+PREFILLS_AFTER_DECODES = 1 << 40
 # what an eager step sends the device, in its one copy
 EAGER_INPUTS = ("input_ids", "positions", "prev_ids", "slot_mapping", "block_tables",
                 "cu_query_lens", "cu_context_lens")
@@ -47,7 +49,7 @@ def int_array(values: list[int]) -> np.ndarray:
 def cumulative(lens: np.ndarray) -> np.ndarray:
     """[0, lens[0], lens[0] + lens[1], ...]: where each sequence's rows start, and the end."""
     out = np.zeros(len(lens) + 1, dtype=np.int64)
-    np.cumsum(lens, out=out[1:])
+    lens.cumsum(out=out[1:])
     return out
 
 
@@ -66,9 +68,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> StepOutput:
         # decodes first, then by context length: the attention backend groups neighbours
-        # (two stable sorts on plain keys cost less than one on tuples)
-        batch = sorted(scheduled, key=lambda s: s.seq.num_computed_tokens + s.num_new_tokens)
-        batch.sort(key=lambda s: s.num_new_tokens != 1)
+        # (an int key: tuples compare slower)
+        batch = sorted(scheduled, key=lambda s: s.seq.num_computed_tokens + s.num_new_tokens
+                       + (s.num_new_tokens != 1) * PREFILLS_AFTER_DECODES)
         seqs = [s.seq for s in batch]
         if self.timer:
             self.timer.start()
@@ -76,9 +78,9 @@ class ModelRunner:
         ends = inputs["cu_query_lens"][1:]
         # a sequence samples when this step reaches its last token
         samples = inputs["context_lens"] == [len(seq.token_ids) for seq in seqs]
-        every_token_samples = len(batch) == len(inputs["input_ids"]) and samples.all()  # decodes only
-        sampled_seqs = batch if every_token_samples else list(compress(batch, samples))
         last_rows = ends[samples] - 1
+        every_token_samples = len(last_rows) == len(inputs["input_ids"])  # decodes only
+        sampled_seqs = batch if every_token_samples else list(compress(batch, samples))
         start = time.perf_counter()
         if self.decode_graphs and max(inputs["query_lens"]) == 1:
             hidden = self.decode_graphs.run(inputs)
@@ -94,7 +96,7 @@ class ModelRunner:
             self._check_finite(last_hidden)
             sampled = self.sampler(logits, seqs if every_token_samples else [s.seq for s in sampled_seqs])
         prompt_logprobs = []
-        if any(seq.request.prompt_logprobs is not None for seq in seqs):
+        if any(seq.params.prompt_logprobs is not None for seq in seqs):
             prompt_logprobs = [self._prompt_logprobs(s, hidden, end - s.num_new_tokens)
                                for s, end in zip(batch, ends.tolist()) if self._wants_prompt_logprobs(s)]
         return StepOutput(sampled_seqs, sampled, prompt_logprobs, forward_seconds,
@@ -108,7 +110,9 @@ class ModelRunner:
                                      "run with dtype='bfloat16' or 'float32'")
 
     def _prepare(self, batch: list[ScheduledSequence], seqs: list[Sequence]) -> dict[str, np.ndarray]:
-        # the per-sequence values are read in a few list comprehensions, the rest is numpy
+        # per-sequence values are read in a few list comprehensions, the rest is numpy's C
+        # functions and methods: after a forward every function the step calls starts cold,
+        # and numpy's Python-level wrappers (np.cumsum, .max, ...) cost more than the work
         bs = self.kv_cache.block_size
         query_lens = [s.num_new_tokens for s in batch]
         starts = [seq.num_computed_tokens for seq in seqs]
@@ -118,20 +122,21 @@ class ModelRunner:
             for seq, start, n in zip(seqs, starts, query_lens)]), dtype=np.int64)
         lens, first_positions = int_array(query_lens), int_array(starts)
         cu_query_lens = cumulative(lens)
-        seq_index = np.repeat(np.arange(len(batch)), lens)  # of each token of the flat batch
+        seq_index = np.arange(len(batch)).repeat(lens)  # of each token of the flat batch
         token_index = np.arange(len(seq_index))
-        positions = np.repeat(first_positions - cu_query_lens[:-1], lens) + token_index
+        positions = (first_positions - cu_query_lens[:-1]).repeat(lens) + token_index
         # token i of the flat batch is window[i + seq_index[i] + 1]; the one before it precedes it
         prev_index = token_index + seq_index
         tables = [seq.block_table for seq in seqs]
-        table_lens = int_array([len(table) for table in tables])
-        block_tables = np.zeros((len(batch), table_lens.max()), dtype=np.int64)
+        table_lens = [len(table) for table in tables]
+        block_tables = np.zeros((len(batch), max(table_lens)), dtype=np.int64)
         # the mask's cells in row-major order are the tables' entries laid end to end
-        block_tables[np.arange(table_lens.max()) < table_lens[:, None]] = np.fromiter(
-            chain.from_iterable(tables), dtype=np.int64, count=table_lens.sum())
+        block_tables[np.arange(block_tables.shape[1]) < int_array(table_lens)[:, None]] = np.fromiter(
+            chain.from_iterable(tables), dtype=np.int64, count=sum(table_lens))
+        block_index, offset = np.divmod(positions, bs)
         context_lens = first_positions + lens
         return dict(input_ids=window[prev_index + 1], positions=positions, prev_ids=window[prev_index],
-                    slot_mapping=block_tables[seq_index, positions // bs] * bs + positions % bs,
+                    slot_mapping=block_tables[seq_index, block_index] * bs + offset,
                     block_tables=block_tables, query_lens=query_lens, context_lens=context_lens,
                     cu_query_lens=cu_query_lens, cu_context_lens=cumulative(context_lens))
 

@@ -101,10 +101,9 @@ class Sampler:
         self.eos_token_ids = sorted(eos_token_ids)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledTokens:
-        params = [s.params for s in seqs]
         # the step's distinct SamplingParams (most steps have one or a few) say which of
         # the passes below it needs; a greedy step of plain requests is an argmax
-        kinds = list({id(p): p for p in params}.values())
+        kinds = list({id(s.params): s.params for s in seqs}.values())
         raw_logits = logits
         if any(p.shapes_logits for p in kinds):  # allowed_token_ids, bad_words, logits_processors
             logits = shape_logits(logits, seqs)
@@ -118,7 +117,7 @@ class Sampler:
                                       torch.tensor(float("-inf"), device=logits.device))
         token_ids = row_argmax(logits)
         if not all(p.greedy for p in kinds):
-            sampling_rows = [row for row, p in enumerate(params) if not p.greedy]
+            sampling_rows = [row for row, seq in enumerate(seqs) if not seq.params.greedy]
             rows, sampled = self._sample(logits, [seqs[r] for r in sampling_rows], sampling_rows)
             token_ids.index_copy_(0, rows, sampled)
         k = max((p.logprobs for p in kinds if p.logprobs is not None), default=None)

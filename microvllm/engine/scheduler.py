@@ -48,11 +48,12 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSequence] = []
         num_preemptions = self.num_preemptions
-        block_size = self.block_manager.block_size
+        block_size, running = self.block_manager.block_size, self.running
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            num_new = len(seq.token_ids) - seq.num_computed_tokens
+            num_new = num_new if num_new <= budget else budget
             # most decodes stay inside their last block: only the others need block work
             if (seq.num_computed_tokens + num_new > len(seq.block_table) * block_size
                     and not self._append_slots(seq, num_new)):
