@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import xxhash
 
-from .sequence import Sequence
+from .sequence import Sequence, block_table_of
 
 
 @dataclass(eq=False)
@@ -103,7 +103,7 @@ class BlockManager:
         assert not seq.block_table, "sequence already holds blocks"
         for block_id in prefix_blocks:
             self._take(block_id)
-        seq.block_table = list(prefix_blocks)
+        seq.block_table = block_table_of(prefix_blocks)
         seq.num_computed_tokens = len(prefix_blocks) * self.block_size
         self.append_slots(seq, num_new_tokens)
 
@@ -149,7 +149,7 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_block_queue[block_id] = None
-        seq.block_table = []
+        seq.block_table = block_table_of()
         seq.num_registered_blocks = 0
 
     def _take(self, block_id: int) -> None:

@@ -131,8 +131,8 @@ class ModelRunner:
         table_lens = [len(table) for table in tables]
         block_tables = np.zeros((len(batch), max(table_lens)), dtype=np.int64)
         # the mask's cells in row-major order are the tables' entries laid end to end
-        block_tables[np.arange(block_tables.shape[1]) < int_array(table_lens)[:, None]] = np.fromiter(
-            chain.from_iterable(tables), dtype=np.int64, count=sum(table_lens))
+        block_tables[np.arange(block_tables.shape[1]) < int_array(table_lens)[:, None]] = np.frombuffer(
+            b"".join(tables), dtype=np.int64)
         block_index, offset = np.divmod(positions, bs)
         context_lens = first_positions + lens
         return dict(input_ids=window[prev_index + 1], positions=positions, prev_ids=window[prev_index],
