@@ -12,10 +12,10 @@ it instead of recomputing. A freed block keeps its hash and waits in the LRU fre
 until a new allocation evicts it, so a prefix outlives the request that computed it.
 """
 
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import numpy as np
 import xxhash
 
 from .sequence import Sequence, block_table_of
@@ -32,7 +32,7 @@ class Block:
 
 def block_hash(parent_hash: int | None, token_ids) -> int:
     prefix = b"" if parent_hash is None else parent_hash.to_bytes(8, "little")
-    return xxhash.xxh64_intdigest(prefix + np.asarray(token_ids, dtype=np.int64).tobytes())
+    return xxhash.xxh64_intdigest(prefix + array("q", token_ids).tobytes())
 
 
 class BlockManager:

@@ -18,7 +18,8 @@ from ..model.attention import AttentionBackend
 from ..model.gpt import GPT
 from .cuda_graphs import DecodeGraphs
 from .kv_cache import PagedKVCache, SequenceKVView
-from .sampler import PROMPT_LOGPROBS_CHUNK, SampledTokens, Sampler, logprob_table, split_logprob_table
+from .sampler import (PROMPT_LOGPROBS_CHUNK, SampledTokens, Sampler, distinct_params, logprob_table,
+                      split_logprob_table)
 from .scheduler import ScheduledSequence
 from .sequence import Sequence
 from .stats import StepTimer
@@ -96,7 +97,7 @@ class ModelRunner:
             self._check_finite(last_hidden)
             sampled = self.sampler(logits, seqs if every_token_samples else [s.seq for s in sampled_seqs])
         prompt_logprobs = []
-        if any(seq.params.prompt_logprobs is not None for seq in seqs):
+        if any(p.prompt_logprobs is not None for p in distinct_params(seqs)):
             prompt_logprobs = [self._prompt_logprobs(s, hidden, end - s.num_new_tokens)
                                for s, end in zip(batch, ends.tolist()) if self._wants_prompt_logprobs(s)]
         return StepOutput(sampled_seqs, sampled, prompt_logprobs, forward_seconds,

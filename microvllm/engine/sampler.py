@@ -14,11 +14,14 @@ become one per-row floor on the logits, and only top-p sorts. Everything a step 
 the device travels in one copy, and the tokens (with their log-probs) come back in one.
 """
 
+import operator
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 import torch
 
+from ..sampling_params import SamplingParams
 from .logits_processors import shape_logits
 from .sequence import Sequence
 from .transfer import to_device
@@ -55,6 +58,14 @@ def row_argmax(x: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu":
         return torch.from_numpy(x.numpy().argmax(axis=-1))
     return x.argmax(dim=-1)
+
+
+def distinct_params(seqs: list[Sequence]) -> list[SamplingParams]:
+    """The SamplingParams objects of `seqs`, each once."""
+    params = [seq.params for seq in seqs]
+    if all(map(operator.is_, params, repeat(params[0]))):  # most steps share one: checked at C speed
+        return params[:1]
+    return list({id(p): p for p in params}.values())
 
 
 def gumbel_argmax(x: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -101,9 +112,9 @@ class Sampler:
         self.eos_token_ids = sorted(eos_token_ids)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledTokens:
-        # the step's distinct SamplingParams (most steps have one or a few) say which of
-        # the passes below it needs; a greedy step of plain requests is an argmax
-        kinds = list({id(s.params): s.params for s in seqs}.values())
+        # the step's distinct SamplingParams say which of the passes below it needs; a
+        # greedy step of plain requests is an argmax
+        kinds = distinct_params(seqs)
         raw_logits = logits
         if any(p.shapes_logits for p in kinds):  # allowed_token_ids, bad_words, logits_processors
             logits = shape_logits(logits, seqs)
