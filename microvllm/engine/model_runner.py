@@ -78,7 +78,7 @@ class ModelRunner:
         inputs = self._prepare(batch, seqs)
         ends = inputs["cu_query_lens"][1:]
         # a sequence samples when this step reaches its last token
-        samples = inputs["context_lens"] == [len(seq.token_ids) for seq in seqs]
+        samples = inputs["context_lens"] == int_array([len(seq.token_ids) for seq in seqs])
         last_rows = ends[samples] - 1
         every_token_samples = len(last_rows) == len(inputs["input_ids"])  # decodes only
         sampled_seqs = batch if every_token_samples else list(compress(batch, samples))
