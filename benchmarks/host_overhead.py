@@ -31,7 +31,7 @@ TARGET_MS = 1.0
 
 
 def timed(step_parts: dict, name: str, fn):
-    """fn, adding its CPU time to step_parts[name] (some parts run once per sequence)."""
+    """fn, adding its CPU time to step_parts[name]."""
     def wrapper(*args, **kwargs):
         start = time.thread_time()
         try:

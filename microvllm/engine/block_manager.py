@@ -12,13 +12,13 @@ it instead of recomputing. A freed block keeps its hash and waits in the LRU fre
 until a new allocation evicts it, so a prefix outlives the request that computed it.
 """
 
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import numpy as np
 import xxhash
 
-from .sequence import Sequence
+from .sequence import Sequence, block_table_of
 
 
 @dataclass(eq=False)
@@ -32,7 +32,7 @@ class Block:
 
 def block_hash(parent_hash: int | None, token_ids) -> int:
     prefix = b"" if parent_hash is None else parent_hash.to_bytes(8, "little")
-    return xxhash.xxh64_intdigest(prefix + np.asarray(token_ids, dtype=np.int64).tobytes())
+    return xxhash.xxh64_intdigest(prefix + array("q", token_ids).tobytes())
 
 
 class BlockManager:
@@ -103,20 +103,21 @@ class BlockManager:
         assert not seq.block_table, "sequence already holds blocks"
         for block_id in prefix_blocks:
             self._take(block_id)
-        seq.block_table = list(prefix_blocks)
+        seq.block_table = block_table_of(prefix_blocks)
         seq.num_computed_tokens = len(prefix_blocks) * self.block_size
         self.append_slots(seq, num_new_tokens)
 
-    def _blocks_to_append(self, seq: Sequence, num_new_tokens: int) -> int:
-        # inline ceil division: this runs for every running sequence on every step
-        return -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size) - len(seq.block_table)
-
-    def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
-        return self._blocks_to_append(seq, num_new_tokens) <= len(self.free_block_queue)
-
-    def append_slots(self, seq: Sequence, num_new_tokens: int) -> None:
-        for _ in range(self._blocks_to_append(seq, num_new_tokens)):
+    def append_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Give `seq` the blocks its next `num_new_tokens` tokens need; False, taking
+        none, when too few are free."""
+        missing = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size) - len(seq.block_table)
+        if missing <= 0:
+            return True
+        if missing > len(self.free_block_queue):
+            return False
+        for _ in range(missing):
             seq.block_table.append(self._take_free_block())
+        return True
 
     def can_fork(self, parent: Sequence) -> bool:
         return parent.num_computed_tokens % self.block_size == 0 or self.num_free_blocks > 0
@@ -148,7 +149,7 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_block_queue[block_id] = None
-        seq.block_table = []
+        seq.block_table = block_table_of()
         seq.num_registered_blocks = 0
 
     def _take(self, block_id: int) -> None:
@@ -169,14 +170,18 @@ class BlockManager:
 
     # -- registration after the KV is written --------------------------------------------
 
-    def register_computed_blocks(self, seq: Sequence) -> None:
-        """Offer `seq`'s newly computed full blocks to the prefix cache."""
+    def register_computed_blocks(self, seqs: list[Sequence]) -> None:
+        """Offer the sequences' newly computed full blocks to the prefix cache."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        num_full = seq.num_computed_tokens // bs
-        if num_full <= seq.num_registered_blocks:
-            return
+        for seq in seqs:
+            num_full = seq.num_computed_tokens // bs
+            if num_full > seq.num_registered_blocks:  # true of only a few of them per step
+                self._register(seq, num_full)
+
+    def _register(self, seq: Sequence, num_full: int) -> None:
+        bs = self.block_size
         self._extend_hashes(seq, num_full)
         for i in range(seq.num_registered_blocks, num_full):
             block = self.blocks[seq.block_table[i]]

@@ -216,8 +216,7 @@ class LLMEngine:
             scheduled = self.scheduler.schedule()
         if scheduled:
             result = self.runner.execute(scheduled)
-            updates = [self._decide(item.seq, row, result.sampled)
-                       for row, item in enumerate(result.sampled_seqs)]
+            updates = self._decide(result)
             prompt_logprobs = [(request, self._new_prompt_logprobs(request, *logprobs))
                                for request, *logprobs in result.prompt_logprobs]
             with interrupts_held():
@@ -233,7 +232,27 @@ class LLMEngine:
         self._due = {}
         return outputs
 
-    def _decide(self, seq: Sequence, row: int, sampled) -> TokenUpdate:
+    def _decide(self, result: StepOutput) -> list[TokenUpdate | None]:
+        """Per sampled row, what its token brings beyond itself (log-probs, the text where
+        stop strings are watched, the end of its sequence), or None for a token that is
+        only appended."""
+        eos, max_model_len = self.tokenizer.eos_token_ids, self.max_model_len
+        tokens = self._tokens(result)
+        updates = [None] * len(tokens)
+        for row, (item, token) in enumerate(zip(result.sampled_seqs, tokens)):
+            seq = item.seq
+            p, num_tokens = seq.params, len(seq.token_ids) + 1  # with this token
+            # most rows are done here: nothing to record, and nothing _stop could stop at
+            if (p.logprobs is not None or p.stop_strings or token in eos or token in p.stop_token_ids
+                    or num_tokens - seq.num_prompt_tokens == p.max_tokens or num_tokens >= max_model_len):
+                updates[row] = self._token_update(seq, row, result.sampled)
+        return updates
+
+    @staticmethod
+    def _tokens(result: StepOutput) -> list[int]:
+        return result.sampled.token_ids if result.sampled else []
+
+    def _token_update(self, seq: Sequence, row: int, sampled) -> TokenUpdate:
         update = TokenUpdate(seq, sampled.token_ids[row])
         if seq.logprobs is not None:
             update.logprob = sampled.logprobs[row]
@@ -291,30 +310,36 @@ class LLMEngine:
         self._update_stats(scheduled, result)
         for request, entries in prompt_logprobs:
             request.prompt_logprobs += entries
-        now = time.time()
-        for update in updates:
-            seq, request = update.seq, update.seq.request
-            seq.token_ids.append(update.token)
-            if update.logprob_entry is not None:
-                seq.cumulative_logprob += update.logprob
-                seq.logprobs.append(update.logprob_entry)
-            if update.text is not None:
-                seq.text = update.text
-            request.first_token_time = request.first_token_time or now
-            if update.finish is not None:
-                self.scheduler.finish(seq, *update.finish)
-                if request.is_finished:
-                    request.finished_time = now
-                    del self.requests[request.request_id]
-                    self._due[request.request_id] = request
-            if request.output_kind is not RequestOutputKind.FINAL_ONLY:
+        now, final_only = time.time(), RequestOutputKind.FINAL_ONLY  # a local: enum lookups are slow
+        for item, token, update in zip(result.sampled_seqs, self._tokens(result), updates):
+            seq, request = item.seq, item.seq.request
+            seq.token_ids.append(token)
+            if request.first_token_time is None:
+                request.first_token_time = now
+            if update is not None:
+                self._apply(update, now)
+            if request.output_kind is not final_only:
                 self._due[request.request_id] = request  # streamed: the output so far
+
+    def _apply(self, update: TokenUpdate, now: float) -> None:
+        seq, request = update.seq, update.seq.request
+        if update.logprob_entry is not None:
+            seq.cumulative_logprob += update.logprob
+            seq.logprobs.append(update.logprob_entry)
+        if update.text is not None:
+            seq.text = update.text
+        if update.finish is not None:
+            self.scheduler.finish(seq, *update.finish)
+            if request.is_finished:
+                request.finished_time = now
+                del self.requests[request.request_id]
+                self._due[request.request_id] = request
 
     def _update_stats(self, scheduled, result: StepOutput) -> None:
         stats = self.stats
         stats.steps += 1
         stats.forward_seconds += result.forward_seconds
-        stats.computed_tokens += sum(s.num_new_tokens for s in scheduled)
+        stats.computed_tokens += sum([s.num_new_tokens for s in scheduled])
         stats.generated_tokens += len(result.sampled_seqs)
         stats.preemptions = self.scheduler.num_preemptions
         stats.prompt_tokens = self.scheduler.admitted_prompt_tokens

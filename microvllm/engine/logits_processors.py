@@ -3,9 +3,9 @@ user logits_processors, applied before penalties and sampling (log-probs stay th
 the model's own distribution).
 
 A step pays for this only when one of its sequences asked for it: the sampler calls
-`shape_logits`, which returns the logits untouched unless some request set one of
-these. Rows are shaped one sequence at a time, in Python: a user function is called per
-sequence, as its vLLM signature says (a 1-D logits row, the token ids so far).
+`shape_logits` only then, and it shapes only those sequences' rows, one at a time, in
+Python: a user function is called per sequence, as its vLLM signature says (a 1-D
+logits row, the token ids so far).
 """
 
 import torch

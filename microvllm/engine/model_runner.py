@@ -18,11 +18,15 @@ from ..model.attention import AttentionBackend
 from ..model.gpt import GPT
 from .cuda_graphs import DecodeGraphs
 from .kv_cache import PagedKVCache, SequenceKVView
-from .sampler import PROMPT_LOGPROBS_CHUNK, SampledTokens, Sampler, logprob_table, split_logprob_table
+from .sampler import (PROMPT_LOGPROBS_CHUNK, SampledTokens, Sampler, distinct_params, logprob_table,
+                      split_logprob_table)
 from .scheduler import ScheduledSequence
+from .sequence import Sequence
 from .stats import StepTimer
 from .transfer import to_device
 
+# added to a prefill chunk's sort key, past any context length
+PREFILLS_AFTER_DECODES = 1 << 40
 # what an eager step sends the device, in its one copy
 EAGER_INPUTS = ("input_ids", "positions", "prev_ids", "slot_mapping", "block_tables",
                 "cu_query_lens", "cu_context_lens")
@@ -37,6 +41,17 @@ class StepOutput:
     prompt_logprobs: list[tuple]
     forward_seconds: float                  # model forward and logits (host side on CUDA)
     device_seconds: float | None = None     # the whole step's device work, when timed
+
+
+def int_array(values: list[int]) -> np.ndarray:
+    return np.fromiter(values, dtype=np.int64, count=len(values))  # faster than np.array
+
+
+def cumulative(lens: np.ndarray) -> np.ndarray:
+    """[0, lens[0], lens[0] + lens[1], ...]: where each sequence's rows start, and the end."""
+    out = np.zeros(len(lens) + 1, dtype=np.int64)
+    lens.cumsum(out=out[1:])
+    return out
 
 
 class ModelRunner:
@@ -54,31 +69,37 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> StepOutput:
         # decodes first, then by context length: the attention backend groups neighbours
-        batch = sorted(scheduled, key=lambda s: (s.num_new_tokens != 1,
-                                                 s.seq.num_computed_tokens + s.num_new_tokens))
+        # (an int key: tuples compare slower)
+        batch = sorted(scheduled, key=lambda s: s.seq.num_computed_tokens + s.num_new_tokens
+                       + (s.num_new_tokens != 1) * PREFILLS_AFTER_DECODES)
+        seqs = [s.seq for s in batch]
         if self.timer:
             self.timer.start()
-        inputs = self._prepare(batch)
+        inputs = self._prepare(batch, seqs)
         ends = inputs["cu_query_lens"][1:]
-        samples = np.array([s.samples for s in batch])
-        sampled_seqs = list(compress(batch, samples))
+        # a sequence samples when this step reaches its last token
+        samples = inputs["context_lens"] == int_array([len(seq.token_ids) for seq in seqs])
         last_rows = ends[samples] - 1
+        every_token_samples = len(last_rows) == len(inputs["input_ids"])  # decodes only
+        sampled_seqs = batch if every_token_samples else list(compress(batch, samples))
         start = time.perf_counter()
         if self.decode_graphs and max(inputs["query_lens"]) == 1:
             hidden = self.decode_graphs.run(inputs)
             # a decode-only step samples every row unless a prompt's last chunks are a token long
-            last_hidden = hidden if samples.all() else hidden[to_device(dict(rows=last_rows), self.device)["rows"]]
+            last_hidden = hidden if every_token_samples else hidden[to_device(dict(rows=last_rows), self.device)["rows"]]
         else:
             hidden, rows = self._eager_forward(inputs, last_rows)
-            last_hidden = hidden[rows]
+            last_hidden = hidden if every_token_samples else hidden[rows]
         logits = self.model.compute_logits(last_hidden)
         forward_seconds = time.perf_counter() - start
         sampled = None
         if sampled_seqs:
             self._check_finite(last_hidden)
-            sampled = self.sampler(logits, [s.seq for s in sampled_seqs])
-        prompt_logprobs = [self._prompt_logprobs(s, hidden, int(end) - s.num_new_tokens)
-                           for s, end in zip(batch, ends) if self._wants_prompt_logprobs(s)]
+            sampled = self.sampler(logits, seqs if every_token_samples else [s.seq for s in sampled_seqs])
+        prompt_logprobs = []
+        if any(p.prompt_logprobs is not None for p in distinct_params(seqs)):
+            prompt_logprobs = [self._prompt_logprobs(s, hidden, end - s.num_new_tokens)
+                               for s, end in zip(batch, ends.tolist()) if self._wants_prompt_logprobs(s)]
         return StepOutput(sampled_seqs, sampled, prompt_logprobs, forward_seconds,
                           self.timer.stop() if self.timer else None)
 
@@ -89,34 +110,36 @@ class ModelRunner:
             raise FloatingPointError("float16 overflowed in the model's activations; "
                                      "run with dtype='bfloat16' or 'float32'")
 
-    def _prepare(self, batch: list[ScheduledSequence]) -> dict[str, np.ndarray]:
+    def _prepare(self, batch: list[ScheduledSequence], seqs: list[Sequence]) -> dict[str, np.ndarray]:
+        # per-sequence values are read in a few list comprehensions, the rest is numpy's C
+        # functions and methods: after a forward every function the step calls starts cold,
+        # and numpy's Python-level wrappers (np.cumsum, .max, ...) cost more than the work
         bs = self.kv_cache.block_size
         query_lens = [s.num_new_tokens for s in batch]
-        starts = [s.seq.num_computed_tokens for s in batch]
-        window = []  # per sequence: the token before its chunk (-1 at position 0, for smear), then the chunk
-        for s, start in zip(batch, starts):
-            window += (s.seq.token_ids[start - 1:start + s.num_new_tokens] if start
-                       else [-1, *s.seq.token_ids[:s.num_new_tokens]])
-        window = np.array(window, dtype=np.int64)
-        chunk_starts = np.cumsum(query_lens) - query_lens   # each chunk's first row in the flat batch
-        is_input = np.ones(len(window), dtype=bool)
-        is_input[chunk_starts + np.arange(len(batch))] = False
-
-        seq_index = np.repeat(np.arange(len(batch)), query_lens)
-        chunk_offset = np.arange(len(seq_index)) - np.repeat(chunk_starts, query_lens)
-        positions = np.repeat(starts, query_lens) + chunk_offset
-        table_lens = np.array([len(s.seq.block_table) for s in batch])
-        block_tables = np.zeros((len(batch), table_lens.max()), dtype=np.int64)
+        starts = [seq.num_computed_tokens for seq in seqs]
+        # per sequence: the token before its chunk (-1 at position 0, for smear), then the chunk
+        window = np.fromiter(chain.from_iterable([
+            seq.token_ids[start - 1:start + n] if start else [-1, *seq.token_ids[:n]]
+            for seq, start, n in zip(seqs, starts, query_lens)]), dtype=np.int64)
+        lens, first_positions = int_array(query_lens), int_array(starts)
+        cu_query_lens = cumulative(lens)
+        seq_index = np.arange(len(batch)).repeat(lens)  # of each token of the flat batch
+        token_index = np.arange(len(seq_index))
+        positions = (first_positions - cu_query_lens[:-1]).repeat(lens) + token_index
+        # token i of the flat batch is window[i + seq_index[i] + 1]; the one before it precedes it
+        prev_index = token_index + seq_index
+        tables = [seq.block_table for seq in seqs]
+        table_lens = [len(table) for table in tables]
+        block_tables = np.zeros((len(batch), max(table_lens)), dtype=np.int64)
         # the mask's cells in row-major order are the tables' entries laid end to end
-        block_tables[np.arange(table_lens.max()) < table_lens[:, None]] = np.fromiter(
-            chain.from_iterable(s.seq.block_table for s in batch), dtype=np.int64, count=table_lens.sum())
-        context_lens = np.add(starts, query_lens)
-        return dict(input_ids=window[is_input], positions=positions,
-                    prev_ids=window[np.flatnonzero(is_input) - 1],
-                    slot_mapping=block_tables[seq_index, positions // bs] * bs + positions % bs,
+        block_tables[np.arange(block_tables.shape[1]) < int_array(table_lens)[:, None]] = np.frombuffer(
+            b"".join(tables), dtype=np.int64)
+        block_index, offset = np.divmod(positions, bs)
+        context_lens = first_positions + lens
+        return dict(input_ids=window[prev_index + 1], positions=positions, prev_ids=window[prev_index],
+                    slot_mapping=block_tables[seq_index, block_index] * bs + offset,
                     block_tables=block_tables, query_lens=query_lens, context_lens=context_lens,
-                    cu_query_lens=np.concatenate([[0], np.cumsum(query_lens)]),
-                    cu_context_lens=np.concatenate([[0], np.cumsum(context_lens)]))
+                    cu_query_lens=cu_query_lens, cu_context_lens=cumulative(context_lens))
 
     def _eager_forward(self, inputs: dict, last_rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden states of the step's tokens, the rows that sample) on the device."""

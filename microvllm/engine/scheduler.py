@@ -16,7 +16,7 @@ from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSequence:
     seq: Sequence
     num_new_tokens: int
@@ -47,23 +47,21 @@ class Scheduler:
     def schedule(self) -> list[ScheduledSequence]:
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSequence] = []
-        preempted = False
+        num_preemptions = self.num_preemptions
+        block_size, running = self.block_manager.block_size, self.running
         i = 0
-        block_manager = self.block_manager
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
-            while not block_manager.can_append(seq, num_new):
-                victim = self.running[-1]  # never one already scheduled: those are before i
-                self.preempt(victim)
-                preempted = True
-                if victim is seq:
-                    break
-            else:
-                block_manager.append_slots(seq, num_new)
-                scheduled.append(ScheduledSequence(seq, num_new))
-                budget -= num_new
-                i += 1
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            num_new = len(seq.token_ids) - seq.num_computed_tokens
+            num_new = num_new if num_new <= budget else budget
+            # most decodes stay inside their last block: only the others need block work
+            if (seq.num_computed_tokens + num_new > len(seq.block_table) * block_size
+                    and not self._append_slots(seq, num_new)):
+                break  # seq itself was preempted: it was the last one running
+            scheduled.append(ScheduledSequence(seq, num_new))
+            budget -= num_new
+            i += 1
+        preempted = self.num_preemptions > num_preemptions
         # a step that had to preempt has no room to admit anyone
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -84,6 +82,16 @@ class Scheduler:
             scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
         return scheduled
+
+    def _append_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Reserve the blocks `seq` needs, preempting from the most recently admitted
+        running sequence until they are free; False when that had to be `seq` itself."""
+        while not self.block_manager.append_slots(seq, num_new_tokens):
+            victim = self.running[-1]  # never one scheduled this step: those come before seq
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        return True
 
     def _shared_prefix(self, seq: Sequence) -> list[int] | None:
         """Blocks `seq` can start from: its first sibling's prompt blocks, or cached ones."""
@@ -123,7 +131,7 @@ class Scheduler:
         """Account for a finished forward: KV of the scheduled tokens is now in the cache."""
         for item in scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.register_computed_blocks(item.seq)
+        self.block_manager.register_computed_blocks([item.seq for item in scheduled])
 
     def finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
         """Take `seq` out of the queues and free its blocks."""

@@ -7,9 +7,16 @@ of them have their KV in the cache (the rest are computed by coming steps).
 
 import enum
 import time
+from array import array
 from dataclasses import dataclass, field
 
 from ..sampling_params import SamplingParams
+
+
+def block_table_of(block_ids=()) -> array:
+    """A sequence's block table: its block ids as C int64s, so that a step can join the
+    tables of hundreds of sequences as raw bytes instead of reading Python ints."""
+    return array("q", block_ids)
 
 
 class SequenceStatus(enum.Enum):
@@ -28,7 +35,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1         # prefix reused at first admission; -1 = not admitted yet
-    block_table: list[int] = field(default_factory=list)
+    block_table: array = field(default_factory=block_table_of)  # see block_table_of
     block_hashes: list[int] = field(default_factory=list)  # of full blocks, chained, as computed
     num_registered_blocks: int = 0      # leading full blocks already offered to the prefix cache
     logprobs: list[dict] | None = None
@@ -36,15 +43,13 @@ class Sequence:
     finish_reason: str | None = None    # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     text: str = ""
+    params: SamplingParams = field(init=False, repr=False)  # the request's; read on every step
 
     def __post_init__(self):
+        self.params = self.request.params
         self.num_prompt_tokens = len(self.token_ids)
         if self.request.params.logprobs is not None:
             self.logprobs, self.cumulative_logprob = [], 0.0
-
-    @property
-    def params(self) -> SamplingParams:
-        return self.request.params
 
     @property
     def num_tokens(self) -> int:
