@@ -96,6 +96,8 @@ def _thread_pool(num_threads: int) -> ThreadPoolExecutor:
 
 def _split(context_lens: list[int], parts: int) -> list[tuple[int, int]]:
     """Consecutive sequence ranges with about equal numbers of keys."""
+    if parts == 1:
+        return [(0, len(context_lens))]
     total, bounds, running = sum(context_lens), [0], 0
     for i, n in enumerate(context_lens):
         running += n
