@@ -11,6 +11,9 @@ from microvllm.model.attention import SdpaPagedAttention
 # blocks, and the last chunk's queries cross from the first block into the second
 MIXED_QUERY_LENS = [1, 1, 7, 20, 40]
 MIXED_CONTEXT_LENS = [9, 300, 7, 60, 280]
+# head layouts a kernel is held to: pytest.mark.parametrize(**HEAD_SHAPES)
+HEAD_SHAPES = dict(argnames="n_head, n_kv_head, head_dim", argvalues=[(4, 2, 8), (2, 2, 16), (6, 2, 64)],
+                   ids=["gqa", "mha", "gqa-group-of-3"])
 
 
 def random_step(query_lens, context_lens, block_size, n_kv_head, head_dim, dtype, device="cpu", seed=0):

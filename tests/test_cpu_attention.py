@@ -10,7 +10,7 @@ from microvllm import LLM, SamplingParams
 from microvllm.model import cpu_attention
 from microvllm.model.attention import SdpaPagedAttention, resolve_attention_backend
 from microvllm.model.cpu_attention import CpuPagedAttention, load_kernel
-from paged_steps import MIXED_CONTEXT_LENS, MIXED_QUERY_LENS, compare_backends
+from paged_steps import HEAD_SHAPES, MIXED_CONTEXT_LENS, MIXED_QUERY_LENS, compare_backends
 
 CPU = torch.device("cpu")
 
@@ -28,8 +28,7 @@ def fresh_kernel_cache(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("block_size", [1, 4, 16])
-@pytest.mark.parametrize("n_head, n_kv_head, head_dim", [(4, 2, 8), (2, 2, 16), (6, 2, 64)],
-                         ids=["gqa", "mha", "gqa-group-of-3"])
+@pytest.mark.parametrize(**HEAD_SHAPES)
 @pytest.mark.parametrize("window", [None, 5])
 def test_mixed_batch_matches_sdpa(block_size, n_head, n_kv_head, head_dim, window):
     got, want = compare_backends(CpuPagedAttention, MIXED_QUERY_LENS, MIXED_CONTEXT_LENS,

@@ -12,7 +12,7 @@ import torch
 
 from microvllm import LLM, SamplingParams
 from microvllm.model.attention import resolve_attention_backend
-from paged_steps import compare_backends, compare_decode_twin
+from paged_steps import HEAD_SHAPES, compare_backends, compare_decode_twin
 
 _saved_interpret = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
@@ -37,8 +37,7 @@ def interpret_triton(monkeypatch):
 
 
 @pytest.mark.parametrize("block_size", [1, 4, 16])
-@pytest.mark.parametrize("n_head, n_kv_head, head_dim", [(4, 2, 8), (2, 2, 16), (6, 2, 64)],
-                         ids=["gqa", "mha", "gqa-group-of-3"])
+@pytest.mark.parametrize(**HEAD_SHAPES)
 @pytest.mark.parametrize("window", [None, 5])
 def test_mixed_batch_matches_sdpa(block_size, n_head, n_kv_head, head_dim, window):
     got, want = compare_backends(TritonPagedAttention, MIXED_QUERY_LENS, MIXED_CONTEXT_LENS,

@@ -77,7 +77,7 @@ class ModelRunner:
             self.timer.start()
         inputs = self._prepare(batch, seqs)
         ends = inputs["cu_query_lens"][1:]
-        # a sequence samples when this step reaches its last token
+        # ScheduledSequence.samples for the whole batch: this step reaches the last token
         samples = inputs["context_lens"] == int_array([len(seq.token_ids) for seq in seqs])
         last_rows = ends[samples] - 1
         every_token_samples = len(last_rows) == len(inputs["input_ids"])  # decodes only
