@@ -54,3 +54,13 @@ def fake_flash_attn_installed(monkeypatch):
 def windowed_checkpoint(make_checkpoint):
     # era C, sequence_len 64, "SL": odd layers see the last 32 keys, so long decodes slide
     return make_checkpoint(era="C", window_pattern="SL")
+
+
+@pytest.fixture
+def fresh_kernel_cache(tmp_path, monkeypatch):
+    """An empty CPU kernel cache, and load_library forgetting what it found before (and after)."""
+    from microvllm.model.cpu_kernels import load_library
+    monkeypatch.setenv("MICROVLLM_CACHE", str(tmp_path / "kernels"))
+    load_library.cache_clear()
+    yield tmp_path / "kernels"
+    load_library.cache_clear()

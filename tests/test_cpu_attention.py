@@ -1,30 +1,19 @@
 """The CPU backend (C decode kernel, SDPA for prefill chunks) computes what SDPA computes."""
 
-import logging
-import subprocess
-
 import pytest
 import torch
 
 from microvllm import LLM, SamplingParams
 from microvllm.model import cpu_attention
 from microvllm.model.attention import SdpaPagedAttention, resolve_attention_backend
-from microvllm.model.cpu_attention import CpuPagedAttention, load_kernel
+from microvllm.model.cpu_attention import CpuPagedAttention
+from microvllm.model.cpu_kernels import load_library
 from paged_steps import HEAD_SHAPES, MIXED_CONTEXT_LENS, MIXED_QUERY_LENS, compare_backends
 
 CPU = torch.device("cpu")
 
-if load_kernel() is None:
+if load_library() is None:
     pytest.skip("no C compiler to build the CPU decode kernel", allow_module_level=True)
-
-
-@pytest.fixture
-def fresh_kernel_cache(tmp_path, monkeypatch):
-    """An empty kernel cache, and load_kernel forgetting what it found before (and after)."""
-    monkeypatch.setenv("MICROVLLM_CACHE", str(tmp_path / "kernels"))
-    load_kernel.cache_clear()
-    yield tmp_path / "kernels"
-    load_kernel.cache_clear()
 
 
 @pytest.mark.parametrize("block_size", [1, 4, 16])
@@ -88,22 +77,6 @@ def test_without_a_compiler_auto_falls_back_to_sdpa_and_cpu_is_refused(fresh_ker
     assert resolve_attention_backend("auto", CPU, torch.float32).step is SdpaPagedAttention
     with pytest.raises(ValueError, match=r"a C compiler \(cc, or \$CC\)"):
         resolve_attention_backend("cpu", CPU, torch.float32)
-
-
-def test_a_failing_build_warns_with_the_compiler_output_and_falls_back(fresh_kernel_cache, monkeypatch, caplog):
-    monkeypatch.setattr(cpu_attention, "FLAGS", (*cpu_attention.FLAGS, "-no-such-flag"))
-    with caplog.at_level(logging.WARNING, logger="microvllm.model.cpu_attention"):
-        assert load_kernel() is None
-    assert "building the CPU decode attention kernel failed" in caplog.text
-    assert "-no-such-flag" in caplog.text
-
-
-def test_a_built_kernel_is_reused_from_the_cache(fresh_kernel_cache, monkeypatch):
-    assert load_kernel() is not None
-    assert len(list(fresh_kernel_cache.glob("paged_decode_*.so"))) == 1
-    load_kernel.cache_clear()
-    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("rebuilt a cached kernel"))
-    assert load_kernel() is not None
 
 
 def test_llm_greedy_tokens_and_logprobs_match_sdpa(checkpoint_dir):

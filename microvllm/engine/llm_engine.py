@@ -19,9 +19,11 @@ import random
 import time
 from dataclasses import dataclass
 
+import torch
 import xxhash
 
 from ..model.attention import resolve_attention_backend
+from ..model.cpu_linear import native_bfloat16, pack_linears
 from ..model.quantization import quantize_linears
 from ..model.sources import load_model_and_tokenizer
 from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -84,8 +86,12 @@ class LLMEngine:
         self.model, self.tokenizer = load_model_and_tokenizer(
             config.model, config.tokenizer, config.step, config.revision, self.dtype, self.device,
             config.logit_softcap, max_positions=config.max_model_len)
+        if attention_backend.model_ops is not None:
+            self.model.ops = attention_backend.model_ops
         if config.quantization is not None:
             self.model = quantize_linears(self.model, config.quantization)
+        elif self.device.type == "cpu" and self.dtype == torch.bfloat16 and native_bfloat16():
+            pack_linears(self.model)
         model_config = self.model.config
         if self.tokenizer.vocab_size != model_config.vocab_size:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's "

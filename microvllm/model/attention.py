@@ -12,7 +12,8 @@ unlimited), as nanochat's sliding windows do.
   a few padded groups of similar lengths, so a long prefill chunk or context does not
   pad every other sequence to its size.
 - CpuPagedAttention (cpu_attention.py): on CPU, decodes read the cache in place
-  through a small C kernel built on first use; prefill chunks go through SDPA.
+  through a small C kernel built on first use; prefill chunks go through SDPA. The
+  same C library fuses the forward's norms and rotary (cpu_ops.py).
 - FlashPagedAttention: flash_attn's varlen kernel reading the block table directly.
 - TritonPagedAttention (triton_attention.py): our own Triton kernel over the block
   table, any power-of-two block_size; imported only when chosen.
@@ -136,6 +137,10 @@ class SdpaPagedAttention:
 
     def __call__(self, layer_idx, q, k, v, window):
         self.view.write(layer_idx, k, v)
+        return self.attend_step(layer_idx, q, window)
+
+    def attend_step(self, layer_idx, q, window):
+        """The step's attention, its K/V already written."""
         if self.covers_step and len(self.groups) == 1 and self.groups[0].all_valid:
             k_blocks, v_blocks = self.view.cache.k[layer_idx], self.view.cache.v[layer_idx]
             return self._attend(self.groups[0], q, k_blocks, v_blocks, window).reshape(q.shape)
@@ -246,8 +251,8 @@ def _flash_window(window: int | None) -> tuple[int, int]:
 
 
 def _cpu_kernel(dtype: torch.dtype) -> bool:
-    from .cpu_attention import KERNEL_DTYPES, load_kernel
-    return dtype in KERNEL_DTYPES and load_kernel() is not None
+    from .cpu_kernels import available
+    return available(dtype)
 
 
 def _importable(module: str) -> bool:
@@ -265,6 +270,9 @@ class AttentionBackend:
     step: type              # over a SequenceKVView: any mix of prefill chunks and decodes
     decode: type            # over a DecodeKVView: capturable in a CUDA graph
     block_size_multiple: int = 1  # block_size must be a multiple of this (and a power of two)
+    # the forward's norms and rotary, where the backend brings its own kernels for them
+    # (gpt.TorchOps otherwise)
+    model_ops: type | None = None
 
     @property
     def default_block_size(self) -> int:
@@ -286,7 +294,8 @@ def resolve_attention_backend(name: str, device: torch.device, dtype: torch.dtyp
             raise ValueError("attention_backend='cpu' needs device='cpu', dtype 'float32' or 'bfloat16', "
                              "and a C compiler (cc, or $CC) to build its kernel; use 'sdpa' or 'auto'")
         from .cpu_attention import CpuPagedAttention
-        return AttentionBackend(name, CpuPagedAttention, SdpaDecodeAttention)
+        from .cpu_ops import CpuOps
+        return AttentionBackend(name, CpuPagedAttention, SdpaDecodeAttention, model_ops=CpuOps)
     if name == "flash_attn":
         if not on_cuda or not _importable("flash_attn"):
             raise ValueError("attention_backend='flash_attn' needs a CUDA device and the "

@@ -7,86 +7,18 @@ key and value once, where it lies, so a decode step's attention costs a fraction
 that. Prefill chunks do enough arithmetic per key that the gather does not matter;
 they stay on SDPA.
 
-The kernel is built on first use with the system C compiler (`CC`, else `cc`) for this
-CPU, cached under `~/.cache/microvllm` (or `MICROVLLM_CACHE`) by a hash of the source,
-flags and CPU, and called through ctypes, which releases the GIL, so a batch is split
-across torch's thread count. Where no compiler is found or the build fails,
-`load_kernel()` is None and the `auto` backend stays on SDPA.
+The kernel is one of microvllm's C kernels (`cpu_kernels.py`: built on first use,
+called through ctypes, which releases the GIL, so a batch is split across torch's
+thread count). Where they cannot be built, the `auto` backend stays on SDPA.
 """
 
-import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
-from pathlib import Path
 
 import torch
 
 from .attention import SdpaPagedAttention
-
-logger = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("paged_decode.c")
-# -fopenmp-simd vectorises the kernel's loops without pulling in an OpenMP runtime
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared")
-_ARGTYPES = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int]
-# the cache dtypes the kernel reads (it computes in float32)
-KERNEL_DTYPES = (torch.float32, torch.bfloat16)
-
-
-def _cache_dir() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "microvllm"
-    return Path(os.environ.get("MICROVLLM_CACHE", default))
-
-
-def _cpu_signature() -> str:
-    # -march=native code may not run on another CPU: a cache shared between machines keys on it
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next((line for line in cpuinfo if line.startswith("flags")), "")
-    except OSError:
-        return platform.processor()
-
-
-def _build(compiler: str, path: Path) -> bool:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        built = Path(tmp) / path.name
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
-                              capture_output=True, text=True)
-        if done.returncode:
-            logger.warning(f"building the CPU decode attention kernel failed, using SDPA "
-                           f"instead:\n{done.stderr[-2000:]}")
-            return False
-        os.replace(built, path)  # atomic: a process building beside us never sees half a file
-    return True
-
-
-@cache
-def load_kernel():
-    """The C decode kernel as a ctypes function, or None where it cannot be built."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        logger.info("no C compiler found: CPU decode attention uses SDPA")
-        return None
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join((compiler, *FLAGS)).encode(),
-                                     _cpu_signature().encode()])).hexdigest()[:16]
-    path = _cache_dir() / f"paged_decode_{key}.so"
-    try:
-        if not path.exists() and not _build(compiler, path):
-            return None
-        kernel = ctypes.CDLL(str(path)).paged_decode_attention
-    except (OSError, AttributeError) as error:  # no compiler there, an unwritable cache, a bad library
-        logger.warning(f"the CPU decode attention kernel is unavailable ({error}), using SDPA instead")
-        return None
-    kernel.argtypes, kernel.restype = _ARGTYPES, ctypes.c_int
-    return kernel
+from .cpu_kernels import load_library
 
 
 @cache
@@ -118,6 +50,7 @@ class CpuPagedAttention:
     def __init__(self, view):
         self.view = view
         query_lens = view.query_lens
+        self.slots = view.slot_mapping.to(torch.int64).contiguous()  # no copy in the engine
         self.num_decodes = next((i for i, n in enumerate(query_lens) if n != 1), len(query_lens))
         self.prefill = SdpaPagedAttention(view, self.num_decodes) if self.num_decodes < len(query_lens) else None
         if self.num_decodes:
@@ -128,9 +61,9 @@ class CpuPagedAttention:
             self.ranges = _split(decode_lens, parts)
 
     def __call__(self, layer_idx, q, k, v, window):
+        self._write(layer_idx, k, v)
         if not self.num_decodes:
-            return self.prefill(layer_idx, q, k, v, window)
-        self.view.write(layer_idx, k, v)
+            return self.prefill.attend_step(layer_idx, q, window)
         q = q.contiguous()
         out = torch.empty_like(q)
         self._decode(layer_idx, q, out, window)
@@ -138,9 +71,19 @@ class CpuPagedAttention:
             self.prefill.attend(layer_idx, q, window, out)
         return out
 
+    def _write(self, layer_idx, k, v):
+        # a row at a time (torch's index_copy_ on CPU copies element by element)
+        scatter, slots = load_library().scatter_rows, self.slots
+        for new, pool in ((k, self.view.cache.k[layer_idx]), (v, self.view.cache.v[layer_idx])):
+            if new.stride(2) != 1 or new.stride(1) != new.shape[2]:
+                new = new.contiguous()
+            row_bytes = new.shape[1] * new.shape[2] * new.element_size()
+            scatter(new.data_ptr(), new.stride(0) * new.element_size(), pool.data_ptr(), slots.data_ptr(),
+                    new.shape[0], row_bytes)
+
     def _decode(self, layer_idx, q, out, window):
         cache, (_, n_head, head_dim) = self.view.cache, q.shape
-        kernel = load_kernel()
+        kernel = load_library().paged_decode_attention
         args = (q.data_ptr(), cache.k[layer_idx].data_ptr(), cache.v[layer_idx].data_ptr(),
                 self.block_tables.data_ptr(), self.context_lens.data_ptr(), out.data_ptr())
         shape = (self.block_tables.shape[1], n_head, cache.k.shape[3], head_dim, cache.block_size,

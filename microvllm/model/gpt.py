@@ -42,6 +42,24 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
+class TorchOps:
+    """The forward's RMSNorm and rotary embedding as torch ops: any device, any dtype.
+    `cpu_ops.CpuOps` does the same in fused C kernels; a model's `ops` is one of them."""
+
+    rms_norm = staticmethod(rms_norm)
+
+    @staticmethod
+    def rotary_norm(cos_table, sin_table, positions):
+        """A function of one step: x[N, heads * head_dim] -> rms_norm(rotary(x)) * scale,
+        as [N, heads, head_dim], at each token's position."""
+        cos, sin = cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)
+
+        def rotate_and_norm(x, heads, scale):
+            y = rms_norm(apply_rotary(x.view(x.shape[0], heads, -1), cos, sin))
+            return y * scale if scale != 1.0 else y
+        return rotate_and_norm
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -58,17 +76,14 @@ class CausalSelfAttention(nn.Module):
         self.ve_gate = (nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False)
                         if config.has_value_embeds(layer_idx) else None)
 
-    def forward(self, xn, value_embed, cos, sin, window, attention: AttentionFn):
+    def forward(self, xn, value_embed, rotary_norm, window, attention: AttentionFn):
         n = xn.shape[0]
-        q = self.c_q(xn).view(n, self.n_head, self.head_dim)
-        k = self.c_k(xn).view(n, self.n_kv_head, self.head_dim)
+        q = rotary_norm(self.c_q(xn), self.n_head, self.qk_scale)
+        k = rotary_norm(self.c_k(xn), self.n_kv_head, self.qk_scale)
         v = self.c_v(xn).view(n, self.n_kv_head, self.head_dim)
         if value_embed is not None:
             gate = self.ve_gate_scale * torch.sigmoid(self.ve_gate(xn[:, :self.ve_gate_channels]))
             v = v + gate.unsqueeze(-1) * value_embed.view(n, self.n_kv_head, self.head_dim)
-        q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
-        if self.qk_scale != 1.0:
-            q, k = q * self.qk_scale, k * self.qk_scale
         y = attention(self.layer_idx, q, k, v, window)
         return self.c_proj(y.reshape(n, -1))
 
@@ -80,7 +95,8 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        # in place: the hidden activation is the forward's largest tensor
+        return self.c_proj(self.c_fc(x).relu_().square_())
 
 
 class Block(nn.Module):
@@ -89,9 +105,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, value_embed, cos, sin, window, attention: AttentionFn):
-        x = x + self.attn(rms_norm(x), value_embed, cos, sin, window, attention)
-        return x + self.mlp(rms_norm(x))
+    def forward(self, x, value_embed, ops, rotary_norm, window, attention: AttentionFn):
+        x = x + self.attn(ops.rms_norm(x), value_embed, rotary_norm, window, attention)
+        return x + self.mlp(ops.rms_norm(x))
 
 
 class GPT(nn.Module):
@@ -122,6 +138,7 @@ class GPT(nn.Module):
         cos, sin = self._rotary_tables(self.max_positions)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        self.ops = TorchOps
 
     def _rotary_tables(self, num_positions: int):
         # computed on the CPU even when the module is built on the meta device for loading
@@ -133,7 +150,7 @@ class GPT(nn.Module):
         return freqs.cos(), freqs.sin()
 
     def _embed(self, input_ids, prev_token_ids):
-        wte = self.transformer.wte
+        wte, rms_norm = self.transformer.wte, self.ops.rms_norm
         x = rms_norm(wte(input_ids))
         if not self.config.spec.has_smear_backout:
             return x
@@ -146,8 +163,8 @@ class GPT(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 prev_token_ids: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
         """Returns the final normalised hidden state of every token, [N, n_embd]."""
-        spec = self.config.spec
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        spec, ops = self.config.spec, self.ops
+        rotary_norm = ops.rotary_norm(self.cos, self.sin, positions)
         x = x0 = self._embed(input_ids, prev_token_ids)
         backout_layer = self.config.n_layer // 2
         x_backout = None
@@ -155,12 +172,12 @@ class GPT(nn.Module):
             if spec.has_lambdas:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             value_embed = self.value_embeds[str(i)](input_ids) if block.attn.ve_gate is not None else None
-            x = block(x, value_embed, cos, sin, self.window_sizes[i], attention)
+            x = block(x, value_embed, ops, rotary_norm, self.window_sizes[i], attention)
             if i == backout_layer:
                 x_backout = x
         if spec.has_smear_backout:
             x = x - self.backout_lambda * x_backout
-        return rms_norm(x)
+        return ops.rms_norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Softcapped float32 logits over the real (unpadded) vocabulary."""

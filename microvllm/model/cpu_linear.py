@@ -1,0 +1,53 @@
+"""bfloat16 linear layers on CPUs with native bfloat16: weights packed once, at load.
+
+torch's bfloat16 `F.linear` on the CPU hands oneDNN the weight in its plain layout, and
+oneDNN reorders it into the blocked layout its AMX / AVX-512 BF16 kernels read on every
+call: at decode, with a few dozen rows, that reorder is most of the matmul. Packing each
+weight into that layout once removes it (the 6x384 model's matmuls at 32 rows: 1.4-2x
+faster; a decode step about 10%). The arithmetic is the same, so are the outputs.
+
+Only where the CPU has bfloat16 instructions (avx512_bf16 or amx_bf16): elsewhere
+oneDNN has no bfloat16 kernels to pack for.
+"""
+
+import functools
+
+import torch
+import torch.nn as nn
+
+# the row count oneDNN tunes the packed layout for: decode batches (any count works)
+ROWS_HINT = 64
+
+
+@functools.cache
+def native_bfloat16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX-512 BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags)) and torch.backends.mkldnn.is_available()
+
+
+class PackedLinear(nn.Module):
+    """y = x @ weight.T with the weight in oneDNN's blocked layout (no bias: nanochat has none)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), ROWS_HINT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, None, "none", [], "")
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Swap every bias-free bfloat16 nn.Linear of `model` for a PackedLinear; returns how many."""
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child.bias is None and child.weight.dtype == torch.bfloat16:
+                setattr(module, name, PackedLinear(child))
+                swapped += 1
+    return swapped

@@ -1,0 +1,47 @@
+"""The forward's RMSNorm and rotary embedding on the CPU, each one C call (fused_ops.c).
+
+Same contract as `gpt.TorchOps`. torch runs RMSNorm as five kernels and rotary-then-norm
+of q or k as about a dozen; at decode, rows are short and each kernel's cost is mostly
+its call, so one pass per row pays (measured: about 10% of a 6x384 bfloat16 decode step).
+"""
+
+import torch
+
+from .cpu_kernels import load_library
+
+
+def _check(status: int) -> None:
+    if status:
+        raise MemoryError("a CPU kernel could not allocate its scratch row")
+
+
+class CpuOps:
+    @staticmethod
+    def rms_norm(x: torch.Tensor) -> torch.Tensor:
+        dim = x.shape[-1]
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        rows = x.numel() // dim
+        # a view's rows are evenly spaced in memory only if every leading dim is collapsible
+        x2d = x.reshape(rows, dim) if x.dim() != 2 else x
+        out = torch.empty(x.shape, dtype=x.dtype)
+        _check(load_library().rms_norm(x2d.data_ptr(), out.data_ptr(), rows, dim, x2d.stride(0),
+                                       torch.finfo(x.dtype).eps, x.dtype == torch.bfloat16))
+        return out
+
+    @staticmethod
+    def rotary_norm(cos_table, sin_table, positions):
+        positions = positions.contiguous()
+        kernel = load_library().rotary_rms_norm
+        half = cos_table.shape[1]
+
+        def rotate_and_norm(x, heads, scale):
+            n = x.shape[0]
+            if x.stride(-1) != 1:
+                x = x.contiguous()
+            out = torch.empty(n, heads, 2 * half, dtype=x.dtype)
+            _check(kernel(x.data_ptr(), x.stride(0), cos_table.data_ptr(), sin_table.data_ptr(),
+                          positions.data_ptr(), out.data_ptr(), n, heads, 2 * half,
+                          torch.finfo(x.dtype).eps, scale, x.dtype == torch.bfloat16))
+            return out
+        return rotate_and_norm
