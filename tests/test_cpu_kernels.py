@@ -92,3 +92,11 @@ def test_packed_linear_gives_what_linear_gives(rows):
 def test_bfloat16_engines_pack_their_linears_and_float32_ones_do_not(checkpoint_dir):
     assert isinstance(LLM(checkpoint_dir, dtype="bfloat16").engine.model.lm_head, PackedLinear)
     assert isinstance(LLM(checkpoint_dir, dtype="float32").engine.model.lm_head, torch.nn.Linear)
+
+
+def test_the_cpu_default_dtype_is_bfloat16_only_where_the_cpu_has_bfloat16_instructions(monkeypatch):
+    from microvllm.engine import config
+    monkeypatch.setattr(config, "native_bfloat16", native_bfloat16)  # undo conftest's float32
+    want = torch.bfloat16 if native_bfloat16() else torch.float32
+    assert config.EngineConfig(model="m").resolve_dtype(torch.device("cpu")) is want
+    assert config.EngineConfig(model="m", dtype="float32").resolve_dtype(torch.device("cpu")) is torch.float32

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.attention import ATTENTION_BACKENDS
+from ..model.cpu_linear import native_bfloat16
 from ..model.quantization import QUANTIZATIONS
 from ..validation import check_bool, check_choice, check_int, check_real, check_type
 
@@ -21,7 +22,8 @@ class EngineConfig:
     step: int | None = None                 # checkpoint step; None = the largest
     revision: str | None = None             # of a hub id: a branch, tag or commit; None = main
     device: str | None = None               # None = cuda if available, else cpu
-    dtype: str | torch.dtype | None = None  # None = bfloat16 on cuda, float32 on cpu
+    # None = bfloat16 on CUDA and on CPUs with bfloat16 instructions, float32 on other CPUs
+    dtype: str | torch.dtype | None = None
     block_size: int | None = None           # None = the attention backend's default
     num_blocks: int | None = None           # None = sized from the memory budget
     kv_cache_memory: int | None = None      # bytes for the KV cache
@@ -95,7 +97,9 @@ class EngineConfig:
 
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype is None or self.dtype == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
+            # float32 on CPUs without bfloat16 instructions: their bfloat16 matmuls are slower
+            native = device.type == "cuda" or (device.type == "cpu" and native_bfloat16())
+            return torch.bfloat16 if native else torch.float32
         if isinstance(self.dtype, torch.dtype) and self.dtype in DTYPES.values():
             return self.dtype
         if self.dtype in DTYPES:

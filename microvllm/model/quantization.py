@@ -88,7 +88,9 @@ class Int8Linear(_QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.device.type == "cpu" and rows.dtype != torch.float32:
+        # torch's CPU int8 kernel reads rows 16 values at a time: other widths crash it
+        # (a segfault in torch 2.13 with bfloat16 on AVX-512, e.g. a 12-channel ve_gate)
+        if rows.device.type == "cpu" and rows.dtype != torch.float32 and self.in_features % 16 == 0:
             y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.weight, self.scales)
         else:
             y = F.linear(rows, self.weight.to(rows.dtype)) * self.scales
