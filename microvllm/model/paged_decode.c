@@ -13,14 +13,15 @@
 
    The gathering SDPA path copies every visible key and value once and reads them twice;
    decode attention is bound by memory traffic, so reading them once, in place, is the
-   whole gain. Keys are visited block by block; within a block, each kv head's rows serve
-   all query heads of its group while they are in L1. All query heads' scores are kept in
-   a scratch row per head, and values are then visited the same way.
+   whole gain. Keys are visited in tiles of up to TILE positions of one block; in a tile,
+   each kv head's rows (bfloat16 ones widened to float32 once) serve all query heads of its
+   group while they are in L1. All query heads' scores are kept in a scratch row per head,
+   turned into softmax weights, and values are then visited the same way.
 
-   The loops are plain C that the compiler vectorises. The body is one static inline
-   function taking the element type and head_dim as arguments; the entry point calls it
-   with constants for the common cases, so each call is compiled into its own copy with
-   the dtype branch folded away and the head_dim loops fully unrolled. */
+   The loops are plain C that the compiler vectorises for whatever CPU it builds for. The
+   body is one static inline function taking the element type and head_dim as arguments;
+   the entry point calls it with constants for the common cases, so each call is compiled
+   into its own copy with the dtype branch folded away and the head_dim loops unrolled. */
 
 #include <math.h>
 #include <stdint.h>
