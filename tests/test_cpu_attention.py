@@ -38,6 +38,19 @@ def test_bfloat16_cache_matches_sdpa(window):
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
 
 
+# the kernel compiles head_dim 64 (in HEAD_SHAPES) and 128 into their own copies; 20 takes
+# the general path and is not a multiple of its 8 partial sums; block size 32 is split into
+# two tiles of 16 positions
+@pytest.mark.parametrize("n_head, n_kv_head, head_dim", [(8, 2, 128), (3, 1, 20)], ids=["d128", "d20"])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("window", [None, 20])
+def test_kernel_head_dims_and_tiles_match_sdpa(n_head, n_kv_head, head_dim, block_size, dtype, tolerance, window):
+    got, want = compare_backends(CpuPagedAttention, MIXED_QUERY_LENS, MIXED_CONTEXT_LENS, block_size,
+                                 n_head, n_kv_head, head_dim, window, dtype=dtype)
+    torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
+
+
 def test_prefill_only_batch_is_sdpa_exactly():
     got, want = compare_backends(CpuPagedAttention, [7, 20], [7, 60], 4, 4, 2, 16, None)
     assert torch.equal(got, want)

@@ -47,12 +47,12 @@ static float inverse_rms(const float *f, int64_t n, float eps) {
 /* out[r] = x[r] / sqrt(mean(x[r]^2) + eps) for rows r of dim elements; x's rows are
    x_stride elements apart, out's are contiguous. */
 int rms_norm(const void *x, void *out, int64_t rows, int64_t dim, int64_t x_stride, float eps, int bf16) {
-    const size_t element = bf16 ? 2 : 4;
+    const size_t element_size = bf16 ? 2 : 4;
     float *row = malloc(sizeof(float) * (size_t)dim);
     if (!row) return -1;
     for (int64_t r = 0; r < rows; r++) {
-        to_float((const char *)x + element * (size_t)(r * x_stride), row, dim, bf16);
-        scaled_store(row, inverse_rms(row, dim, eps), (char *)out + element * (size_t)(r * dim), dim, bf16);
+        to_float((const char *)x + element_size * (size_t)(r * x_stride), row, dim, bf16);
+        scaled_store(row, inverse_rms(row, dim, eps), (char *)out + element_size * (size_t)(r * dim), dim, bf16);
     }
     free(row);
     return 0;
@@ -67,23 +67,23 @@ int rotary_rms_norm(const void *x, int64_t x_stride, const void *cos, const void
                     const int64_t *positions, void *out, int64_t tokens, int64_t heads,
                     int64_t head_dim, float eps, float scale, int bf16) {
     const int64_t half = head_dim / 2;
-    const size_t element = bf16 ? 2 : 4;
+    const size_t element_size = bf16 ? 2 : 4;
     /* one token's cos and sin rows, then one head before and after rotation */
     float *c = malloc(sizeof(float) * (size_t)(2 * half + 2 * head_dim));
     if (!c) return -1;
     float *s = c + half, *head = s + half, *rotated = head + head_dim;
     for (int64_t t = 0; t < tokens; t++) {
-        to_float((const char *)cos + element * (size_t)(positions[t] * half), c, half, bf16);
-        to_float((const char *)sin + element * (size_t)(positions[t] * half), s, half, bf16);
+        to_float((const char *)cos + element_size * (size_t)(positions[t] * half), c, half, bf16);
+        to_float((const char *)sin + element_size * (size_t)(positions[t] * half), s, half, bf16);
         for (int64_t h = 0; h < heads; h++) {
-            to_float((const char *)x + element * (size_t)(t * x_stride + h * head_dim), head, head_dim, bf16);
+            to_float((const char *)x + element_size * (size_t)(t * x_stride + h * head_dim), head, head_dim, bf16);
 #pragma omp simd
             for (int64_t i = 0; i < half; i++) {
                 rotated[i] = head[i] * c[i] + head[i + half] * s[i];
                 rotated[i + half] = head[i + half] * c[i] - head[i] * s[i];
             }
             scaled_store(rotated, scale * inverse_rms(rotated, head_dim, eps),
-                         (char *)out + element * (size_t)((t * heads + h) * head_dim), head_dim, bf16);
+                         (char *)out + element_size * (size_t)((t * heads + h) * head_dim), head_dim, bf16);
         }
     }
     free(c);

@@ -13,37 +13,152 @@
 
    The gathering SDPA path copies every visible key and value once and reads them twice;
    decode attention is bound by memory traffic, so reading them once, in place, is the
-   whole gain. Keys are visited token by token (a token's kv heads are adjacent), with
-   all query heads' scores kept in a scratch row per head. */
+   whole gain. Keys are visited in tiles of up to TILE positions of one block; in a tile,
+   each kv head's rows (bfloat16 ones widened to float32 once) serve all query heads of its
+   group while they are in L1. All query heads' scores are kept in a scratch row per head,
+   turned into softmax weights, and values are then visited the same way.
+
+   The loops are plain C that the compiler vectorises for whatever CPU it builds for. The
+   body is one static inline function taking the element type and head_dim as arguments;
+   the entry point calls it with constants for the common cases, so each call is compiled
+   into its own copy with the dtype branch folded away and the head_dim loops unrolled. */
 
 #include <math.h>
 #include <stdlib.h>
 
 #include "bf16.h"
 
-static inline float dot(const float *q, const void *k, int64_t n, int bf16) {
-    float acc = 0.0f;
-    if (bf16) {
-        const uint16_t *kb = k;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t i = 0; i < n; i++) acc += q[i] * bf16_to_float(kb[i]);
-    } else {
-        const float *kf = k;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t i = 0; i < n; i++) acc += q[i] * kf[i];
-    }
-    return acc;
+/* e^x for x <= 0, to about 2 ulp, in operations the compiler vectorises (expf is a call).
+   x = n ln2 + r with |r| <= ln2 / 2; e^r by its Taylor series to r^7 (error < 1e-8); 2^n
+   built in the exponent bits. Below -87 the result is clamped near 1e-38: a softmax weight
+   that small is lost against the largest weight, 1, anyway. */
+static ALWAYS_INLINE float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float round = 12582912.0f;  /* 1.5 * 2^23: adding it rounds to an integer */
+    const float n = (x * 1.44269504f + round) - round;
+    const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  /* ln2 in two parts */
+    float p = 1.0f / 5040;
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return p * two_n;
 }
 
-static inline void add_scaled(float *acc, const void *v, float w, int64_t n, int bf16) {
-    if (bf16) {
-        const uint16_t *vb = v;
+enum { LANES = 8, TILE = 16 };
+
+/* The n <= TILE rows rows + t * stride (bytes) of head_dim elements as float32 rows, *step
+   floats apart: float32 rows where they lie, bfloat16 ones widened into buf. Widening a
+   tile once serves all query heads of a group, and leaves the loops below one dtype. */
+static ALWAYS_INLINE const float *as_float(const char *rows, size_t stride, int64_t n, int64_t head_dim,
+                                           int bf16, float *buf, int64_t *step) {
+    if (!bf16) {
+        *step = (int64_t)(stride / sizeof(float));
+        return (const float *)rows;
+    }
+    for (int64_t t = 0; t < n; t++) {
+        const uint16_t *row = (const uint16_t *)(rows + (size_t)t * stride);
 #pragma omp simd
-        for (int64_t i = 0; i < n; i++) acc[i] += w * bf16_to_float(vb[i]);
-    } else {
-        const float *vf = v;
+        for (int64_t i = 0; i < head_dim; i++) buf[t * head_dim + i] = bf16_to_float(row[i]);
+    }
+    *step = head_dim;
+    return buf;
+}
+
+/* out[t] = q . k_t for the n <= TILE rows k_t = k + t * step. Each dot product is summed
+   in LANES partial sums, which are then added up for all rows at once: a row at a time,
+   adding a vector's lanes together would cost as much as the products. */
+static ALWAYS_INLINE void dots(const float *q, const float *k, int64_t step, int64_t n, int64_t head_dim,
+                               float *out) {
+    float part[TILE][LANES];
+    const int64_t whole = head_dim - head_dim % LANES;
+    for (int64_t t = 0; t < n; t++) {
+        for (int l = 0; l < LANES; l++) part[t][l] = 0.0f;
+        for (int64_t c = 0; c < whole; c += LANES)
+            for (int l = 0; l < LANES; l++) part[t][l] += q[c + l] * k[t * step + c + l];
+    }
 #pragma omp simd
-        for (int64_t i = 0; i < n; i++) acc[i] += w * vf[i];
+    for (int64_t t = 0; t < n; t++) {
+        float acc = 0.0f;
+        for (int l = 0; l < LANES; l++) acc += part[t][l];
+        for (int64_t i = whole; i < head_dim; i++) acc += q[i] * k[t * step + i];
+        out[t] = acc;
+    }
+}
+
+/* o += sum_t w[t] v_t for the n rows v_t = v + t * step */
+static ALWAYS_INLINE void add_weighted(float *restrict o, const float *v, int64_t step, const float *w, int64_t n,
+                                       int64_t head_dim) {
+    for (int64_t t = 0; t < n; t++)
+#pragma omp simd
+        for (int64_t i = 0; i < head_dim; i++) o[i] += w[t] * v[t * step + i];
+}
+
+/* The attention of sequences [first_seq, end_seq) (see paged_decode_attention), with
+   scratch for scores, a sequence's query and output rows, sums and a widened tile. */
+static ALWAYS_INLINE void decode(const void *q, const char *keys, const char *values,
+                                 const int64_t *block_tables, const int64_t *context_lens, void *out,
+                                 int64_t first_seq, int64_t end_seq, int64_t table_width,
+                                 int64_t n_head, int64_t n_kv_head, int64_t head_dim,
+                                 int64_t block_size, int64_t window, float scale, int bf16,
+                                 float *scores, int64_t max_keys) {
+    const int64_t row = n_head * head_dim, group = n_head / n_kv_head;
+    const size_t head_bytes = (bf16 ? 2 : 4) * (size_t)head_dim, token_bytes = head_bytes * (size_t)n_kv_head;
+    float *qs = scores + n_head * max_keys, *os = qs + row, *sums = os + row, *tile = sums + n_head;
+
+    for (int64_t s = first_seq; s < end_seq; s++) {
+        const int64_t last = context_lens[s] - 1;
+        const int64_t first = window < 0 || last - window < 0 ? 0 : last - window;
+        const int64_t n_keys = last - first + 1;
+        const int64_t *table = block_tables + s * table_width;
+        /* scaled once here rather than every score */
+        for (int64_t i = 0; i < row; i++) qs[i] = scale * element(q, s * row + i, bf16);
+
+        /* Both passes visit positions p .. p + n - 1, up to TILE of them within one block,
+           and in that run each kv head's rows serve all query heads of its group. */
+#define TILES(POOL, BODY)                                                                           \
+    for (int64_t p = first, n; p <= last; p += n) {                                                 \
+        const int64_t start = p % block_size;                                                       \
+        n = block_size - start < last + 1 - p ? block_size - start : last + 1 - p;                  \
+        n = n < TILE ? n : TILE;                                                                    \
+        const char *rows = POOL + (size_t)(table[p / block_size] * block_size + start) * token_bytes; \
+        for (int64_t j = 0; j < n_kv_head; j++) {                                                   \
+            int64_t step;                                                                           \
+            const float *x = as_float(rows + j * head_bytes, token_bytes, n, head_dim, bf16, tile, &step); \
+            for (int64_t h = j * group; h < (j + 1) * group; h++) BODY;                            \
+        }                                                                                           \
+    }
+        /* scores[h][p - first] = q_h . k_p */
+        TILES(keys, dots(qs + h * head_dim, x, step, n, head_dim, scores + h * n_keys + (p - first)))
+        /* unnormalised softmax weights; the output is divided by their sum at the end */
+        for (int64_t h = 0; h < n_head; h++) {
+            float *w = scores + h * n_keys, max = w[0], sum = 0.0f;
+#pragma omp simd reduction(max : max)
+            for (int64_t i = 1; i < n_keys; i++) max = w[i] > max ? w[i] : max;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t i = 0; i < n_keys; i++) {
+                w[i] = exp_nonpositive(w[i] - max);
+                sum += w[i];
+            }
+            sums[h] = sum;
+        }
+        /* os[h] = sum_p w[h][p] v_p */
+        memset(os, 0, sizeof(float) * (size_t)row);
+        TILES(values, add_weighted(os + h * head_dim, x, step, scores + h * n_keys + (p - first), n, head_dim))
+#undef TILES
+        for (int64_t h = 0; h < n_head; h++) {
+            const float inverse = 1.0f / sums[h];
+            for (int64_t i = h * head_dim; i < (h + 1) * head_dim; i++) {
+                if (bf16) ((uint16_t *)out)[s * row + i] = float_to_bf16(os[i] * inverse);
+                else ((float *)out)[s * row + i] = os[i] * inverse;
+            }
+        }
     }
 }
 
@@ -58,49 +173,17 @@ int paged_decode_attention(const void *q, const void *k_pool, const void *v_pool
     int64_t max_keys = 1;
     for (int64_t s = first_seq; s < end_seq; s++)
         if (context_lens[s] > max_keys) max_keys = context_lens[s];
-    const int64_t row = n_head * head_dim, group = n_head / n_kv_head;
-    const size_t element = bf16 ? 2 : 4, token_bytes = element * (size_t)(n_kv_head * head_dim);
-    /* per sequence: every head's scores, then its query and output rows in float32 */
-    float *scores = malloc(sizeof(float) * (size_t)(n_head * max_keys + 2 * row));
+    /* every head's scores; a sequence's query and output rows in float32; each head's sum
+       of weights; a tile of rows widened to float32 */
+    float *scores = malloc(sizeof(float) * (size_t)(n_head * max_keys + 2 * n_head * head_dim + n_head + TILE * head_dim));
     if (!scores) return -1;
-    float *qs = scores + n_head * max_keys, *os = qs + row;
-    const char *keys = k_pool, *values = v_pool;
-
-    for (int64_t s = first_seq; s < end_seq; s++) {
-        const int64_t last = context_lens[s] - 1;
-        const int64_t first = window < 0 || last - window < 0 ? 0 : last - window;
-        const int64_t n_keys = last - first + 1;
-        const int64_t *table = block_tables + s * table_width;
-        for (int64_t i = 0; i < row; i++)
-            qs[i] = bf16 ? bf16_to_float(((const uint16_t *)q)[s * row + i]) : ((const float *)q)[s * row + i];
-
-        for (int64_t p = first; p <= last; p++) {
-            const char *k = keys + (size_t)(table[p / block_size] * block_size + p % block_size) * token_bytes;
-            for (int64_t h = 0; h < n_head; h++)
-                scores[h * n_keys + p - first] =
-                    scale * dot(qs + h * head_dim, k + element * (size_t)((h / group) * head_dim), head_dim, bf16);
-        }
-        for (int64_t h = 0; h < n_head; h++) {
-            float *w = scores + h * n_keys, max = w[0], sum = 0.0f;
-            for (int64_t i = 1; i < n_keys; i++) max = w[i] > max ? w[i] : max;
-            for (int64_t i = 0; i < n_keys; i++) {
-                w[i] = expf(w[i] - max);
-                sum += w[i];
-            }
-            for (int64_t i = 0; i < n_keys; i++) w[i] /= sum;
-        }
-        memset(os, 0, sizeof(float) * (size_t)row);
-        for (int64_t p = first; p <= last; p++) {
-            const char *v = values + (size_t)(table[p / block_size] * block_size + p % block_size) * token_bytes;
-            for (int64_t h = 0; h < n_head; h++)
-                add_scaled(os + h * head_dim, v + element * (size_t)((h / group) * head_dim),
-                           scores[h * n_keys + p - first], head_dim, bf16);
-        }
-        for (int64_t i = 0; i < row; i++) {
-            if (bf16) ((uint16_t *)out)[s * row + i] = float_to_bf16(os[i]);
-            else ((float *)out)[s * row + i] = os[i];
-        }
-    }
+#define DECODE(BF16, HEAD_DIM)                                                                      \
+    decode(q, k_pool, v_pool, block_tables, context_lens, out, first_seq, end_seq, table_width,     \
+           n_head, n_kv_head, HEAD_DIM, block_size, window, scale, BF16, scores, max_keys)
+    if (head_dim == 64) bf16 ? DECODE(1, 64) : DECODE(0, 64);
+    else if (head_dim == 128) bf16 ? DECODE(1, 128) : DECODE(0, 128);
+    else bf16 ? DECODE(1, head_dim) : DECODE(0, head_dim);
+#undef DECODE
     free(scores);
     return 0;
 }
