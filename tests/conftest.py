@@ -66,10 +66,13 @@ def fresh_kernel_cache(tmp_path, monkeypatch):
     load_library.cache_clear()
 
 
-@pytest.fixture(autouse=True)
-def float32_by_default(monkeypatch):
+@pytest.fixture(scope="session", autouse=True)
+def float32_by_default():
     """Engines built without a dtype run in float32 here, on every CPU: most tests hold
     the engine to the reference token for token, which only float32 can promise. (On a CPU
     with bfloat16 instructions the real default is bfloat16: test_cpu_kernels.py checks
     that default, and the bfloat16 tests ask for it by name.)"""
-    monkeypatch.setattr("microvllm.engine.config.native_bfloat16", lambda: False)
+    # session-wide, so that module-scoped fixtures' engines see it too
+    with pytest.MonkeyPatch.context() as session_patch:
+        session_patch.setattr("microvllm.engine.config.native_bfloat16", lambda: False)
+        yield

@@ -26,9 +26,14 @@ def local_ray():
     ray.shutdown()
 
 
+# replicas run in Ray's worker processes, out of reach of conftest's float32 default: the
+# tests that hold them to one engine token for token ask for float32 by name
+FLOAT32 = dict(dtype="float32")
+
+
 @pytest.fixture(scope="module")
 def one_llm(checkpoint_dir):
-    return LLM(checkpoint_dir, max_num_seqs=4)
+    return LLM(checkpoint_dir, max_num_seqs=4, **FLOAT32)
 
 
 def params_for(prompts):
@@ -48,7 +53,7 @@ class TestOnePool:
 
     @pytest.fixture(scope="class")
     def pool_llm(self, local_ray, checkpoint_dir):
-        llm = LLM(checkpoint_dir, data_parallel_size=2, cpu_threads_per_replica=1, max_num_seqs=4)
+        llm = LLM(checkpoint_dir, data_parallel_size=2, cpu_threads_per_replica=1, max_num_seqs=4, **FLOAT32)
         yield llm
         llm.engine.shutdown()
 
@@ -83,12 +88,13 @@ class TestOnePool:
         assert_same_outputs(pool_llm.generate(PROMPTS[:2], PARAMS[0], use_tqdm=False),
                             one_llm.generate(PROMPTS[:2], PARAMS[0], use_tqdm=False))
 
-    def test_abort_reaches_the_replica_holding_the_request(self, pool_llm):
+    def test_abort_reaches_the_replica_holding_the_request(self, pool_llm, monkeypatch):
+        # one engine step per replica call: no request can finish before the abort
+        monkeypatch.setattr(pool_llm.engine, "step_budget_s", 0.0)
         long = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
         ids = [pool_llm.add_request(p, long) for p in PROMPTS[:4]]
-        pool_llm.step()
+        finished = pool_llm.step()
         pool_llm.abort(ids[1])
-        finished = []
         while pool_llm.has_unfinished_requests():
             finished += pool_llm.step()
         assert sorted(o.request_id for o in finished) == sorted(ids[:1] + ids[2:])
@@ -115,7 +121,7 @@ class TestOnePool:
 
 
 def test_a_killed_replica_has_its_requests_rerun_once(local_ray, checkpoint_dir):
-    llm = LLM(checkpoint_dir, data_parallel_size=2, cpu_threads_per_replica=1, max_num_seqs=4)
+    llm = LLM(checkpoint_dir, data_parallel_size=2, cpu_threads_per_replica=1, max_num_seqs=4, **FLOAT32)
     llm.engine.step_budget_s = 0.0  # one engine step per call, so the kill lands mid-run
     params = SamplingParams(max_tokens=30, temperature=1.0, ignore_eos=True)  # seeds drawn by the pool
     prompts = PROMPTS * 2
@@ -129,7 +135,7 @@ def test_a_killed_replica_has_its_requests_rerun_once(local_ray, checkpoint_dir)
             finished += llm.step()
     assert len([w for w in caught if "died" in str(w.message)]) == 1
     assert sorted(o.request_id for o in finished) == sorted(ids)
-    expected = LLM(checkpoint_dir, max_num_seqs=4).generate(prompts, params, use_tqdm=False)
+    expected = LLM(checkpoint_dir, max_num_seqs=4, **FLOAT32).generate(prompts, params, use_tqdm=False)
     by_id = {o.request_id: o for o in finished}
     for request_id, e in zip(ids, expected):
         assert by_id[request_id].outputs[0].token_ids == e.outputs[0].token_ids
@@ -147,7 +153,7 @@ def test_ray_data_predictor_streams_a_dataset_to_jsonl(local_ray, checkpoint_dir
     ds = ray.data.from_items([{"prompt": p, "row": i} for i, p in enumerate(PROMPTS)])
     ds.map_batches(LLMPredictor, batch_size=3, concurrency=1, num_cpus=1,
                    fn_constructor_kwargs={"model": str(checkpoint_dir), "sampling_params": greedy,
-                                          "cpu_threads": 1}).write_json(str(tmp_path / "out"))
+                                          "cpu_threads": 1, **FLOAT32}).write_json(str(tmp_path / "out"))
     rows = [json.loads(line) for f in sorted((tmp_path / "out").glob("*.json"))
             for line in f.read_text().splitlines()]
     expected = one_llm.generate(PROMPTS, greedy, use_tqdm=False)
