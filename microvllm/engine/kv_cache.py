@@ -59,8 +59,12 @@ def zero_filled_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.d
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     # private, so that a forked child does not share the cache; Windows' maps are private already
     flags = {"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS} if hasattr(mmap, "MAP_ANONYMOUS") else {}
+    pool = mmap.mmap(-1, nbytes, **flags)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        # decodes touch a new page every few tokens: as 2 MiB pages, 512x fewer faults
+        pool.madvise(mmap.MADV_HUGEPAGE)
     # the tensor holds the map, which is unmapped when the last view of it goes
-    return torch.frombuffer(mmap.mmap(-1, nbytes, **flags), dtype=dtype).view(shape)
+    return torch.frombuffer(pool, dtype=dtype).view(shape)
 
 
 class _KVWriter:
