@@ -56,7 +56,7 @@ def generate_without_cache(model: GPT, prompts: list[list[int]], max_tokens: lis
                            max_num_seqs: int, max_model_len: int,
                            eos_token_ids: frozenset[int] = frozenset(), progress=None) -> NoCacheResult:
     """`progress`, a tqdm bar (or None), ticks once per finished request."""
-    device = model.lm_head.weight.device
+    device = model.cos.device  # a buffer: packed CPU linears keep no .weight
     start = time.time()  # every request arrives at the start, as with LLM.generate
     outputs: list[NoCacheOutput | None] = [None] * len(prompts)
     computed = peak = 0

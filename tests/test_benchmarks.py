@@ -355,3 +355,10 @@ def test_vs_vllm_matching_counts_identical_outputs_and_agreeing_leading_tokens()
     same, prefix = vs_vllm.matching([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 9, 6]])
     assert same == 0.5
     assert prefix == pytest.approx((1 + 1 / 3) / 2)
+
+
+def test_no_cache_baseline_runs_on_a_bfloat16_engine_model(checkpoint_dir):
+    # on CPUs with bf16 instructions the engine's linears are packed and keep no .weight
+    model = LLM(checkpoint_dir, dtype="bfloat16", num_blocks=64, max_num_seqs=2).engine.model
+    result = generate_without_cache(model, [[256, 10, 20], [256, 5]], [4, 2], max_num_seqs=2, max_model_len=64)
+    assert [len(o.token_ids) for o in result.outputs] == [4, 2]
