@@ -146,9 +146,9 @@ def in_subprocess(python: str, engine: str, model_dir: Path, workload_file: Path
 
 def cpu_features() -> str:
     """The vector extensions that decide bf16 speed: vLLM's default dtype is bf16."""
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
+    from microvllm.model.cpu_kernels import cpu_flags
+    flags = cpu_flags()
+    if not flags:
         return "features unknown"
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
     return ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in wanted)

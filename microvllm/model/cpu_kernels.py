@@ -50,13 +50,19 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("MICROVLLM_CACHE", default))
 
 
-def _cpu_signature() -> str:
-    # -march=native code may not run on another CPU: a cache shared between machines keys on it
+@cache
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux's /proc/cpuinfo), empty where they cannot be read."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            return next((line for line in cpuinfo if line.startswith("flags")), "")
+            return set(next((line for line in cpuinfo if line.startswith("flags")), "").split()[2:])
     except OSError:
-        return platform.processor()
+        return set()
+
+
+def _cpu_signature() -> str:
+    # -march=native code may not run on another CPU: a cache shared between machines keys on it
+    return " ".join(sorted(cpu_flags())) or platform.processor()
 
 
 def _build(compiler: str, path: Path) -> bool:

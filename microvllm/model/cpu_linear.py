@@ -15,6 +15,8 @@ import functools
 import torch
 import torch.nn as nn
 
+from .cpu_kernels import cpu_flags
+
 # the row count oneDNN tunes the packed layout for: decode batches (any count works)
 ROWS_HINT = 64
 
@@ -22,12 +24,7 @@ ROWS_HINT = 64
 @functools.cache
 def native_bfloat16() -> bool:
     """Whether this CPU computes in bfloat16 natively (AVX-512 BF16 or AMX)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags)) and torch.backends.mkldnn.is_available()
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) and torch.backends.mkldnn.is_available()
 
 
 class PackedLinear(nn.Module):
