@@ -18,8 +18,9 @@
    group while they are in L1. All query heads' scores are kept in a scratch row per head,
    turned into softmax weights, and values are then visited the same way.
 
-   The loops are plain C that the compiler vectorises for whatever CPU it builds for. The
-   body is one static inline function taking the element type and head_dim as arguments;
+   Each tile's successor is prefetched while the tile is worked on. On AVX-512, bfloat16
+   rows are read in place with intrinsics (below); elsewhere the loops are plain C that the
+   compiler vectorises for whatever CPU it builds for. The body is one static inline function taking the element type and head_dim as arguments;
    the entry point calls it with constants for the common cases, so each call is compiled
    into its own copy with the dtype branch folded away and the head_dim loops unrolled. */
 
@@ -100,6 +101,107 @@ static ALWAYS_INLINE void add_weighted(float *restrict o, const float *v, int64_
         for (int64_t i = 0; i < head_dim; i++) o[i] += w[t] * v[t * step + i];
 }
 
+#if defined(__AVX512F__)
+/* bfloat16 rows read in place, 32 elements to a 512-bit load (where head_dim is a multiple
+   of 32). Seen as 16 32-bit lanes, each lane holds an even element in its low half and the
+   next odd one in its high half, and a bfloat16 is the high half of its float32: `lane << 16`
+   is the even element as float32, `lane & 0xFFFF0000` the odd one. Two instructions widen
+   32 elements, with no copy through memory. They arrive split by parity, which dot products
+   do not mind once the query is split the same way; value sums are put back in order once
+   per sequence. */
+#include <immintrin.h>
+#define BF16_VECTORS 1
+enum { CHUNK = 32 };  /* bfloat16 per 512-bit load */
+
+static ALWAYS_INLINE __m512 even_half(__m512i x) { return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)); }
+static ALWAYS_INLINE __m512 odd_half(__m512i x) {
+    return _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+
+/* The result's lane t is the sum of a[t]'s 16 lanes: a tree of shuffles and adds that halves
+   the vectors at each level, 45 instructions where 16 separate reductions take over 100. */
+static ALWAYS_INLINE __m512 lane_sums(const __m512 a[16]) {
+    __m512 b[8], c[4], d[2];
+    for (int i = 0; i < 8; i++)  /* per 128-bit lane: partial sums of a[2i], a[2i+1], interleaved */
+        b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; i++)  /* per 128-bit lane: partial sums of a[4i] .. a[4i + 3] */
+        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int i = 0; i < 2; i++)  /* add 128-bit lanes pairwise */
+        d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* out[t] = q . k_t for the n <= TILE bfloat16 rows k_t = rows + t * stride (bytes); q is
+   float32 split by parity: per chunk of 32, its 16 even elements, then its 16 odd ones. */
+static ALWAYS_INLINE void dots_bf16(const float *q, const char *rows, size_t stride, int64_t n,
+                                    int64_t head_dim, float *out) {
+    __m512 acc[TILE];
+    for (int64_t t = 0; t < TILE; t++) {
+        acc[t] = _mm512_setzero_ps();
+        if (t < n)
+            for (int64_t c = 0; c < head_dim; c += CHUNK) {
+                const __m512i x = _mm512_loadu_si512(rows + (size_t)t * stride + 2 * c);
+                acc[t] = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), even_half(x), acc[t]);
+                acc[t] = _mm512_fmadd_ps(_mm512_loadu_ps(q + c + 16), odd_half(x), acc[t]);
+            }
+    }
+    _mm512_mask_storeu_ps(out, (__mmask16)((1u << n) - 1), lane_sums(acc));
+}
+
+/* o += sum_t w[t] v_t for the n bfloat16 rows v_t = rows + t * stride (bytes), o split by
+   parity as the query is. Even and odd t go to separate sums, two chains of additions
+   rather than one. */
+static ALWAYS_INLINE void add_weighted_bf16(float *o, const char *rows, size_t stride, const float *w,
+                                            int64_t n, int64_t head_dim) {
+    for (int64_t c = 0; c < head_dim; c += CHUNK) {
+        __m512 even[2] = {_mm512_loadu_ps(o + c), _mm512_setzero_ps()};
+        __m512 odd[2] = {_mm512_loadu_ps(o + c + 16), _mm512_setzero_ps()};
+        for (int64_t t = 0; t < n; t++) {
+            const __m512 weight = _mm512_set1_ps(w[t]);
+            const __m512i x = _mm512_loadu_si512(rows + (size_t)t * stride + 2 * c);
+            even[t & 1] = _mm512_fmadd_ps(weight, even_half(x), even[t & 1]);
+            odd[t & 1] = _mm512_fmadd_ps(weight, odd_half(x), odd[t & 1]);
+        }
+        _mm512_storeu_ps(o + c, _mm512_add_ps(even[0], even[1]));
+        _mm512_storeu_ps(o + c + 16, _mm512_add_ps(odd[0], odd[1]));
+    }
+}
+
+/* rows of n elements (n a multiple of 32) from split-by-parity order back to natural order */
+static ALWAYS_INLINE void unsplit(float *x, int64_t n) {
+    const __m512i low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i high = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    for (int64_t c = 0; c < n; c += CHUNK) {
+        const __m512 even = _mm512_loadu_ps(x + c), odd = _mm512_loadu_ps(x + c + 16);
+        _mm512_storeu_ps(x + c, _mm512_permutex2var_ps(even, low, odd));
+        _mm512_storeu_ps(x + c + 16, _mm512_permutex2var_ps(even, high, odd));
+    }
+}
+#else  /* never called: without AVX-512 every row goes through as_float */
+#define BF16_VECTORS 0
+enum { CHUNK = 32 };
+static inline void dots_bf16(const float *q, const char *rows, size_t stride, int64_t n, int64_t head_dim,
+                             float *out) {}
+static inline void add_weighted_bf16(float *o, const char *rows, size_t stride, const float *w, int64_t n,
+                                     int64_t head_dim) {}
+static inline void unsplit(float *x, int64_t n) {}
+#endif
+
+/* Ask for the tile at position p while the one before it is worked on: a tile is a few KiB
+   of one block, and the blocks of a sequence lie anywhere in the pool, where the hardware
+   prefetcher would not look. */
+static ALWAYS_INLINE void prefetch_tile(const char *pool, const int64_t *table, int64_t p, int64_t last,
+                                        int64_t block_size, size_t token_bytes) {
+    const int64_t start = p % block_size;
+    int64_t n = block_size - start < last + 1 - p ? block_size - start : last + 1 - p;
+    n = n < TILE ? n : TILE;
+    const char *rows = pool + (size_t)(table[p / block_size] * block_size + start) * token_bytes;
+    for (size_t i = 0; i < (size_t)n * token_bytes; i += 64) __builtin_prefetch(rows + i);
+}
+
 /* The attention of sequences [first_seq, end_seq) (see paged_decode_attention), with
    scratch for scores, a sequence's query and output rows, sums and a widened tile. */
 static ALWAYS_INLINE void decode(const void *q, const char *keys, const char *values,
@@ -110,6 +212,7 @@ static ALWAYS_INLINE void decode(const void *q, const char *keys, const char *va
                                  float *scores, int64_t max_keys) {
     const int64_t row = n_head * head_dim, group = n_head / n_kv_head;
     const size_t head_bytes = (bf16 ? 2 : 4) * (size_t)head_dim, token_bytes = head_bytes * (size_t)n_kv_head;
+    const int in_place = BF16_VECTORS && bf16 && head_dim % CHUNK == 0;  /* bfloat16 rows read where they lie */
     float *qs = scores + n_head * max_keys, *os = qs + row, *sums = os + row, *tile = sums + n_head;
 
     for (int64_t s = first_seq; s < end_seq; s++) {
@@ -119,23 +222,38 @@ static ALWAYS_INLINE void decode(const void *q, const char *keys, const char *va
         const int64_t *table = block_tables + s * table_width;
         /* scaled once here rather than every score */
         for (int64_t i = 0; i < row; i++) qs[i] = scale * element(q, s * row + i, bf16);
+        if (in_place) {  /* split by parity, as the keys arrive (os is free scratch until the values) */
+            for (int64_t c = 0; c < row; c += CHUNK)
+                for (int64_t i = 0; i < CHUNK / 2; i++) {
+                    os[c + i] = qs[c + 2 * i];
+                    os[c + CHUNK / 2 + i] = qs[c + 2 * i + 1];
+                }
+            memcpy(qs, os, sizeof(float) * (size_t)row);
+        }
 
         /* Both passes visit positions p .. p + n - 1, up to TILE of them within one block,
            and in that run each kv head's rows serve all query heads of its group. */
-#define TILES(POOL, BODY)                                                                           \
+#define TILES(POOL, IN_PLACE, WIDENED)                                                              \
     for (int64_t p = first, n; p <= last; p += n) {                                                 \
         const int64_t start = p % block_size;                                                       \
         n = block_size - start < last + 1 - p ? block_size - start : last + 1 - p;                  \
         n = n < TILE ? n : TILE;                                                                    \
         const char *rows = POOL + (size_t)(table[p / block_size] * block_size + start) * token_bytes; \
+        if (p + n <= last) prefetch_tile(POOL, table, p + n, last, block_size, token_bytes);         \
         for (int64_t j = 0; j < n_kv_head; j++) {                                                   \
+            const char *head_rows = rows + j * head_bytes;                                          \
+            if (in_place) {                                                                         \
+                for (int64_t h = j * group; h < (j + 1) * group; h++) IN_PLACE;                    \
+                continue;                                                                           \
+            }                                                                                       \
             int64_t step;                                                                           \
-            const float *x = as_float(rows + j * head_bytes, token_bytes, n, head_dim, bf16, tile, &step); \
-            for (int64_t h = j * group; h < (j + 1) * group; h++) BODY;                            \
+            const float *x = as_float(head_rows, token_bytes, n, head_dim, bf16, tile, &step);      \
+            for (int64_t h = j * group; h < (j + 1) * group; h++) WIDENED;                         \
         }                                                                                           \
     }
         /* scores[h][p - first] = q_h . k_p */
-        TILES(keys, dots(qs + h * head_dim, x, step, n, head_dim, scores + h * n_keys + (p - first)))
+        TILES(keys, dots_bf16(qs + h * head_dim, head_rows, token_bytes, n, head_dim, scores + h * n_keys + (p - first)),
+              dots(qs + h * head_dim, x, step, n, head_dim, scores + h * n_keys + (p - first)))
         /* unnormalised softmax weights; the output is divided by their sum at the end */
         for (int64_t h = 0; h < n_head; h++) {
             float *w = scores + h * n_keys, max = w[0], sum = 0.0f;
@@ -150,8 +268,10 @@ static ALWAYS_INLINE void decode(const void *q, const char *keys, const char *va
         }
         /* os[h] = sum_p w[h][p] v_p */
         memset(os, 0, sizeof(float) * (size_t)row);
-        TILES(values, add_weighted(os + h * head_dim, x, step, scores + h * n_keys + (p - first), n, head_dim))
+        TILES(values, add_weighted_bf16(os + h * head_dim, head_rows, token_bytes, scores + h * n_keys + (p - first), n, head_dim),
+              add_weighted(os + h * head_dim, x, step, scores + h * n_keys + (p - first), n, head_dim))
 #undef TILES
+        if (in_place) unsplit(os, row);
         for (int64_t h = 0; h < n_head; h++) {
             const float inverse = 1.0f / sums[h];
             for (int64_t i = h * head_dim; i < (h + 1) * head_dim; i++) {
