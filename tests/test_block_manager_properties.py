@@ -31,6 +31,7 @@ workloads = st.fixed_dictionaries({
     "max_num_seqs": st.integers(1, 8),
     "max_tokens_per_step": st.integers(1, 64),
     "caching": st.booleans(),
+    "reuse_freed_first": st.booleans(),
     "requests": st.lists(st.tuples(st.integers(0, 3), st.integers(1, 30), st.integers(1, 12),
                                    st.integers(1, 3)), min_size=1, max_size=12),
     "aborts": st.lists(st.integers(0, 40), max_size=4),
@@ -42,12 +43,12 @@ workloads = st.fixed_dictionaries({
 @settings(max_examples=150, deadline=None)
 @given(workloads)
 @example({"block_size": 1, "extra_blocks": 0, "max_num_seqs": 2, "max_tokens_per_step": 3,
-          "caching": False, "requests": [(2, 18, 12, 1)], "aborts": [], "forks": [17], "seed": 0})
+          "caching": False, "reuse_freed_first": False, "requests": [(2, 18, 12, 1)], "aborts": [], "forks": [17], "seed": 0})
 def test_random_workloads_keep_invariants_and_finish(w):
     max_len = 48
     bs = w["block_size"]
     num_blocks = -(-max_len // bs) + w["extra_blocks"]
-    bm = BlockManager(num_blocks, bs, w["caching"])
+    bm = BlockManager(num_blocks, bs, w["caching"], w["reuse_freed_first"])
     scheduler = Scheduler(bm, w["max_num_seqs"], w["max_tokens_per_step"])
     prefixes = [[], [1, 2, 3, 4, 5, 6, 7, 8], [9] * 12, [1, 2, 3, 4]]
     requests = []
@@ -97,3 +98,22 @@ def test_random_workloads_keep_invariants_and_finish(w):
     assert all(r.is_finished for r in requests)
     assert all(len(s.output_token_ids) == s.params.max_tokens
                for r in requests for s in r.sequences if s.finish_reason == "length")
+
+
+def _sequence(seq_id: int, num_tokens: int) -> Sequence:
+    request = Request(str(seq_id), None, list(range(num_tokens)), SamplingParams())
+    return Sequence(seq_id, request, 0, list(range(seq_id * 100, seq_id * 100 + num_tokens)), seed=0)
+
+
+def test_never_used_blocks_go_first_by_default_and_freed_ones_first_with_reuse_freed_first():
+    for reuse_freed_first, expected in ((False, [2, 3]), (True, [1, 0])):
+        bm = BlockManager(8, 4, reuse_freed_first=reuse_freed_first)
+        first = _sequence(1, 8)
+        bm.allocate(first, [], 8)
+        assert list(first.block_table) == [0, 1]
+        bm.free(first)  # tail first: block 1 is the least recently freed
+        second = _sequence(2, 8)
+        bm.allocate(second, [], 8)
+        assert list(second.block_table) == expected
+        bm.check_invariants([second.block_table])
+        assert bm.num_free_blocks == 6

@@ -2,7 +2,8 @@
 
 Invariants (checked by `check_invariants`, which the tests call after every operation):
 - a block's `ref_count` equals the number of block tables that hold it;
-- a block is in `free_block_queue` exactly when its ref_count is 0;
+- a block is free (in `free_block_queue`, or in `untouched_blocks` if never handed out)
+  exactly when its ref_count is 0;
 - `cached_block_by_hash[h] == b` implies `blocks[b].hash == h`.
 
 Prefix caching: a full block is identified by a chained hash, xxh64(parent hash +
@@ -10,6 +11,15 @@ its token ids). When its KV has been written, the block is registered under that
 a later sequence whose tokens hash the same (and whose token ids compare equal) reuses
 it instead of recomputing. A freed block keeps its hash and waits in the LRU free queue
 until a new allocation evicts it, so a prefix outlives the request that computed it.
+
+Which free block a new allocation takes: by default a never-used block first, so cached
+prefixes are evicted only once the whole cache is in use. With `reuse_freed_first` (the
+engine sets it on CPU) the least recently freed block first, and a never-used one only
+when none is free: there the cache is an anonymous map whose pages the kernel commits on
+first write, and a block's first write costs page faults (on a VM, up to milliseconds per
+block: a tenth of a decode-heavy run). The pages a run has touched are then reused, and
+RAM in use stays at the most the workload has held at once, at the price of keeping
+fewer prefixes of finished requests cached.
 """
 
 from array import array
@@ -36,11 +46,14 @@ def block_hash(parent_hash: int | None, token_ids) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 reuse_freed_first: bool = False):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.reuse_freed_first = reuse_freed_first
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free_block_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.free_block_queue: OrderedDict[int, None] = OrderedDict()  # freed ones, LRU first
+        self.untouched_blocks = list(range(num_blocks - 1, -1, -1))  # popped lowest id first
         self.cached_block_by_hash: dict[int, int] = {}
 
     @property
@@ -49,7 +62,7 @@ class BlockManager:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_block_queue)
+        return len(self.free_block_queue) + len(self.untouched_blocks)
 
     @property
     def num_used_blocks(self) -> int:
@@ -113,7 +126,7 @@ class BlockManager:
         missing = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size) - len(seq.block_table)
         if missing <= 0:
             return True
-        if missing > len(self.free_block_queue):
+        if missing > self.num_free_blocks:
             return False
         for _ in range(missing):
             seq.block_table.append(self._take_free_block())
@@ -159,6 +172,10 @@ class BlockManager:
         block.ref_count += 1
 
     def _take_free_block(self) -> int:
+        if self.untouched_blocks and not (self.reuse_freed_first and self.free_block_queue):
+            block_id = self.untouched_blocks.pop()
+            self.blocks[block_id].ref_count = 1
+            return block_id
         block_id, _ = self.free_block_queue.popitem(last=False)
         block = self.blocks[block_id]
         if block.hash is not None:  # evict the least recently freed cached prefix
@@ -199,6 +216,7 @@ class BlockManager:
                 holders[block_id] += 1
         for block in self.blocks:
             assert block.ref_count == holders[block.block_id], f"ref count of {block}"
-            assert (block.ref_count == 0) == (block.block_id in self.free_block_queue), f"{block}"
+            free = block.block_id in self.free_block_queue or block.block_id in self.untouched_blocks
+            assert (block.ref_count == 0) == free, f"{block}"
         for h, block_id in self.cached_block_by_hash.items():
             assert self.blocks[block_id].hash == h

@@ -110,7 +110,9 @@ class LLMEngine:
                 f"(kv_cache_memory, num_blocks, or gpu_memory_utilization on CUDA) or lower max_model_len")
         self.kv_cache = PagedKVCache(model_config.n_layer, num_blocks, self.block_size,
                                      model_config.n_kv_head, model_config.head_dim, self.dtype, self.device)
-        self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
+        # a CPU cache's pages are committed on first write: reuse the ones already written
+        self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching,
+                                          reuse_freed_first=self.device.type == "cpu")
         logger.info(describe_kv_cache(self.kv_cache, self.device))
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         decode_graphs = None
