@@ -100,3 +100,12 @@ def test_the_cpu_default_dtype_is_bfloat16_only_where_the_cpu_has_bfloat16_instr
     want = torch.bfloat16 if native_bfloat16() else torch.float32
     assert config.EngineConfig(model="m").resolve_dtype(torch.device("cpu")) is want
     assert config.EngineConfig(model="m", dtype="float32").resolve_dtype(torch.device("cpu")) is torch.float32
+
+
+@DTYPES
+def test_relu_squared_is_torchs_bit_for_bit_in_place(dtype):
+    x = torch.randn(37, 1536).to(dtype)
+    want = TorchOps.relu_squared_(x.clone())
+    data = x.data_ptr()
+    got = CpuOps.relu_squared_(x)
+    assert torch.equal(got, want) and got.data_ptr() == data

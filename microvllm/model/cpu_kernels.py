@@ -42,6 +42,7 @@ SIGNATURES = {  # name: argument types; every kernel returns an int, 0 on succes
     "rotary_rms_norm": [_pointer, _int, _pointer, _pointer, _pointer, _pointer,
                         _int, _int, _int, _float, _float, ctypes.c_int],
     "scatter_rows": [_pointer, _int, _pointer, _pointer, _int, _int],
+    "relu_squared": [_pointer, _int, ctypes.c_int],
 }
 
 

@@ -1,4 +1,4 @@
-"""The forward's RMSNorm and rotary embedding on the CPU, each one C call (fused_ops.c).
+"""The forward's RMSNorm, rotary embedding and relu^2 on the CPU, each one C call (fused_ops.c).
 
 Same contract as `gpt.TorchOps`. torch runs RMSNorm as five kernels and rotary-then-norm
 of q or k as about a dozen; at decode, rows are short and each kernel's cost is mostly
@@ -8,6 +8,7 @@ its call, so one pass per row pays (a 6x384 bfloat16 decode step: 0.95x the time
 import torch
 
 from .cpu_kernels import load_library
+from .gpt import TorchOps
 
 
 def _check(status: int) -> None:
@@ -43,3 +44,10 @@ class CpuOps:
                           torch.finfo(x.dtype).eps, scale, x.dtype == torch.bfloat16))
             return out
         return rotate_and_norm
+
+    @staticmethod
+    def relu_squared_(x: torch.Tensor) -> torch.Tensor:
+        if not x.is_contiguous():
+            return TorchOps.relu_squared_(x)
+        load_library().relu_squared(x.data_ptr(), x.numel(), x.dtype == torch.bfloat16)
+        return x

@@ -1,4 +1,4 @@
-/* The forward's RMSNorms and its rotary embedding, one pass over each row.
+/* The forward's RMSNorms, its rotary embedding and the MLP's relu^2, one pass over each row.
 
    As torch ops, RMSNorm is five kernels (square, mean, add eps, rsqrt, multiply) and
    rotary-then-norm of q or k about a dozen, each reading and writing the whole tensor;
@@ -97,5 +97,24 @@ int scatter_rows(const void *src, int64_t src_stride, void *pool, const int64_t 
                  int64_t rows, int64_t row_bytes) {
     for (int64_t r = 0; r < rows; r++)
         memcpy((char *)pool + slots[r] * row_bytes, (const char *)src + r * src_stride, (size_t)row_bytes);
+    return 0;
+}
+
+/* x = relu(x)^2 in place, for n contiguous elements: one pass where relu_ then square_
+   make two over the forward's largest tensor. Rounded once, as square_ rounds: equal to
+   torch's result bit for bit. */
+int relu_squared(void *x, int64_t n, int bf16) {
+    if (bf16) {
+        uint16_t *xb = x;
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) {
+            const float f = bf16_to_float(xb[i]);
+            xb[i] = f > 0.0f ? float_to_bf16(f * f) : 0;
+        }
+    } else {
+        float *xf = x;
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) xf[i] = xf[i] > 0.0f ? xf[i] * xf[i] : 0.0f;
+    }
     return 0;
 }

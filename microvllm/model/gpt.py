@@ -43,7 +43,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class TorchOps:
-    """The forward's RMSNorm and rotary embedding as torch ops: any device, any dtype.
+    """The forward's RMSNorm, rotary embedding and relu^2 as torch ops: any device, any dtype.
     `cpu_ops.CpuOps` does the same in fused C kernels; a model's `ops` is one of them."""
 
     rms_norm = staticmethod(rms_norm)
@@ -58,6 +58,11 @@ class TorchOps:
             y = rms_norm(apply_rotary(x.view(x.shape[0], heads, -1), cos, sin))
             return y * scale if scale != 1.0 else y
         return rotate_and_norm
+
+    @staticmethod
+    def relu_squared_(x: torch.Tensor) -> torch.Tensor:
+        """relu(x)^2, in place: the MLP's hidden activation is the forward's largest tensor."""
+        return x.relu_().square_()
 
 
 class CausalSelfAttention(nn.Module):
@@ -94,9 +99,8 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x):
-        # in place: the hidden activation is the forward's largest tensor
-        return self.c_proj(self.c_fc(x).relu_().square_())
+    def forward(self, x, ops):
+        return self.c_proj(ops.relu_squared_(self.c_fc(x)))
 
 
 class Block(nn.Module):
@@ -107,7 +111,7 @@ class Block(nn.Module):
 
     def forward(self, x, value_embed, ops, rotary_norm, window, attention: AttentionFn):
         x = x + self.attn(ops.rms_norm(x), value_embed, rotary_norm, window, attention)
-        return x + self.mlp(ops.rms_norm(x))
+        return x + self.mlp(ops.rms_norm(x), ops)
 
 
 class GPT(nn.Module):
