@@ -17,6 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+# On CPU, the KV bytes written at start-up (the lowest blocks, which the block manager
+# hands out first): a first write's page faults cost up to ~2.7 s per GiB on a VM, which
+# the first generate of a fresh process would otherwise pay (measured: 0.86x the steady
+# tok/s without, 0.96-0.97x with, for 0-0.2 s of start-up)
+PREWRITTEN_CPU_KV_BYTES = 128 * 2**20
+
 
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
@@ -30,6 +36,11 @@ class PagedKVCache:
         self.v = zero_filled_pool(shape, dtype, device)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.padding_block = num_blocks
+        if torch.device(device).type == "cpu":
+            bytes_per_block = self.bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype)
+            first = min(num_blocks, PREWRITTEN_CPU_KV_BYTES // bytes_per_block)
+            self.k[:, :first].zero_()
+            self.v[:, :first].zero_()
 
     @staticmethod
     def bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype) -> int:
