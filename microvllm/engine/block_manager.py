@@ -214,9 +214,10 @@ class BlockManager:
         for table in block_tables:
             for block_id in table:
                 holders[block_id] += 1
+        free = set(self.free_block_queue) | set(self.untouched_blocks)
+        assert len(free) == len(self.free_block_queue) + len(self.untouched_blocks), "a block free twice"
         for block in self.blocks:
             assert block.ref_count == holders[block.block_id], f"ref count of {block}"
-            free = block.block_id in self.free_block_queue or block.block_id in self.untouched_blocks
-            assert (block.ref_count == 0) == free, f"{block}"
+            assert (block.ref_count == 0) == (block.block_id in free), f"{block}"
         for h, block_id in self.cached_block_by_hash.items():
             assert self.blocks[block_id].hash == h

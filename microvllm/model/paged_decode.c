@@ -20,7 +20,8 @@
 
    Each tile's successor is prefetched while the tile is worked on. On AVX-512, bfloat16
    rows are read in place with intrinsics (below); elsewhere the loops are plain C that the
-   compiler vectorises for whatever CPU it builds for. The body is one static inline function taking the element type and head_dim as arguments;
+   compiler vectorises for whatever CPU it builds for. The body is one static inline
+   function taking the element type and head_dim as arguments;
    the entry point calls it with constants for the common cases, so each call is compiled
    into its own copy with the dtype branch folded away and the head_dim loops unrolled. */
 
@@ -190,15 +191,23 @@ static inline void add_weighted_bf16(float *o, const char *rows, size_t stride, 
 static inline void unsplit(float *x, int64_t n) {}
 #endif
 
+/* The tile that starts at position p: its rows in the pool, and in *n how many (up to
+   TILE, within p's block, at most to position last). */
+static ALWAYS_INLINE const char *tile_at(const char *pool, const int64_t *table, int64_t p, int64_t last,
+                                         int64_t block_size, size_t token_bytes, int64_t *n) {
+    const int64_t start = p % block_size;
+    *n = block_size - start < last + 1 - p ? block_size - start : last + 1 - p;
+    *n = *n < TILE ? *n : TILE;
+    return pool + (size_t)(table[p / block_size] * block_size + start) * token_bytes;
+}
+
 /* Ask for the tile at position p while the one before it is worked on: a tile is a few KiB
    of one block, and the blocks of a sequence lie anywhere in the pool, where the hardware
    prefetcher would not look. */
 static ALWAYS_INLINE void prefetch_tile(const char *pool, const int64_t *table, int64_t p, int64_t last,
                                         int64_t block_size, size_t token_bytes) {
-    const int64_t start = p % block_size;
-    int64_t n = block_size - start < last + 1 - p ? block_size - start : last + 1 - p;
-    n = n < TILE ? n : TILE;
-    const char *rows = pool + (size_t)(table[p / block_size] * block_size + start) * token_bytes;
+    int64_t n;
+    const char *rows = tile_at(pool, table, p, last, block_size, token_bytes, &n);
     for (size_t i = 0; i < (size_t)n * token_bytes; i += 64) __builtin_prefetch(rows + i);
 }
 
@@ -235,10 +244,7 @@ static ALWAYS_INLINE void decode(const void *q, const char *keys, const char *va
            and in that run each kv head's rows serve all query heads of its group. */
 #define TILES(POOL, IN_PLACE, WIDENED)                                                              \
     for (int64_t p = first, n; p <= last; p += n) {                                                 \
-        const int64_t start = p % block_size;                                                       \
-        n = block_size - start < last + 1 - p ? block_size - start : last + 1 - p;                  \
-        n = n < TILE ? n : TILE;                                                                    \
-        const char *rows = POOL + (size_t)(table[p / block_size] * block_size + start) * token_bytes; \
+        const char *rows = tile_at(POOL, table, p, last, block_size, token_bytes, &n);              \
         if (p + n <= last) prefetch_tile(POOL, table, p + n, last, block_size, token_bytes);         \
         for (int64_t j = 0; j < n_kv_head; j++) {                                                   \
             const char *head_rows = rows + j * head_bytes;                                          \
