@@ -229,15 +229,11 @@ static ALWAYS_INLINE void decode(const void *q, const char *keys, const char *va
         const int64_t first = window < 0 || last - window < 0 ? 0 : last - window;
         const int64_t n_keys = last - first + 1;
         const int64_t *table = block_tables + s * table_width;
-        /* scaled once here rather than every score */
-        for (int64_t i = 0; i < row; i++) qs[i] = scale * element(q, s * row + i, bf16);
-        if (in_place) {  /* split by parity, as the keys arrive (os is free scratch until the values) */
-            for (int64_t c = 0; c < row; c += CHUNK)
-                for (int64_t i = 0; i < CHUNK / 2; i++) {
-                    os[c + i] = qs[c + 2 * i];
-                    os[c + CHUNK / 2 + i] = qs[c + 2 * i + 1];
-                }
-            memcpy(qs, os, sizeof(float) * (size_t)row);
+        /* scaled once here rather than every score; where rows are read in place, split by
+           parity as the keys arrive: per chunk, even elements first, then odd ones */
+        for (int64_t i = 0; i < row; i++) {
+            const int64_t at = in_place ? i - i % CHUNK + (i % 2) * (CHUNK / 2) + (i % CHUNK) / 2 : i;
+            qs[at] = scale * element(q, s * row + i, bf16);
         }
 
         /* Both passes visit positions p .. p + n - 1, up to TILE of them within one block,
