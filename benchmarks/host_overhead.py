@@ -61,13 +61,14 @@ def main(argv=None):
     engine.step()                     # one decode step to warm up
 
     step_parts = defaultdict(float)  # this step's CPU seconds by part
-    scheduler, runner = engine.scheduler, engine.runner
+    scheduler, runner, processor = engine.scheduler, engine.runner, engine.output_processor
     scheduler.schedule = timed(step_parts, "schedule", scheduler.schedule)
     runner._prepare = timed(step_parts, "prepare", runner._prepare)
     runner.sampler = timed(step_parts, "sample", runner.sampler)
-    engine._decide = timed(step_parts, "stop checks", engine._decide)
-    engine._commit = timed(step_parts, "commit (tokens, blocks, prefix cache)", engine._commit)
-    engine.make_output = timed(step_parts, "outputs", engine.make_output)
+    processor.decide = timed(step_parts, "stop checks", processor.decide)
+    scheduler.update = timed(step_parts, "commit: blocks, prefix cache", scheduler.update)
+    processor.commit = timed(step_parts, "commit: tokens", processor.commit)
+    processor.make_output = timed(step_parts, "outputs", processor.make_output)
     # the model's share, timed apart from the engine's parts
     runner._eager_forward = timed(step_parts, "forward", runner._eager_forward)
     runner.model.compute_logits = timed(step_parts, "logits", runner.model.compute_logits)

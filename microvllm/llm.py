@@ -12,12 +12,12 @@ from .engine.interrupts import interrupts_held
 from .engine.llm_engine import LLMEngine
 from . import unsupported
 from .outputs import BeamSearchOutput, RequestOutput
+from .prompts import checked_prompt, parse_prompt, parse_prompts
 from .sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 from .unsupported import check_arguments
 from .validation import check_bool, check_int, check_type
 
 ENGINE_SETTINGS = {f.name for f in fields(EngineConfig)} - {"model", "tokenizer"}
-PROMPT_FORMS = "a str, a {'prompt': str} or {'prompt_token_ids': [int, ...]} dict, or a list of token ids"
 
 
 class LLM:
@@ -45,7 +45,7 @@ class LLM:
         if check_int("data_parallel_size", data_parallel_size, 1) == 1:
             self.engine = LLMEngine(config)
         else:  # replicas that look like one engine from here
-            from .distributed import ReplicaPool
+            from .distributed.pool import ReplicaPool
             self.engine = ReplicaPool(config, data_parallel_size, cpu_threads_per_replica)
         self.tokenizer = self.engine.tokenizer
         # outputs of add_request() requests that finished while generate() drove the engine
@@ -59,10 +59,9 @@ class LLM:
         """Generate completions for all prompts; outputs come back in input order."""
         if not callable(use_tqdm):
             check_bool("use_tqdm", use_tqdm)
-        parsed = self._parse_prompts(prompts)
-        params = self._params_per_prompt(sampling_params, len(parsed))
-        for (_, token_ids), p in zip(parsed, params):
-            self.engine.validate_prompt(token_ids, p)  # before any is queued: all or nothing
+        params = self._params_per_prompt(sampling_params, len(parsed := parse_prompts(prompts, self.tokenizer)))
+        # all checked before any is queued: all or nothing
+        parsed = [(text, self._checked(token_ids, p)) for (text, token_ids), p in zip(parsed, params)]
         with self._lock:
             return self._run(parsed, params, use_tqdm)
 
@@ -97,14 +96,17 @@ class LLM:
         """
         check_type("params", params, BeamSearchParams, "a BeamSearchParams")
         check_bool("use_tqdm", use_tqdm)
-        parsed = self._parse_prompts(prompts)
-        with self._lock:
-            return self._beam_search(parsed, params, use_tqdm)
-
-    def _beam_search(self, parsed: list[tuple], params: BeamSearchParams, use_tqdm: bool) -> list[BeamSearchOutput]:
+        if not isinstance(self.engine, LLMEngine):
+            raise ValueError("beam search forks sequences inside one engine, and replicas cannot "
+                             "share them: use data_parallel_size=1 for LLM.beam_search")
         search = BeamSearch(self.engine, params)
-        for _, token_ids in parsed:
-            search.validate(token_ids)  # before any is queued: all or nothing
+        # all checked before any is queued: all or nothing
+        parsed = [(text, self._checked(token_ids, search.sampling_params))
+                  for text, token_ids in parse_prompts(prompts, self.tokenizer)]
+        with self._lock:
+            return self._beam_search(search, parsed, use_tqdm)
+
+    def _beam_search(self, search: BeamSearch, parsed: list[tuple], use_tqdm: bool) -> list[BeamSearchOutput]:
         for text, token_ids in parsed:
             search.add(text, token_ids)
         bar = tqdm(total=len(parsed), desc="Beam search", disable=not use_tqdm, dynamic_ncols=True)
@@ -149,27 +151,8 @@ class LLM:
                 self.engine.abort_request(request_id)
         return [outputs[r] for r in request_ids]
 
-    def _parse_prompts(self, prompts) -> list[tuple[str | None, list[int]]]:
-        """One prompt or a list of them, each parsed."""
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
-                                               and not isinstance(prompts[0], (str, dict, list, tuple))):
-            prompts = [prompts]
-        check_type("prompts", prompts, (list, tuple), f"a prompt or a list of prompts ({PROMPT_FORMS})")
-        return [self._parse_prompt(p) for p in prompts]
-
-    def _parse_prompt(self, prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, dict):
-            if isinstance(prompt.get("prompt"), str):
-                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
-            if isinstance(prompt.get("prompt_token_ids"), (list, tuple)):
-                return None, list(prompt["prompt_token_ids"])
-            raise ValueError(f"a prompt dict needs a str 'prompt' or a list 'prompt_token_ids'; "
-                             f"got {_short_repr(prompt)}")
-        if isinstance(prompt, (list, tuple)):
-            return None, list(prompt)
-        raise TypeError(f"a prompt must be {PROMPT_FORMS}; got {type(prompt).__name__}")
+    def _checked(self, prompt_token_ids: list[int], params: SamplingParams) -> list[int]:
+        return checked_prompt(prompt_token_ids, params, self.engine.vocab_size, self.engine.max_model_len)
 
     @staticmethod
     def _params_per_prompt(sampling_params, num_prompts: int) -> list[SamplingParams]:
@@ -190,13 +173,22 @@ class LLM:
 
     def add_request(self, prompt, sampling_params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
-        text, token_ids = self._parse_prompt(prompt)
-        if sampling_params is not None:
-            check_type("sampling_params", sampling_params, SamplingParams, "a SamplingParams or None")
-        params = sampling_params or SamplingParams()
+        """Queue one request for step() to run; its output comes back once, finished,
+        unless sampling_params.output_kind asks for a stream."""
+        return self._add_request(prompt, sampling_params, request_id, RequestOutputKind.FINAL_ONLY)
+
+    def _add_request(self, prompt, params: SamplingParams | None, request_id: str | None,
+                     default_kind: RequestOutputKind) -> str:
+        """The one way a single request reaches the engine (LLM.add_request and
+        llm_engine.add_request): parsed and checked here, then queued."""
+        if params is not None:
+            check_type("sampling_params", params, SamplingParams, "a SamplingParams or None")
+        params = params or SamplingParams()
+        text, token_ids = parse_prompt(prompt, self.tokenizer)
+        token_ids = self._checked(token_ids, params)
         with self._lock, interrupts_held():
             return self.engine.add_request(text, token_ids, params, request_id,
-                                           params.output_kind or RequestOutputKind.FINAL_ONLY)
+                                           params.output_kind or default_kind)
 
     def step(self) -> list[RequestOutput]:
         """One engine step; returns the requests that finished in it (or since the last step)."""
@@ -242,11 +234,7 @@ class EngineRequests:
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None, **vllm_only) -> str:
         check_arguments("add_request", vllm_only, (), unsupported.ADD_REQUEST_ARGS)
-        text, token_ids = self._llm._parse_prompt(prompt)
-        params = params or SamplingParams()
-        with self._llm._lock, interrupts_held():
-            return self._llm.engine.add_request(text, token_ids, params, request_id,
-                                                params.output_kind or RequestOutputKind.CUMULATIVE)
+        return self._llm._add_request(prompt, params, request_id, RequestOutputKind.CUMULATIVE)
 
     def abort_request(self, request_id) -> None:
         for r in [request_id] if isinstance(request_id, str) else request_id:
@@ -259,12 +247,7 @@ class EngineRequests:
         return self._llm.has_unfinished_requests()
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self._llm.engine.requests)
+        return self._llm.engine.num_unfinished_requests()
 
     def get_tokenizer(self):
         return self._llm.tokenizer
-
-
-def _short_repr(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."

@@ -17,11 +17,13 @@ GREEDY_TEMPERATURE = 1e-5
 class RequestOutputKind(enum.Enum):
     """What step() returns for a request as it runs (generate() always returns FINAL_ONLY)."""
     CUMULATIVE = 0   # at every step that adds tokens: the whole output so far
+    DELTA = 1        # at every step that adds tokens: only what is new since the last output
     FINAL_ONLY = 2   # once, when the request finishes
 
 
 @dataclass
-class SamplingParams:
+class _SamplingFields:
+    """SamplingParams' fields and checks; users build SamplingParams, below."""
     n: int = 1                          # independent samples of the same prompt
     temperature: float = 1.0            # 0 (or below 1e-5) = greedy
     top_p: float = 1.0
@@ -129,17 +131,17 @@ def logits_processor_arity(f: Callable) -> int:
                     f"(prompt_token_ids, output_token_ids, logits)")
 
 
-_FIELDS = {f.name for f in fields(SamplingParams) if f.init}
-_dataclass_init = SamplingParams.__init__
+class SamplingParams(_SamplingFields):
+    """How one request's tokens are chosen, with vLLM's names and defaults; checked on creation."""
+
+    def __init__(self, *args, **kwargs):
+        # names vLLM-only arguments where the generated __init__ would only say
+        # "unexpected keyword argument"
+        super().__init__(*args, **unsupported.check_arguments(
+            "SamplingParams", kwargs, _FIELD_NAMES, unsupported.SAMPLING_ARGS))
 
 
-def _init_refusing_vllm_only_arguments(self, *args, **kwargs):
-    # ahead of the generated __init__, which would only say "unexpected keyword argument"
-    _dataclass_init(self, *args, **unsupported.check_arguments(
-        "SamplingParams", kwargs, _FIELDS, unsupported.SAMPLING_ARGS))
-
-
-SamplingParams.__init__ = _init_refusing_vllm_only_arguments
+_FIELD_NAMES = {f.name for f in fields(_SamplingFields) if f.init}
 
 
 @dataclass

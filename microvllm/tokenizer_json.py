@@ -14,7 +14,7 @@ from pathlib import Path
 
 import tiktoken
 
-from .model.hf_format import import_hf
+from .extras import import_hf
 
 
 def _byte_alphabet() -> dict[int, str]:

@@ -10,7 +10,8 @@ from microvllm import LLM, SamplingParams
 
 ray = pytest.importorskip("ray")
 
-from microvllm.distributed import LLMPredictor, Router  # noqa: E402
+from microvllm.distributed import Router  # noqa: E402
+from microvllm.ray_data import LLMPredictor  # noqa: E402
 
 PROMPTS = ["hello there", "the cat sat", "once upon a time", "a b c d", "zz", "to be or not to be"]
 PARAMS = [SamplingParams(max_tokens=12, temperature=0.0),

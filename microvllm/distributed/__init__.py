@@ -4,8 +4,8 @@
   engine; it routes each request to a replica (router.py) and gathers the outputs.
 - EngineReplica (replica.py): one LLMEngine inside a Ray actor. The engine in it does
   not know it is one of many.
-- LLMPredictor (ray_data.py): a callable class for `ray.data.Dataset.map_batches`, one
-  engine per actor, for datasets that do not fit in memory.
+(LLMPredictor, for Ray Data datasets, holds a whole LLM per actor: it sits above the
+facade, in microvllm/ray_data.py.)
 A replica is the unit of placement: tensor parallelism would make a replica span
 several GPUs (a placement group per replica) without changing the facade.
 """
@@ -17,8 +17,7 @@ except ImportError:
                       'Ray, which is not installed: pip install -e ".[distributed]"') from None
 
 from .pool import ReplicaPool
-from .ray_data import LLMPredictor
 from .replica import EngineReplica
 from .router import Router
 
-__all__ = ["ReplicaPool", "EngineReplica", "Router", "LLMPredictor"]
+__all__ = ["ReplicaPool", "EngineReplica", "Router"]

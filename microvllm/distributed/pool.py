@@ -17,7 +17,6 @@ and stepping as it always does:
 """
 
 import dataclasses
-import itertools
 import random
 import time
 import warnings
@@ -27,7 +26,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from ..engine.config import EngineConfig
-from ..engine.llm_engine import LLMEngine
+from ..engine.sequence import RequestIds
 from ..engine.stats import EngineStats
 from ..outputs import RequestOutput
 from ..sampling_params import RequestOutputKind, SamplingParams
@@ -85,25 +84,19 @@ class ReplicaPool:
         # (replica, prefix key) pairs whose blocks a replica has written, or is writing now
         self._cached_prefixes: set[tuple[int, int]] = set()
         self._warming_prefixes: set[tuple[int, int]] = set()
-        self._request_counter = itertools.count()
+        self._request_ids = RequestIds()
         self._seed_rng = random.Random(config.seed)
 
     # -- the engine's interface ---------------------------------------------------------
 
-    # the engine's own checks: they read only vocab_size and max_model_len, which the pool
-    # holds, and the unfinished requests and the id counter, which it keeps as the engine does
-    validate_prompt = LLMEngine.validate_prompt
-    truncated_prompt = staticmethod(LLMEngine.truncated_prompt)
-    free_request_id = LLMEngine.free_request_id
-
     def add_request(self, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
                     request_id: str | None = None,
                     output_kind: RequestOutputKind = RequestOutputKind.FINAL_ONLY) -> str:
+        """Queue a request the facade has checked, for the replica the router picks."""
         if output_kind is not RequestOutputKind.FINAL_ONLY:
-            raise ValueError("streamed outputs (output_kind=CUMULATIVE) need one engine: "
+            raise ValueError(f"streamed outputs (output_kind={output_kind.name}) need one engine: "
                              "use data_parallel_size=1")
-        self.validate_prompt(prompt_token_ids, params)
-        request_id = self.free_request_id(request_id)
+        request_id = self._request_ids.take(request_id, self.requests)
         if params.seed is None:  # drawn exactly when, and in the order, one engine would draw it
             params = dataclasses.replace(params, seed=self._seed_rng.getrandbits(63))
         token_ids = list(prompt_token_ids)
@@ -139,6 +132,9 @@ class ReplicaPool:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def num_unfinished_requests(self) -> int:
+        return len(self.requests)
 
     @property
     def stats(self) -> EngineStats:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from ..outputs import BeamSearchOutput, BeamSearchSequence, Logprob, RequestOutput
 from ..sampling_params import BeamSearchParams, SamplingParams
 from .llm_engine import LLMEngine
-from .sequence import Request, Sequence
+from .sequence import Sequence
 
 
 @dataclass(eq=False)
@@ -43,7 +43,7 @@ class _Beam:
 
 @dataclass(eq=False)
 class _Prompt:
-    request: Request
+    request_id: str
     seed: int                           # every beam's, so a restart samples what it would have
     steps_left: int
     live: list[_Beam]
@@ -60,15 +60,12 @@ class BeamSearch:
                                               ignore_eos=True, logprobs=2 * params.beam_width)
         self.prompts: list[_Prompt] = []
 
-    def validate(self, prompt_token_ids: list[int]) -> None:
-        self.engine.validate_prompt(prompt_token_ids, self.sampling_params)
-
     def add(self, prompt: str | None, prompt_token_ids: list[int]) -> None:
+        """Start a search from a prompt the facade has checked against sampling_params."""
         request_id = self.engine.add_request(prompt, prompt_token_ids, self.sampling_params)
-        request = self.engine.requests[request_id]
         steps = min(self.params.max_tokens, self.engine.max_model_len - len(prompt_token_ids))
-        root = _Beam(list(prompt_token_ids), [], 0.0, request.sequences[0])
-        self.prompts.append(_Prompt(request, root.seq.seed, steps, [root]))
+        root = _Beam(list(prompt_token_ids), [], 0.0, self.engine.sequences(request_id)[0])
+        self.prompts.append(_Prompt(request_id, root.seq.seed, steps, [root]))
 
     @property
     def num_finished(self) -> int:
@@ -80,20 +77,17 @@ class BeamSearch:
 
     def step(self) -> list[RequestOutput]:
         """One engine step, then the search's moves; returns other requests' finished outputs."""
-        ours = {p.request.request_id for p in self.prompts}
+        ours = {p.request_id for p in self.prompts}
         others = [out for out in self.engine.step() if out.request_id not in ours]
-        copies = []
         for prompt in self.prompts:
             if prompt.live:
-                self._advance(prompt, copies)
-        if copies:
-            self.engine.kv_cache.copy_blocks(*zip(*copies))
+                self._advance(prompt)
         return others
 
     def abort(self) -> None:
         for prompt in self.prompts:
             prompt.live = []
-            self.engine.abort_request(prompt.request.request_id)
+            self.engine.abort_request(prompt.request_id)
 
     def outputs(self) -> list[BeamSearchOutput]:
         tokenizer = self.engine.tokenizer
@@ -107,20 +101,20 @@ class BeamSearch:
 
     # -- between steps ----------------------------------------------------------------
 
-    def _advance(self, prompt: _Prompt, copies: list) -> None:
+    def _advance(self, prompt: _Prompt) -> None:
         for beam in prompt.live:
             seq = beam.seq
             if beam.candidates is None and seq is not None and seq.num_tokens > len(beam.tokens):
-                seq.token_ids.pop()  # the search, not the sampler, picks the next token
-                beam.candidates = seq.logprobs.pop()
+                # the search, not the sampler, picks the next token
+                beam.candidates = self.engine.take_back_last_token(seq)
         if all(beam.candidates is not None for beam in prompt.live):
-            self._select(prompt, copies)
+            self._select(prompt)
         else:
             for beam in prompt.live:
                 if beam.candidates is not None and beam.seq is not None:
                     self._give_back(prompt, beam)
 
-    def _select(self, prompt: _Prompt, copies: list) -> None:
+    def _select(self, prompt: _Prompt) -> None:
         p = self.params
         candidates = []
         for beam in prompt.live:
@@ -137,37 +131,24 @@ class BeamSearch:
         if not prompt.steps_left or not survivors:
             prompt.finished += [self._result(beam, "length") for beam in survivors]
             prompt.live = []
-            self.engine.abort_request(prompt.request.request_id)
+            self.engine.abort_request(prompt.request_id)
             return
         for beam in prompt.live:  # first, so that forks can take the blocks they free
             if beam.seq is not None and not any(c.parent is beam for c in survivors):
                 self._give_back(prompt, beam)
-        for index, child in enumerate(survivors):
-            child.seq = self._sequence_for(prompt, child, index, copies)
+        for child in survivors:
+            child.seq = self._sequence_for(prompt, child)
         prompt.live = survivors
-        prompt.request.sequences = [beam.seq for beam in survivors]
 
-    def _sequence_for(self, prompt: _Prompt, child: _Beam, index: int, copies: list) -> Sequence:
+    def _sequence_for(self, prompt: _Prompt, child: _Beam) -> Sequence:
         parent = child.parent.seq
         if parent is not None and parent.num_tokens < len(child.tokens):
-            parent.token_ids.append(child.tokens[-1])  # the first child carries on in place
+            self.engine.append_token(parent, child.tokens[-1])  # the first child carries on in place
             return parent
-        seq = self.engine.new_sequence(prompt.request, index, list(child.tokens), prompt.seed)
-        # output positions count from the prompt, wherever this sequence starts; the
-        # sampling noise is keyed by them
-        seq.num_prompt_tokens = len(prompt.request.prompt_token_ids)
-        scheduler = self.engine.scheduler
-        if parent is not None and scheduler.can_fork(parent):
-            copy = scheduler.fork(parent, seq)
-            if copy is not None:
-                copies.append(copy)
-        else:
-            scheduler.add(seq)  # recomputed, mostly from the prefix cache
-        return seq
+        return self.engine.fork(prompt.request_id, child.tokens, parent, prompt.seed)
 
     def _give_back(self, prompt: _Prompt, beam: _Beam) -> None:
-        self.engine.scheduler.finish(beam.seq, "abort")
-        prompt.request.sequences.remove(beam.seq)
+        self.engine.release(beam.seq)
         beam.seq = None
 
     def _score(self, beam) -> float:

@@ -18,10 +18,9 @@ from ..model.attention import AttentionBackend
 from ..model.gpt import GPT
 from .cuda_graphs import DecodeGraphs
 from .kv_cache import PagedKVCache, SequenceKVView
-from .sampler import (PROMPT_LOGPROBS_CHUNK, SampledTokens, Sampler, distinct_params, logprob_table,
-                      split_logprob_table)
+from .sampler import PROMPT_LOGPROBS_CHUNK, LogprobRows, SampledTokens, Sampler, distinct_params, logprob_table
 from .scheduler import ScheduledSequence
-from .sequence import Sequence
+from .sequence import Request, Sequence
 from .stats import StepTimer
 from .transfer import to_device
 
@@ -33,12 +32,18 @@ EAGER_INPUTS = ("input_ids", "positions", "prev_ids", "slot_mapping", "block_tab
 
 
 @dataclass
+class PromptLogprobs:
+    """What one prefill chunk's positions say of the prompt tokens they predict."""
+    request: Request
+    first_index: int                        # the prompt position of rows' first entry
+    rows: LogprobRows
+
+
+@dataclass
 class StepOutput:
     sampled_seqs: list[ScheduledSequence]   # in the order of `sampled` rows
     sampled: SampledTokens | None
-    # per sequence computing prompt log-probs: (request, first prompt index covered,
-    # log-probs of those prompt tokens, their ranks, top ids, top log-probs)
-    prompt_logprobs: list[tuple]
+    prompt_logprobs: list[PromptLogprobs]   # of the sequences computing them this step
     forward_seconds: float                  # model forward and logits (host side on CUDA)
     device_seconds: float | None = None     # the whole step's device work, when timed
 
@@ -155,17 +160,16 @@ class ModelRunner:
         return (request.prompt_logprobs is not None and s.seq.index == 0
                 and len(request.prompt_logprobs) < s.seq.num_prompt_tokens)
 
-    def _prompt_logprobs(self, s: ScheduledSequence, hidden, first_row: int) -> tuple:
+    def _prompt_logprobs(self, s: ScheduledSequence, hidden, first_row: int) -> PromptLogprobs:
         """Log-probs of the prompt tokens that this chunk's positions predict."""
         seq, k = s.seq, s.seq.params.prompt_logprobs
         start = seq.num_computed_tokens
         # position p predicts prompt token p + 1
         end = min(start + s.num_new_tokens, seq.num_prompt_tokens - 1)
         if end <= start:
-            return seq.request, start + 1, [], [], [], []
+            return PromptLogprobs(seq.request, start + 1, LogprobRows([], [], [], [], []))
         targets = to_device(dict(t=np.array(seq.token_ids[start + 1:end + 1])), self.device)["t"]
         chunk_hidden = hidden[first_row:first_row + end - start].split(PROMPT_LOGPROBS_CHUNK)
         tables = [logprob_table(self.model.compute_logits(h), t, k)
                   for h, t in zip(chunk_hidden, targets.split(PROMPT_LOGPROBS_CHUNK))]
-        _, logprobs, ranks, top_ids, top_logprobs = split_logprob_table(torch.cat(tables).tolist(), k)
-        return seq.request, start + 1, logprobs, ranks, top_ids, top_logprobs
+        return PromptLogprobs(seq.request, start + 1, LogprobRows.read(torch.cat(tables), k))

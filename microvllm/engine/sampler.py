@@ -92,19 +92,26 @@ def logprob_table(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> torc
                       top.indices.double(), top.values.double()], dim=1)
 
 
-def split_logprob_table(rows: list[list[float]], k: int) -> tuple[list, list, list, list, list]:
-    """logprob_table's rows, read back: (token ids, log-probs, ranks, top ids, top log-probs)."""
-    return ([int(r[0]) for r in rows], [r[1] for r in rows], [int(r[2]) for r in rows],
-            [[int(t) for t in r[3:3 + k]] for r in rows], [r[3 + k:] for r in rows])
+@dataclass
+class LogprobRows:
+    """logprob_table read back, per row: the token, its log-prob and rank, and the top k."""
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int]                    # 1 = the most likely token
+    top_ids: list[list[int]]            # k per row (empty lists for k = 0)
+    top_logprobs: list[list[float]]
+
+    @classmethod
+    def read(cls, table: torch.Tensor, k: int) -> "LogprobRows":
+        rows = table.tolist()
+        return cls([int(r[0]) for r in rows], [r[1] for r in rows], [int(r[2]) for r in rows],
+                   [[int(t) for t in r[3:3 + k]] for r in rows], [r[3 + k:] for r in rows])
 
 
 @dataclass
 class SampledTokens:
     token_ids: list[int]
-    logprobs: list[float] | None = None             # of the sampled tokens, per row
-    ranks: list[int] | None = None
-    top_ids: list[list[int]] | None = None          # top-k ids and log-probs, per row
-    top_logprobs: list[list[float]] | None = None
+    logprobs: LogprobRows | None = None  # where any row asked for log-probs
 
 
 class Sampler:
@@ -134,9 +141,8 @@ class Sampler:
         k = max((p.logprobs for p in kinds if p.logprobs is not None), default=None)
         if k is None:
             return SampledTokens(token_ids.tolist())
-        ids, logprobs, ranks, top_ids, top_logprobs = split_logprob_table(
-            logprob_table(raw_logits, token_ids, k).tolist(), k)
-        return SampledTokens(ids, logprobs, ranks, top_ids if k else None, top_logprobs if k else None)
+        rows = LogprobRows.read(logprob_table(raw_logits, token_ids, k), k)
+        return SampledTokens(rows.token_ids, rows)
 
     def _blocked_tokens(self, seqs) -> list[tuple[int, int]]:
         """(row, token) pairs that may not be sampled: EOS and stop ids before min_tokens."""

@@ -6,11 +6,13 @@ of them have their KV in the cache (the rest are computed by coming steps).
 """
 
 import enum
+import itertools
 import time
 from array import array
 from dataclasses import dataclass, field
 
 from ..sampling_params import SamplingParams
+from ..validation import check_type
 
 
 def block_table_of(block_ids=()) -> array:
@@ -43,6 +45,8 @@ class Sequence:
     finish_reason: str | None = None    # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     text: str = ""
+    num_streamed_tokens: int = 0        # of the output, sent by a DELTA stream so far
+    num_streamed_chars: int = 0
     params: SamplingParams = field(init=False, repr=False)  # the request's; read on every step
 
     def __post_init__(self):
@@ -89,3 +93,22 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return all(seq.is_finished for seq in self.sequences)
+
+
+class RequestIds:
+    """Hands out request ids: the one a caller gives, if no unfinished request holds it,
+    else the next of a counter that no unfinished request holds."""
+
+    def __init__(self):
+        self._counter = itertools.count()
+
+    def take(self, request_id: str | int | None, in_use) -> str:
+        if request_id is None:
+            request_id = str(next(self._counter))
+            while request_id in in_use:  # skip ids a user gave by hand
+                request_id = str(next(self._counter))
+        else:
+            request_id = str(check_type("request_id", request_id, (str, int), "a str"))
+        if request_id in in_use:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        return request_id

@@ -24,6 +24,23 @@ class EngineStats:
     step_host_seconds: float = 0.0
     step_device_seconds: float = 0.0
 
+    def record_step(self, scheduled, result, scheduler, step_start: float) -> None:
+        """Count a step that ran: `scheduled` (ScheduledSequences), the runner's StepOutput,
+        the scheduler after it, and when the step began (perf_counter)."""
+        self.steps += 1
+        self.forward_seconds += result.forward_seconds
+        self.computed_tokens += sum([s.num_new_tokens for s in scheduled])
+        self.generated_tokens += len(result.sampled_seqs)
+        self.preemptions = scheduler.num_preemptions
+        self.prompt_tokens = scheduler.admitted_prompt_tokens
+        self.cached_prompt_tokens = scheduler.cached_prompt_tokens
+        self.peak_used_blocks = max(self.peak_used_blocks, scheduler.block_manager.num_used_blocks)
+        self.peak_running_seqs = max(self.peak_running_seqs, len(scheduler.running))
+        if result.device_seconds is not None:
+            self.timed_steps += 1
+            self.step_host_seconds += time.perf_counter() - step_start
+            self.step_device_seconds += result.device_seconds
+
     @property
     def prefix_cache_hit_rate(self) -> float:
         return self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0

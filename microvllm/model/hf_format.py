@@ -12,12 +12,12 @@ harmless differences: its norms use eps 1e-6 where nanochat uses the dtype's mac
 epsilon, and it softcaps the padded vocabulary rows too (we drop them, as nanochat).
 """
 
-import importlib
 import json
 from pathlib import Path
 
 import torch
 
+from ..extras import import_hf
 from .config import ERAS, ModelConfig
 
 MODEL_TYPE = "nanochat"
@@ -31,15 +31,6 @@ EMBEDDING, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 DEFAULTS = {"hidden_act": "relu2", "attention_bias": False, "final_logit_softcapping": 15.0,
             "tie_word_embeddings": False, "max_position_embeddings": 2048}
 REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-
-
-def import_hf(name: str):
-    """An optional package of the `hf` extra, or an ImportError that says how to get it."""
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        raise ImportError(f"loading Hugging Face hub ids and the transformers format needs {name}: "
-                          'pip install -e ".[hf]"') from None
 
 
 def read_config(model_dir: Path) -> dict:

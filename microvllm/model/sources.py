@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..extras import import_hf
 from ..tokenizer import Tokenizer
 from . import hf_format
 from .gpt import GPT
@@ -62,7 +63,7 @@ def _downloads_off(hub_constants) -> bool:
 
 def hub_snapshot_dir(repo_id: str, revision: str | None = None, step: int | None = None) -> Path:
     """The local snapshot of a hub repo: the cached one if any, else a download when allowed."""
-    hub, errors, constants = (hf_format.import_hf(f"huggingface_hub{sub}") for sub in ("", ".errors", ".constants"))
+    hub, errors, constants = (import_hf(f"huggingface_hub{sub}") for sub in ("", ".errors", ".constants"))
     patterns = HUB_FILES + ["model_*.pt" if step is None else f"model_{step:06d}.pt"]
     try:
         return Path(hub.snapshot_download(repo_id, revision=revision, allow_patterns=patterns,

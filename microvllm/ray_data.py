@@ -6,7 +6,7 @@ the whole dataset:
 
     import ray
     from microvllm import SamplingParams
-    from microvllm.distributed import LLMPredictor
+    from microvllm.ray_data import LLMPredictor
 
     ds = ray.data.read_json("prompts.jsonl")          # rows with a "prompt" column
     ds = ds.map_batches(LLMPredictor, batch_size=64, concurrency=4, num_gpus=1,
@@ -22,8 +22,8 @@ them, so set `seed` in SamplingParams where sampled rows must repeat across runs
 
 import torch
 
-from ..llm import LLM
-from ..sampling_params import SamplingParams
+from .llm import LLM
+from .sampling_params import SamplingParams
 
 
 class LLMPredictor:
