@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sampling seed of the first prompt, +1 for each next one (default 0)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="default: bfloat16 on cuda, float32 on cpu")
+                        help="default: bfloat16 on cuda and on CPUs with bfloat16 instructions "
+                             "(AVX-512 BF16 or AMX), float32 on other CPUs")
     parser.add_argument("--cpu-threads", type=int,
                         help="torch threads on cpu (default: $OMP_NUM_THREADS if set, else the "
                              "cores this process may use, less one and less those other "

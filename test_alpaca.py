@@ -49,10 +49,13 @@ def size_argument(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = p.add_argument_group("model and engine")
-    model.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR), help="nanochat checkpoint dir")
+    model.add_argument("--model", "--model-dir", dest="model_dir", metavar="DIR",
+                       default=str(DEFAULT_MODEL_DIR),
+                       help="nanochat checkpoint dir (default: the bundled demo model)")
     model.add_argument("--tokenizer-dir", help="dir holding tokenizer.pkl (default: found beside the model)")
     model.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
-    model.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")
+    model.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on cuda and on CPUs "
+                                       "with bfloat16 instructions, AVX-512 BF16 or AMX; float32 on other CPUs)")
     model.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto")
     model.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     model.add_argument("--step-timing", action="store_true",

@@ -37,9 +37,9 @@ from .router import Router
 
 RELEASE_WAIT_S = 10.0  # how long a killed actor's CPUs or GPU may take to come free
 DEFAULT_STEP_BUDGET_S = 0.25  # engine time per replica call: short for a live bar, long next to a call's cost
-# calls queued at a replica: with one, it idled while its answer went to the driver and
-# the next call came back (two 1-thread replicas on 2 cores, 0.1 s slices: 1.51-1.54x one
-# engine with one call queued, 1.48-1.68x with two; 1.60-1.75x with two and 0.25 s slices)
+# calls queued at a replica: with one, it idles while its answer goes to the driver and
+# the next call comes back; with two, the next call is already waiting (measurements in
+# docs/scale-out.md)
 CALLS_IN_FLIGHT = 2
 
 

@@ -18,9 +18,8 @@ import numpy as np
 import torch
 
 # On CPU, the KV bytes written at start-up (the lowest blocks, which the block manager
-# hands out first): a first write's page faults cost up to ~2.7 s per GiB on a VM, which
-# the first generate of a fresh process would otherwise pay (measured: 0.86x the steady
-# tok/s without, 0.96-0.97x with, for 0-0.2 s of start-up)
+# hands out first): a first write to a page costs a page fault, which the first generate
+# of a fresh process would otherwise pay (measurements in docs/performance.md)
 PREWRITTEN_CPU_KV_BYTES = 128 * 2**20
 
 
