@@ -18,6 +18,9 @@ from .unsupported import check_arguments
 from .validation import check_bool, check_int, check_type
 
 ENGINE_SETTINGS = {f.name for f in fields(EngineConfig)} - {"model", "tokenizer"}
+# named for typo suggestions when an unknown keyword comes with vLLM's others
+GENERATE_PARAMS = ("prompts", "sampling_params", "use_tqdm")
+CHAT_PARAMS = ("messages", "sampling_params", "use_tqdm", "add_generation_prompt", "continue_final_message")
 
 
 class LLM:
@@ -55,19 +58,33 @@ class LLM:
     # -- batch generation -------------------------------------------------------------
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate completions for all prompts; outputs come back in input order."""
+                 use_tqdm: bool = True, **vllm_only) -> list[RequestOutput]:
+        """Generate completions for all prompts; outputs come back in input order.
+
+        vLLM's further arguments (lora_request, priority, ...) are accepted at their defaults."""
+        check_arguments("LLM.generate", vllm_only, GENERATE_PARAMS, unsupported.GENERATE_ARGS)
         if not callable(use_tqdm):
             check_bool("use_tqdm", use_tqdm)
-        params = self._params_per_prompt(sampling_params, len(parsed := parse_prompts(prompts, self.tokenizer)))
+        parsed = parse_prompts(prompts, self.tokenizer)
+        params = self._params_per_prompt(sampling_params, len(parsed))
         # all checked before any is queued: all or nothing
         parsed = [(text, self._checked(token_ids, p)) for (text, token_ids), p in zip(parsed, params)]
         with self._lock:
             return self._run(parsed, params, use_tqdm)
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-             use_tqdm: bool = True) -> list[RequestOutput]:
-        """Reply to one conversation (a list of {'role', 'content'} dicts) or a list of them."""
+             use_tqdm: bool = True, *, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, **vllm_only) -> list[RequestOutput]:
+        """Reply to one conversation (a list of {'role', 'content'} dicts) or a list of them.
+
+        As in vLLM, add_generation_prompt=True starts a new assistant reply, while
+        continue_final_message=True (with add_generation_prompt=False) goes on with the
+        conversation's last, assistant, message. vLLM's other arguments (chat_template,
+        lora_request, tools, ...) are accepted at their defaults: nanochat's format is fixed.
+        """
+        check_arguments("LLM.chat", vllm_only, CHAT_PARAMS, unsupported.CHAT_ARGS)
+        check_bool("add_generation_prompt", add_generation_prompt)
+        check_bool("continue_final_message", continue_final_message)
         check_type("messages", messages, (list, tuple), "a conversation (a list of {'role': str, "
                    "'content': str} dicts) or a list of conversations")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
@@ -82,7 +99,8 @@ class LLM:
                         raise ValueError(f"{where} has no {key!r}: a message is a "
                                          "{'role': str, 'content': str} dict")
                     check_type(f"{where}'s {key}", message[key], str, "a str")
-        prompts = [{"prompt_token_ids": self.tokenizer.render_chat(c)} for c in conversations]
+        prompts = [{"prompt_token_ids": self.tokenizer.render_chat(c, add_generation_prompt, continue_final_message)}
+                   for c in conversations]
         outputs = self.generate(prompts, sampling_params, use_tqdm)
         for out in outputs:  # the rendered conversation, special tokens and all
             out.prompt = self.tokenizer.decode(out.prompt_token_ids, skip_special_tokens=False)

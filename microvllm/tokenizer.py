@@ -14,6 +14,7 @@ from pathlib import Path
 
 import tiktoken
 
+from . import unsupported
 from .tokenizer_json import TokenizerJson
 
 SPECIAL_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>",
@@ -65,6 +66,7 @@ def tokenizer_search_paths(model_dir: str | Path) -> list[Path]:
 
 
 TOKENIZER_FILES = ("tokenizer.pkl", "tokenizer.json")
+CHAT_TEMPLATE_PARAMS = ("conversation", "tokenize", "add_generation_prompt", "continue_final_message")
 
 
 class Tokenizer:
@@ -79,6 +81,19 @@ class Tokenizer:
         self.bos_id = self.special["<|bos|>"]
         # nanochat stops a reply at <|assistant_end|>, and a base model's text at <|bos|>
         self.eos_token_ids = frozenset({self.special["<|assistant_end|>"], self.bos_id})
+
+    # transformers' names, which vLLM code reads from get_tokenizer()
+    @property
+    def bos_token_id(self) -> int:
+        """<|bos|>, which starts every document and conversation."""
+        return self.bos_id
+
+    @property
+    def eos_token_id(self) -> int:
+        """<|assistant_end|>, the end of a chat reply, as the converted transformers
+        config names it first. Generation also stops at <|bos|> (a base model's next
+        document): eos_token_ids holds both."""
+        return self.special["<|assistant_end|>"]
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
@@ -120,10 +135,20 @@ class Tokenizer:
             token_ids = [t for t in token_ids if t not in self.special_ids]
         return self.encoding.decode(token_ids, errors="replace")
 
-    def render_chat(self, messages: list[dict]) -> list[int]:
-        """Token ids of a conversation, ending with <|assistant_start|> to prompt a reply."""
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False) -> list[int]:
+        """Token ids of a conversation in nanochat's chat format.
+
+        By default it ends with <|assistant_start|> to prompt a reply, so the last
+        message must be the user's. add_generation_prompt=False renders the turns as
+        they are, each closed; continue_final_message=True (with add_generation_prompt
+        False) leaves the last, assistant, message open for the model to go on with it.
+        """
         if not messages:
             raise ValueError("a conversation needs at least one message")
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("add_generation_prompt=True starts a new reply and continue_final_message=True "
+                             "continues the last one: set at most one of them")
         messages = list(messages)
         if messages[0].get("role") == "system":
             if len(messages) < 2 or messages[1].get("role") != "user":
@@ -141,7 +166,30 @@ class Tokenizer:
             ids.append(self.special[f"<|{role}_start|>"])
             ids += self.encoding.encode_ordinary(content)
             ids.append(self.special[f"<|{role}_end|>"])
-        if messages[-1]["role"] != "user":
-            raise ValueError("a conversation must end with a user message to prompt a reply")
-        ids.append(self.special["<|assistant_start|>"])
+        if add_generation_prompt:
+            if messages[-1]["role"] != "user":
+                raise ValueError("a conversation must end with a user message to prompt a reply (to continue "
+                                 "its last reply instead: add_generation_prompt=False, continue_final_message=True)")
+            ids.append(self.special["<|assistant_start|>"])
+        elif continue_final_message:
+            if messages[-1]["role"] != "assistant":
+                raise ValueError("continue_final_message=True continues an assistant message, but the "
+                                 "conversation ends with a user message")
+            ids.pop()  # its <|assistant_end|>
         return ids
+
+    def apply_chat_template(self, conversation, tokenize: bool = True, add_generation_prompt: bool = False,
+                            continue_final_message: bool = False, **hf_only):
+        """transformers' apply_chat_template, over render_chat: token ids, or with
+        tokenize=False the rendered text (special tokens as text). Its defaults are
+        transformers' (no generation prompt; LLM.chat adds one). A list of conversations
+        gives a list of results. nanochat's chat format is fixed: a chat_template, tools
+        and transformers' other arguments are refused unless they hold their defaults.
+        """
+        unsupported.check_arguments("apply_chat_template", hf_only, CHAT_TEMPLATE_PARAMS,
+                                    unsupported.CHAT_TEMPLATE_ARGS)
+        if conversation and isinstance(conversation[0], (list, tuple)):
+            return [self.apply_chat_template(c, tokenize, add_generation_prompt, continue_final_message)
+                    for c in conversation]
+        ids = self.render_chat(conversation, add_generation_prompt, continue_final_message)
+        return ids if tokenize else self.decode(ids, skip_special_tokens=False)

@@ -74,3 +74,38 @@ ADD_REQUEST_ARGS = {
     "tokenization_kwargs": ((None,), "prompts are tokenized as nanochat does"),
     "trace_headers": ((None,), "drop the argument"),
 }
+
+_FIXED_CHAT_FORMAT = "nanochat's chat format is fixed; conversations are rendered as nanochat renders them"
+_NO_LORA = "LoRA adapters are not supported"
+
+GENERATE_ARGS = {
+    "lora_request": ((None,), _NO_LORA),
+    "prompt_adapter_request": ((None,), "prompt adapters are not supported"),
+    "priority": ((None,), "requests are scheduled first come, first served"),
+    "guided_options_request": ((None,), "constrain tokens with allowed_token_ids, bad_words or logits_processors"),
+    "tokenization_kwargs": ((None,), "prompts are tokenized as nanochat does"),
+}
+
+# LLM.chat's, beyond add_generation_prompt and continue_final_message, which it takes
+CHAT_ARGS = {
+    "lora_request": ((None,), _NO_LORA),
+    "chat_template": ((None,), _FIXED_CHAT_FORMAT),
+    "chat_template_content_format": (("auto", "string"), "message content is a str"),
+    "chat_template_kwargs": ((None,), _FIXED_CHAT_FORMAT),
+    "tools": ((None,), "nanochat's chat format has no tool definitions"),
+    "mm_processor_kwargs": ((None,), "nanochat models take text only"),
+}
+
+# transformers' apply_chat_template's
+CHAT_TEMPLATE_ARGS = {
+    "chat_template": ((None,), _FIXED_CHAT_FORMAT),
+    "tools": ((None,), "nanochat's chat format has no tool definitions"),
+    "documents": ((None,), "put documents into the message content"),
+    "padding": ((False,), "ids come back unpadded, one list per conversation"),
+    "truncation": ((False,), "ids come back whole"),
+    "max_length": ((None,), "ids come back whole"),
+    "return_tensors": ((None,), "ids come back as a list of ints"),
+    "return_dict": ((False,), "ids come back as a list of ints"),
+    "return_assistant_tokens_mask": ((False,), "no mask is returned"),
+    "tokenizer_kwargs": ((None,), "text is tokenized as nanochat does"),
+}

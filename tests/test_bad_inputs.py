@@ -111,6 +111,16 @@ def test_bad_engine_settings(checkpoint_dir, kwargs, message):
         LLM(checkpoint_dir, **kwargs)
 
 
+def test_max_model_len_past_the_sequence_len_needs_the_override(checkpoint_dir, monkeypatch):
+    monkeypatch.delenv("MICROVLLM_ALLOW_LONG_MAX_MODEL_LEN", raising=False)
+    with pytest.raises(ValueError, match=r"max_model_len=65 is longer than the model's sequence_len=64 .*"
+                                         r"MICROVLLM_ALLOW_LONG_MAX_MODEL_LEN=1"):
+        LLM(checkpoint_dir, max_model_len=65)
+    assert LLM(checkpoint_dir, max_model_len=64).engine.max_model_len == 64
+    monkeypatch.setenv("MICROVLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # meant: allowed
+    assert LLM(checkpoint_dir, max_model_len=65, num_blocks=32).engine.max_model_len == 65
+
+
 def test_missing_checkpoint_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         LLM(tmp_path / "nope")

@@ -178,10 +178,21 @@ def test_failed_download_names_the_id(hub_cache, monkeypatch):
 
 
 def test_missing_path_lists_the_forms(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"does not exist; model takes a local checkpoint dir, a nanochat "
-                                                r"SOURCE\[:TAG\]"):
+    with pytest.raises(FileNotFoundError, match=r"b does not exist \(nor does .*a\); model takes a local "
+                                                r"checkpoint dir, a nanochat SOURCE\[:TAG\]"):
         LLM(str(tmp_path / "a" / "b"))
 
+
+@pytest.mark.parametrize("name", ["models/shakespeare-d5", "./shakespeare-d4"])
+def test_a_mistyped_relative_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch, name):
+    # vLLM habit: a relative path; ORG/NAME-shaped, but models/ is here and hub names start with no dot
+    monkeypatch.chdir(tmp_path)
+    write_checkpoint(tmp_path / "models" / "shakespeare-d4")
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # would say "pip install" if asked
+    with pytest.raises(FileNotFoundError, match=rf"model: {name} does not exist \(.* holds: "):
+        LLM(name)
+    with pytest.raises(FileNotFoundError, match=r"models holds: shakespeare-d4; did you mean 'models/shakespeare-d4'"):
+        resolve_model_dir("models/shakespeare-d5")
 
 
 def test_run_py_takes_the_same_forms(base_dir, capsys):

@@ -73,6 +73,14 @@ def test_unknown_model_dir(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_mistyped_relative_model_dir_lists_what_is_there():
+    result = run("--model", "models/shakespeare-d5")
+    assert result.returncode == 2
+    assert "models/shakespeare-d5 does not exist" in result.stderr
+    assert "did you mean 'models/shakespeare-d4'" in result.stderr
+    assert "pip install" not in result.stderr and "Traceback" not in result.stderr
+
+
 def test_checkpoint_meta_value_of_the_wrong_type_exits_2_with_one_line_message(tmp_path):
     bundled = REPO / "models" / "shakespeare-d4"
     meta = json.loads((bundled / "meta_001500.json").read_text())

@@ -2,8 +2,10 @@
 chat prompts, vLLM-only arguments refused by name, and SamplingParams' token shaping."""
 
 import pytest
+import torch
 
 from microvllm import LLM, RequestOutputKind, SamplingParams
+from microvllm.engine.config import EngineConfig
 
 PROMPT = [1, 2, 3, 4, 5]
 GREEDY = dict(temperature=0, max_tokens=12, ignore_eos=True)
@@ -83,6 +85,52 @@ def test_aborted_request_is_reported_with_finish_reason_abort(llm):
 def test_chat_outputs_carry_the_rendered_prompt(llm):
     out = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=2), use_tqdm=False)[0]
     assert out.prompt == "<|bos|><|user_start|>hi<|user_end|><|assistant_start|>"
+
+
+USER_HI = [{"role": "user", "content": "hi"}]
+
+
+def test_tokenizer_has_transformers_special_ids_and_apply_chat_template(llm):
+    tok = llm.get_tokenizer()
+    assert tok.bos_token_id == tok.special["<|bos|>"]
+    assert tok.eos_token_id == tok.special["<|assistant_end|>"] and tok.eos_token_id in tok.eos_token_ids
+    assert tok.apply_chat_template(USER_HI, add_generation_prompt=True) == tok.render_chat(USER_HI)
+    assert tok.apply_chat_template(USER_HI, tokenize=False) == "<|bos|><|user_start|>hi<|user_end|>"  # HF default
+    replied = USER_HI + [{"role": "assistant", "content": "yo"}]
+    assert tok.apply_chat_template(replied, tokenize=False, continue_final_message=True) == \
+        "<|bos|><|user_start|>hi<|user_end|><|assistant_start|>yo"
+    batch = tok.apply_chat_template([USER_HI, USER_HI], chat_template=None, tools=None)  # defaults are fine
+    assert batch == [tok.render_chat(USER_HI, add_generation_prompt=False)] * 2
+    with pytest.raises(ValueError, match=r"apply_chat_template\(chat_template='x'\) is not supported: "
+                                         r"nanochat's chat format is fixed"):
+        tok.apply_chat_template(USER_HI, chat_template="x")
+    with pytest.raises(TypeError, match="did you mean 'add_generation_prompt'"):
+        tok.apply_chat_template(USER_HI, add_generation_promt=True)
+
+
+def test_chat_and_generate_take_vllms_defaults_and_refuse_the_rest(llm):
+    params = SamplingParams(temperature=0, max_tokens=2)
+    plain = llm.chat(USER_HI, params, use_tqdm=False)[0]
+    same = llm.chat(USER_HI, params, use_tqdm=False, add_generation_prompt=True, chat_template=None,
+                    continue_final_message=False, lora_request=None, tools=None)[0]
+    assert same.outputs[0].token_ids == plain.outputs[0].token_ids
+    going_on = llm.chat(USER_HI + [{"role": "assistant", "content": "yo"}], params, use_tqdm=False,
+                        add_generation_prompt=False, continue_final_message=True)[0]
+    assert going_on.prompt.endswith("<|assistant_start|>yo")
+    assert llm.generate(PROMPT, params, use_tqdm=False, lora_request=None)[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match=r"LLM.chat\(chat_template='{{ x }}'\) is not supported: nanochat's"):
+        llm.chat(USER_HI, params, chat_template="{{ x }}")
+    with pytest.raises(ValueError, match=r"LLM.generate\(lora_request='a'\) is not supported: LoRA"):
+        llm.generate(PROMPT, params, lora_request="a")
+    with pytest.raises(ValueError, match="set at most one of them"):
+        llm.chat(USER_HI, params, continue_final_message=True)
+
+
+@pytest.mark.parametrize("dtype, want", [("half", torch.float16), ("float", torch.float32),
+                                         ("FLOAT32", torch.float32), ("bfloat16", torch.bfloat16),
+                                         (torch.float16, torch.float16)])
+def test_vllm_dtype_names_are_accepted(dtype, want):
+    assert EngineConfig(model="unused", dtype=dtype).resolve_dtype(torch.device("cpu")) is want
 
 
 @pytest.mark.parametrize("kwargs, message", [

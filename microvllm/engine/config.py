@@ -11,6 +11,8 @@ from ..model.quantization import QUANTIZATIONS
 from ..validation import check_bool, check_choice, check_int, check_real, check_type
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# vLLM's other names for them, so that its dtype="half" and dtype="float" carry over
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}
 # on CPU, by default: room for max_num_seqs full-length sequences, at most this much
 MAX_DEFAULT_CPU_KV_CACHE_MEMORY = 1024**3
 
@@ -50,7 +52,7 @@ class EngineConfig:
         if self.device is not None:
             check_type("device", self.device, (str, torch.device), "'cpu', 'cuda' or 'cuda:N' (a str)")
         if self.dtype is not None:
-            check_type("dtype", self.dtype, (str, torch.dtype), f"one of {sorted(DTYPES)}, 'auto' "
+            check_type("dtype", self.dtype, (str, torch.dtype), f"one of {_dtype_names()} "
                        "or the matching torch.dtype")
         if self.block_size is not None:
             self.block_size = check_int("block_size", self.block_size, 1)
@@ -96,15 +98,20 @@ class EngineConfig:
         return device
 
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
-        if self.dtype is None or self.dtype == "auto":
+        if self.dtype is None or (isinstance(self.dtype, str) and self.dtype.lower() == "auto"):
             # float32 on CPUs without bfloat16 instructions: their bfloat16 matmuls are slower
             native = device.type == "cuda" or (device.type == "cpu" and native_bfloat16())
             return torch.bfloat16 if native else torch.float32
         if isinstance(self.dtype, torch.dtype) and self.dtype in DTYPES.values():
             return self.dtype
-        if self.dtype in DTYPES:
-            return DTYPES[self.dtype]
-        raise ValueError(f"unknown dtype {self.dtype!r}; use one of {sorted(DTYPES)} or 'auto'")
+        name = self.dtype.lower() if isinstance(self.dtype, str) else self.dtype  # as vLLM: any case
+        if name in DTYPES or name in DTYPE_ALIASES:
+            return DTYPES[DTYPE_ALIASES.get(name, name)]
+        raise ValueError(f"unknown dtype {self.dtype!r}; use one of {_dtype_names()}")
+
+
+def _dtype_names() -> str:
+    return ", ".join(repr(n) for n in ["auto", *sorted(DTYPES), *DTYPE_ALIASES])
 
 
 def _check_path(name: str, value) -> str:

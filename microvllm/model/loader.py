@@ -6,6 +6,7 @@ A checkpoint dir holds `model_{step:06d}.pt` (a state dict) and `meta_{step:06d}
 """
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from .gpt import GPT
 # keys of short-lived nanochat prototypes whose forward math was never released
 PROTOTYPE_KEY_MARKERS = ("v0_lambdas", "value_embed_A", "value_embed.", "bigram")
 REQUIRED_CONFIG_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+# set to 1 to run past the trained length anyway (vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN)
+ALLOW_LONG_MAX_MODEL_LEN = "MICROVLLM_ALLOW_LONG_MAX_MODEL_LEN"
 
 
 def find_checkpoint(model_dir: str | Path, step: int | None = None) -> tuple[Path, Path, int]:
@@ -140,9 +143,27 @@ def load_model(model_dir: str | Path, step: int | None = None, dtype: torch.dtyp
 
 def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
                 device: str | torch.device = "cpu", max_positions: int | None = None) -> GPT:
-    """The GPT of a state dict in nanochat's names, whatever file form it was read from."""
+    """The GPT of a state dict in nanochat's names, whatever file form it was read from.
+
+    `max_positions` is the engine's max_model_len: the longest sequence served.
+    """
+    check_max_model_len(max_positions, config)
     with torch.device("meta"):
         model = GPT(config, max_positions)
     check_keys(model, state_dict)
     model.load_state_dict(state_dict, assign=True)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def check_max_model_len(max_model_len: int | None, config: ModelConfig) -> None:
+    """Refuses a max_model_len past the model's sequence_len, as vLLM does: the model never
+    saw those positions, so what it generates there is untested, and a typo (an extra zero)
+    would otherwise also size the KV cache and CUDA graphs for lengths nobody wanted."""
+    if max_model_len is None or max_model_len <= config.sequence_len:
+        return
+    if os.environ.get(ALLOW_LONG_MAX_MODEL_LEN, "").strip().lower() in ("1", "true"):
+        return
+    raise ValueError(f"max_model_len={max_model_len} is longer than the model's sequence_len="
+                     f"{config.sequence_len} (the length it was trained on): use max_model_len <= "
+                     f"{config.sequence_len}, or leave it unset; to run past it anyway, set "
+                     f"{ALLOW_LONG_MAX_MODEL_LEN}=1")

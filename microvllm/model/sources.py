@@ -9,11 +9,15 @@
   (d20, ...), under `$NANOCHAT_BASE_DIR` (default ~/.cache/nanochat). Without a TAG
   the largest model of that phase, as nanochat picks it;
 - `ORG/NAME`, a Hugging Face hub repo: read from the local hub cache when it is
-  there, otherwise downloaded, unless HF_HUB_OFFLINE=1 forbids it.
+  there, otherwise downloaded, unless HF_HUB_OFFLINE=1 forbids it. A name of that form
+  that starts with a dot, or whose ORG is a local directory (`models/shakespeare-d5`
+  run where `models/` exists), is a path: a mistyped one says it does not exist
+  instead of sending the typo to the hub.
 Every form becomes one local dir, then one state dict + ModelConfig + Tokenizer, and
 only then a GPT: the engine never knows which form it was given.
 """
 
+import difflib
 import os
 import re
 from pathlib import Path
@@ -93,9 +97,28 @@ def resolve_model_dir(model: str | Path, revision: str | None = None, step: int 
     name = str(model)
     if match := SOURCE_FORM.fullmatch(name):
         return nanochat_checkpoint_dir(*match.groups())
-    if HUB_ID_FORM.fullmatch(name):
+    if HUB_ID_FORM.fullmatch(name) and not _path_like(name):
         return hub_snapshot_dir(name, revision, step)
-    raise FileNotFoundError(f"model: {name} does not exist; model takes {FORMS}")
+    raise FileNotFoundError(f"model: {name} does not exist{_nearby(path)}; model takes {FORMS}")
+
+
+def _path_like(name: str) -> bool:
+    """Whether an ORG/NAME-shaped name means a local path: hub names never start with a dot
+    ('./x', '../x'), and an ORG that is a local dir says the user meant what lies in it."""
+    return name.startswith(".") or Path(name.split("/")[0]).is_dir()
+
+
+def _nearby(path: Path) -> str:
+    """What the missing path's parent holds, the closest name first, to show a typo."""
+    parent = path.parent
+    if not parent.is_dir():
+        return f" (nor does {parent})"
+    where = f"the current directory ({Path.cwd()})" if str(parent) == "." else str(parent)
+    entries = sorted(p.name for p in parent.iterdir() if not p.name.startswith("."))
+    close = difflib.get_close_matches(path.name, entries, n=1, cutoff=0.5)
+    shown = ", ".join(entries[:20]) + (f", ... ({len(entries)} in all)" if len(entries) > 20 else "")
+    return (f" ({where} holds: {shown or 'nothing'}"
+            + (f"; did you mean {str(parent / close[0])!r}?)" if close else ")"))
 
 
 def detect_format(model_dir: Path, step: int | None = None) -> str:
