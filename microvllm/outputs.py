@@ -19,6 +19,8 @@ class CompletionOutput:
     logprobs: list[dict[int, Logprob]] | None
     finish_reason: str | None = None   # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or string; None for EOS
+    # per token: 1 sampled, 0 forced by a tool (nanochat's masks)
+    token_masks: list[int] | None = None
 
     def finished(self) -> bool:
         return self.finish_reason is not None

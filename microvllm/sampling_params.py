@@ -48,6 +48,8 @@ class _SamplingFields:
     allowed_token_ids: list[int] | None = None  # the only tokens that may be generated
     logits_processors: list[Callable] | None = None  # f(output_ids, logits) or f(prompt_ids, output_ids, logits)
     output_kind: RequestOutputKind | None = None  # None = the entry point's: see RequestOutputKind
+    # nanochat's tool calls: "auto" = its calculator, None = off, or f(expression) -> str | None
+    tools: str | Callable | None = "auto"
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
     shapes_logits: bool = field(init=False, repr=False)  # any of the three above set
 
@@ -114,6 +116,9 @@ class _SamplingFields:
             if not callable(f):
                 raise TypeError(f"logits_processors entries must be callables, got {f!r}")
             logits_processor_arity(f)
+        if not (self.tools is None or self.tools == "auto" or callable(self.tools)):
+            raise TypeError(f"tools must be 'auto' (nanochat's calculator), None (no tools) or a "
+                            f"callable from the expression text to the text to force (or None), got {self.tools!r}")
         if self.output_kind is not None and not isinstance(self.output_kind, RequestOutputKind):
             raise TypeError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
 

@@ -57,7 +57,7 @@ class BeamSearch:
         self.eos_token_ids = engine.tokenizer.eos_token_ids
         # EOS and max_tokens are the search's business, not the engine's
         self.sampling_params = SamplingParams(temperature=params.temperature, max_tokens=None,
-                                              ignore_eos=True, logprobs=2 * params.beam_width)
+                                              ignore_eos=True, logprobs=2 * params.beam_width, tools=None)
         self.prompts: list[_Prompt] = []
 
     def add(self, prompt: str | None, prompt_token_ids: list[int]) -> None:

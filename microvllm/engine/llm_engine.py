@@ -29,6 +29,7 @@ from ..model.quantization import quantize_linears
 from ..model.sources import load_model_and_tokenizer
 from ..outputs import Logprob, RequestOutput
 from ..sampling_params import RequestOutputKind, SamplingParams
+from ..tools import ToolCalls
 from . import logits_processors
 from .block_manager import BlockManager
 from .config import EngineConfig
@@ -133,6 +134,7 @@ class LLMEngine:
         request.output_kind = output_kind
         if params.bad_words:
             logits_processors.prepare(request, self.tokenizer)
+        request.tool_calls = ToolCalls.for_request(params.tools, self.tokenizer)
         base_seed = self._seed_rng.getrandbits(63) if params.seed is None else params.seed
         for index in range(params.n):
             seed = xxhash.xxh64_intdigest(f"{base_seed}:{index}".encode()) >> 1  # fits int64

@@ -31,6 +31,7 @@ class TokenUpdate:
     logprob_entry: dict[int, Logprob] | None = None
     text: str | None = None           # the output decoded so far, where stop strings are watched
     finish: tuple | None = None       # (finish_reason, stop_reason)
+    forced: list[int] | None = None   # a tool's answer, appended after the sampled token
 
 
 @dataclass
@@ -45,6 +46,7 @@ class OutputProcessor:
         self.scheduler = scheduler            # finishing a sequence frees its blocks
         self.max_model_len = max_model_len
         self.eos_token_ids = tokenizer.eos_token_ids
+        self.python_end = tokenizer.special["<|python_end|>"]  # the token that ends a tool call
         self.requests: dict[str, Request] = {}  # unfinished, by id
         # requests whose outputs the next take_outputs() returns (finished, or streamed and advanced)
         self._due: dict[str, Request] = {}
@@ -83,11 +85,13 @@ class OutputProcessor:
         updates = [None] * len(result.sampled_seqs)
         for row, item in enumerate(result.sampled_seqs):
             seq, token = item.seq, sampled.token_ids[row]
-            p = seq.params
-            text = self._text_with(seq, token) if p.stop_strings else None
-            finish, text = self._stop(seq, token, text)
-            if finish is not None or text is not None or p.logprobs is not None:
-                update = updates[row] = TokenUpdate(seq, text=text, finish=finish)
+            p, forced = seq.params, None
+            if token == self.python_end and seq.request.tool_calls is not None:
+                forced = self._tool_answer(seq, token)
+            text = self._text_with(seq, token, forced) if p.stop_strings else None
+            finish, text = self._stop(seq, token, text, len(forced) if forced else 0)
+            if finish is not None or text is not None or forced or p.logprobs is not None:
+                update = updates[row] = TokenUpdate(seq, text=text, finish=finish, forced=forced)
                 if p.logprobs is not None:
                     update.logprob = sampled.logprobs.logprobs[row]
                     update.logprob_entry = self._logprob_entry(sampled.logprobs, row, token)
@@ -114,6 +118,12 @@ class OutputProcessor:
         if update.logprob_entry is not None:
             seq.cumulative_logprob += update.logprob
             seq.logprobs.append(update.logprob_entry)
+        if update.forced:
+            start = seq.num_output_tokens
+            seq.token_ids += update.forced
+            seq.forced_spans.append((start, start + len(update.forced)))
+            if seq.logprobs is not None:  # forced tokens were not sampled: no log-probs
+                seq.logprobs += [None] * len(update.forced)
         if update.text is not None:
             seq.text = update.text
         if update.finish is not None:
@@ -125,10 +135,11 @@ class OutputProcessor:
 
     # -- the stop rules -----------------------------------------------------------------
 
-    def _stop(self, seq: Sequence, token: int, text: str | None) -> tuple[tuple | None, str | None]:
-        """((finish_reason, stop_reason) if `token` ends `seq`, else None; the output text,
-        cut after a stop string). Called for every sampled row: the common case returns
-        after a few comparisons."""
+    def _stop(self, seq: Sequence, token: int, text: str | None, num_forced: int = 0
+              ) -> tuple[tuple | None, str | None]:
+        """((finish_reason, stop_reason) if `token` (and the `num_forced` tokens a tool
+        forces after it) end `seq`, else None; the output text, cut after a stop string).
+        Called for every sampled row: the common case returns after a few comparisons."""
         p = seq.params
         num_output_tokens = len(seq.token_ids) + 1 - seq.num_prompt_tokens
         if num_output_tokens >= p.min_tokens:
@@ -141,12 +152,22 @@ class OutputProcessor:
                 stop = self._stop_string(seq, text)
                 if stop is not None:
                     return ("stop", stop[0]), stop[1]
+        num_output_tokens += num_forced  # _tool_answer keeps them within both limits
         if num_output_tokens == p.max_tokens or num_output_tokens + seq.num_prompt_tokens >= self.max_model_len:
             return ("length", None), text
         return None, text
 
-    def _text_with(self, seq: Sequence, token: int) -> str:
-        return self.tokenizer.decode(seq.output_token_ids + [token], seq.params.skip_special_tokens)
+    def _text_with(self, seq: Sequence, token: int, forced: list[int] | None) -> str:
+        return self.tokenizer.decode(seq.output_token_ids + [token] + (forced or []), seq.params.skip_special_tokens)
+
+    def _tool_answer(self, seq: Sequence, token: int) -> list[int]:
+        """The tokens a tool forces after `token`, cut to what max_tokens and max_model_len
+        leave (they count toward both, as nanochat counts them)."""
+        forced = seq.request.tool_calls.forced_tokens(seq.output_token_ids + [token], self.tokenizer)
+        room = self.max_model_len - len(seq.token_ids) - 1
+        if seq.params.max_tokens is not None:
+            room = min(room, seq.params.max_tokens - seq.num_output_tokens - 1)
+        return forced[:max(room, 0)]
 
     @staticmethod
     def _stop_string(seq: Sequence, text: str) -> tuple[str, str] | None:
@@ -186,13 +207,13 @@ class OutputProcessor:
             p = seq.params
             text = seq.text if p.stop_strings and seq.finish_reason == "stop" and isinstance(seq.stop_reason, str) \
                 else self.tokenizer.decode(seq.output_token_ids, p.skip_special_tokens) if p.detokenize else ""
-            token_ids, logprobs = seq.output_token_ids, seq.logprobs
+            token_ids, logprobs, masks = seq.output_token_ids, seq.logprobs, seq.output_token_masks
             if delta:
-                text, token_ids, logprobs = self._delta(seq, text, token_ids, logprobs)
+                text, token_ids, logprobs, masks = self._delta(seq, text, token_ids, logprobs, masks)
             completions.append(CompletionOutput(
                 seq.index, text, token_ids, seq.cumulative_logprob,
                 None if logprobs is None else list(logprobs),  # a streamed copy stays as it was
-                seq.finish_reason, seq.stop_reason))
+                seq.finish_reason, seq.stop_reason, masks))
         return RequestOutput(
             request.request_id, request.prompt, request.prompt_token_ids, request.prompt_logprobs,
             completions, request.is_finished,
@@ -200,7 +221,7 @@ class OutputProcessor:
             max(request.sequences[0].num_cached_tokens, 0))
 
     @staticmethod
-    def _delta(seq: Sequence, text: str, token_ids: list[int], logprobs) -> tuple:
+    def _delta(seq: Sequence, text: str, token_ids: list[int], logprobs, masks: list[int]) -> tuple:
         """What a DELTA stream has not sent of `seq` yet; marks it sent. A trailing partial
         UTF-8 character waits until it is whole, unless the sequence has finished."""
         sent_tokens, sent_chars = seq.num_streamed_tokens, seq.num_streamed_chars
@@ -208,4 +229,4 @@ class OutputProcessor:
             text = text.rstrip("\ufffd")
         seq.num_streamed_tokens, seq.num_streamed_chars = len(token_ids), max(len(text), sent_chars)
         return (text[sent_chars:], token_ids[sent_tokens:],
-                None if logprobs is None else logprobs[sent_tokens:])
+                None if logprobs is None else logprobs[sent_tokens:], masks[sent_tokens:])

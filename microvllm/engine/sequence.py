@@ -45,6 +45,8 @@ class Sequence:
     finish_reason: str | None = None    # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     text: str = ""
+    # output index ranges [start, end) of tokens a tool forced
+    forced_spans: list[tuple[int, int]] = field(default_factory=list)
     num_streamed_tokens: int = 0        # of the output, sent by a DELTA stream so far
     num_streamed_chars: int = 0
     params: SamplingParams = field(init=False, repr=False)  # the request's; read on every step
@@ -75,6 +77,13 @@ class Sequence:
     def prompt_is_computed(self) -> bool:
         return self.num_computed_tokens >= self.num_prompt_tokens
 
+    @property
+    def output_token_masks(self) -> list[int]:
+        masks = [1] * self.num_output_tokens
+        for start, end in self.forced_spans:
+            masks[start:end] = [0] * (end - start)
+        return masks
+
 
 @dataclass(eq=False)
 class Request:
@@ -89,6 +98,7 @@ class Request:
     prompt_logprobs: list[dict | None] | None = None
     bad_word_ids: list[tuple[int, ...]] = field(default_factory=list)  # see logits_processors.py
     output_kind: object = None          # a RequestOutputKind: what step() reports as it runs
+    tool_calls: object = None           # a tools.ToolCalls where the request uses tools
 
     @property
     def is_finished(self) -> bool:
