@@ -1,12 +1,15 @@
-"""Tiny random nanochat checkpoints and tokenizers, written in nanochat's file format.
+"""Tiny random nanochat checkpoints and tokenizers, written in nanochat's file format
+(and read back for the reference forward).
 
 The writing is benchmarks.random_checkpoint's; this file picks the tests' defaults: a
 265-token byte tokenizer and a 4-layer era-E model with sequence_len 64.
 """
 
+import json
 from pathlib import Path
 
 import tiktoken
+import torch
 
 from benchmarks.random_checkpoint import MIN_VOCAB_SIZE, random_state_dict, save_checkpoint, tokenizer_with_vocab
 from microvllm.model.config import ModelConfig
@@ -29,3 +32,10 @@ def write_checkpoint(directory: Path, era: str = "E", step: int = 100, seq_len: 
     if compiled_prefix:
         state = {"_orig_mod." + k: v for k, v in state.items()}
     return save_checkpoint(directory, step, model_config, state, byte_tokenizer() if tokenizer else None)
+
+
+def load_reference(directory):
+    """(state dict, model_config) of the checkpoint in directory, for reference.py's forwards."""
+    sd = torch.load(next(directory.glob("model_*.pt")), weights_only=True)
+    cfg = json.loads(next(directory.glob("meta_*.json")).read_text())["model_config"]
+    return sd, cfg

@@ -17,6 +17,13 @@ from microvllm.engine.cpu_threads import apply_cpu_threads  # noqa: E402
 apply_cpu_threads(None)
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: takes seconds here (Ray clusters, subprocesses of run.py and the benchmark "
+        "script, many-example property tests, transformers, Triton's interpreter through whole "
+        "engines); `pytest -m \"not slow\" tests` runs the quick core")
+
+
 # the files whose tests are meant for a real GPU; every other test runs on the CPU
 GPU_TEST_FILES = {"test_cuda.py"}
 

@@ -1,7 +1,7 @@
 """Greedy and seeded outputs do not depend on batching, caching, chunking or preemption."""
 
 import pytest
-from completions import completions, make_prompts
+from helpers import completions, make_prompts
 
 from microvllm import LLM, SamplingParams
 

@@ -4,15 +4,13 @@ import pytest
 import torch
 
 from benchmarks.random_checkpoint import save_checkpoint
-from checkpoints import byte_tokenizer
-from completions import GREEDY, Completion, completions
+from checkpoints import byte_tokenizer, load_reference
+from helpers import GREEDY, Completion, completions, with_decode_graphs
 from microvllm import LLM, BeamSearchParams, SamplingParams
 from microvllm.engine.block_manager import BlockManager
 from microvllm.engine.kv_cache import PagedKVCache
 from microvllm.engine.sequence import Request, Sequence
 from reference import reference_beam_search
-from test_decode_graphs import with_decode_graphs
-from test_model_matches_reference import load_reference
 
 PROMPTS = [[256, 10, 20, 30], [256] + list(range(40, 57)), [256, 7]]  # 4, 18 and 2 tokens
 

@@ -205,6 +205,7 @@ def run_script(*args, cwd):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # a subprocess
 def test_script_runs_synthetic_end_to_end(checkpoint_dir, tmp_path):
     out = run_script("--model-dir", str(checkpoint_dir), "--synthetic", "--num-prompts", "4",
                      "--max-tokens", "4", "--prompt-len-range", "4", "12", "--output-json", "out.json",

@@ -31,6 +31,7 @@ def test_a_failing_build_warns_with_the_compiler_output_and_falls_back(fresh_ker
     assert "-no-such-flag" in caplog.text
 
 
+@pytest.mark.slow  # compiles the kernel into an empty cache
 def test_a_built_library_is_reused_from_the_cache(fresh_kernel_cache, monkeypatch):
     assert load_library() is not None
     assert len(list(fresh_kernel_cache.glob("cpu_kernels_*.so"))) == 1

@@ -12,8 +12,8 @@ import gc
 
 import pytest
 import torch
-from completions import make_prompts, varied_lengths
-from paged_steps import MIXED_CONTEXT_LENS, MIXED_QUERY_LENS, compare_backends, compare_decode_twin
+from helpers import (MIXED_CONTEXT_LENS, MIXED_QUERY_LENS, compare_backends, compare_decode_twin, make_prompts,
+                     varied_lengths)
 
 from benchmarks.gpu_targets import release_engine_memory
 from microvllm import LLM, SamplingParams

@@ -10,38 +10,12 @@ import logging
 
 import pytest
 import torch
-from completions import completions, make_prompts, varied_lengths
-from paged_steps import compare_decode_twin
+from helpers import compare_decode_twin, completions, make_prompts, varied_lengths, with_decode_graphs
 
 from microvllm import LLM, SamplingParams
 from microvllm.engine.cuda_graphs import DecodeGraphs, capture_batch_sizes
 from microvllm.engine.llm_engine import uses_decode_graphs
 from microvllm.model.attention import SdpaDecodeAttention
-
-
-class CountingCapture:
-    """Records nothing: a replay runs the forward again and writes the result into the
-    output of the first run, as a graph replay overwrites its captured output."""
-
-    def __init__(self):
-        self.replays = {}
-
-    def __call__(self, forward):
-        output = forward()
-
-        def replay():
-            output.copy_(forward())
-            self.replays[len(output)] = self.replays.get(len(output), 0) + 1
-            return output
-        return replay
-
-
-def with_decode_graphs(llm: LLM) -> CountingCapture:
-    engine, capture = llm.engine, CountingCapture()
-    engine.runner.decode_graphs = DecodeGraphs(
-        engine.model, engine.kv_cache, engine.runner.attention_backend.decode,
-        engine.config.max_num_seqs, engine.max_model_len, engine.device, capture)
-    return capture
 
 
 @pytest.mark.parametrize("max_num_seqs, sizes", [
@@ -102,6 +76,7 @@ def test_seeded_sampling_through_graphs_matches_eager_steps(checkpoint_dir):
     assert completions(llm, prompts, params) == eager
 
 
+@pytest.mark.slow  # long decodes in Triton's interpreter
 def test_triton_decode_twin_through_graphs_matches_eager_steps(windowed_checkpoint, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when triton is first imported
     pytest.importorskip("triton")

@@ -9,6 +9,7 @@ import pytest
 from microvllm import LLM, SamplingParams
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # each test starts or shares a local Ray cluster
 
 from microvllm.distributed import Router  # noqa: E402
 from microvllm.ray_data import LLMPredictor  # noqa: E402

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import fake_flash_attn
 from microvllm.model.attention import FlashDecodeAttention, FlashPagedAttention, resolve_attention_backend
-from paged_steps import MIXED_CONTEXT_LENS, MIXED_QUERY_LENS, as_decode_view, compare_backends, compare_decode_twin
+from helpers import MIXED_CONTEXT_LENS, MIXED_QUERY_LENS, as_decode_view, compare_backends, compare_decode_twin
 
 pytestmark = pytest.mark.usefixtures("fake_flash_attn_installed")
 

@@ -14,8 +14,7 @@ import sys
 
 import pytest
 import torch
-from completions import make_prompts
-from test_decode_graphs import with_decode_graphs
+from helpers import make_prompts, with_decode_graphs
 from torch.overrides import TorchFunctionMode
 
 import fake_flash_attn

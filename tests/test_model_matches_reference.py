@@ -1,22 +1,14 @@
 """Every era's greedy tokens and log-probs equal a plain full-recompute forward."""
 
-import json
-
 import pytest
-import torch
 
+from checkpoints import load_reference
 from microvllm import LLM, SamplingParams
 from reference import reference_greedy, reference_logits
 
 # D and E only slide their short windows beyond 128 tokens, so they get a longer context
 ERA_SHAPES = {"A": dict(seq_len=64), "B": dict(seq_len=64), "C": dict(seq_len=64),
               "D": dict(seq_len=256), "E": dict(seq_len=256)}
-
-
-def load_reference(directory):
-    sd = torch.load(next(directory.glob("model_*.pt")), weights_only=True)
-    cfg = json.loads(next(directory.glob("meta_*.json")).read_text())["model_config"]
-    return sd, cfg
 
 
 @pytest.mark.parametrize("era", sorted(ERA_SHAPES))

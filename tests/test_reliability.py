@@ -51,6 +51,7 @@ def test_keyboard_interrupt_inside_generate_leaves_engine_usable(checkpoint_dir,
     assert llm.generate([[7, 8, 9]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == expected
 
 
+@pytest.mark.slow
 def test_preemption_storm_300_requests_through_a_cache_for_4(checkpoint_dir):
     rng = random.Random(1)
     prompts = [[rng.randrange(256) for _ in range(rng.randrange(4, 40))] for _ in range(300)]

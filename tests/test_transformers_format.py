@@ -14,6 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 pytest.importorskip("tokenizers")
+pytestmark = pytest.mark.slow  # transformers models and conversions
 
 from benchmarks.random_checkpoint import tokenizer_with_vocab  # noqa: E402
 from checkpoints import write_checkpoint  # noqa: E402

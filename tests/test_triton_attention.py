@@ -2,47 +2,26 @@
 
 Runs on CPU in Triton's interpreter, so shapes stay tiny. TRITON_INTERPRET=1 is read
 when the kernel is decorated (at import) and by the backend check, so it is set for
-the import and for this module's tests only.
+the import and for this module's tests only. Its mixed batches are held to SDPA with
+the other backends' in test_attention_backends.py.
 """
-
-import os
 
 import pytest
 import torch
 
+from helpers import (TRITON_MIXED_CONTEXT_LENS, TRITON_MIXED_QUERY_LENS, compare_backends, compare_decode_twin,
+                     import_triton_attention)
 from microvllm import LLM, SamplingParams
 from microvllm.model.attention import resolve_attention_backend
-from paged_steps import HEAD_SHAPES, compare_backends, compare_decode_twin
 
-_saved_interpret = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
-    pytest.importorskip("triton")
-    from microvllm.model.triton_attention import TritonDecodeAttention, TritonPagedAttention
-finally:
-    if _saved_interpret is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved_interpret
-
-# decodes first, then prefill chunks: one from scratch, two resuming mid-sequence after
-# a cached prefix; the long ones span several query tiles and key tiles
-MIXED_QUERY_LENS = [1, 1, 5, 40, 70]
-MIXED_CONTEXT_LENS = [9, 75, 12, 110, 70]
+triton_attention = import_triton_attention()  # skips this module where triton is missing
+TritonDecodeAttention, TritonPagedAttention = (triton_attention.TritonDecodeAttention,
+                                               triton_attention.TritonPagedAttention)
 
 
 @pytest.fixture(autouse=True)
 def interpret_triton(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-@pytest.mark.parametrize("block_size", [1, 4, 16])
-@pytest.mark.parametrize(**HEAD_SHAPES)
-@pytest.mark.parametrize("window", [None, 5])
-def test_mixed_batch_matches_sdpa(block_size, n_head, n_kv_head, head_dim, window):
-    got, want = compare_backends(TritonPagedAttention, MIXED_QUERY_LENS, MIXED_CONTEXT_LENS,
-                                 block_size, n_head, n_kv_head, head_dim, window)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("window", [None, 20])
@@ -58,8 +37,8 @@ def test_decode_twin_matches_sdpa(window):
 
 
 def test_float16_cache_matches_sdpa():
-    got, want = compare_backends(TritonPagedAttention, MIXED_QUERY_LENS, MIXED_CONTEXT_LENS, 16, 4, 2,
-                                 16, None, dtype=torch.float16)
+    got, want = compare_backends(TritonPagedAttention, TRITON_MIXED_QUERY_LENS, TRITON_MIXED_CONTEXT_LENS, 16,
+                                 4, 2, 16, None, dtype=torch.float16)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
 
 

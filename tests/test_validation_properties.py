@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from microvllm import LLM, SamplingParams
 from microvllm.engine.config import EngineConfig
 
+pytestmark = pytest.mark.slow  # many hypothesis examples, some through an engine
+
 # a shared machine can stall any draw: no deadlines or speed health checks
 QUICK = settings(max_examples=60, deadline=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
