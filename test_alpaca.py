@@ -27,7 +27,7 @@ from benchmarks.workloads import (HF_ALPACA, BenchRequest, DatasetUnavailableErr
                                   few_shot_text, load_alpaca_file, load_hf_alpaca, random_tokens,
                                   synthetic_requests, with_shared_prefix)
 from microvllm.engine.config import EngineConfig
-from microvllm.engine.cpu_threads import apply_cpu_threads
+from microvllm.cpu.threads import apply_cpu_threads
 from microvllm.model.attention import ATTENTION_BACKENDS
 from microvllm.tokenizer import Tokenizer
 

@@ -30,6 +30,7 @@ import torch
 
 from microvllm import LLM, SamplingParams
 from microvllm.engine.config import EngineConfig
+from microvllm.platform import platform_for
 from microvllm.model.config import ModelConfig
 from microvllm.tokenizer import Tokenizer
 
@@ -210,7 +211,7 @@ def main(argv=None):
     try:  # as the engine will, and before a bad flag costs a checkpoint write
         engine_config = EngineConfig(str(args.checkpoint_dir), device=args.device, dtype=args.dtype)
         device = engine_config.resolve_device()
-        dtype = str(engine_config.resolve_dtype(device)).removeprefix("torch.")
+        dtype = str(engine_config.resolve_dtype(platform_for(device).default_dtype())).removeprefix("torch.")
     except ValueError as e:
         parser.error(str(e))
     ensure_checkpoint(args.checkpoint_dir, shape)

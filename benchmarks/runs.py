@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from microvllm import LLM, SamplingParams
 from microvllm.engine.config import EngineConfig
+from microvllm.platform import platform_for
 from microvllm.engine.stats import EngineStats
 from microvllm.model.loader import find_checkpoint, load_model, read_model_config_dict
 from microvllm.tokenizer import Tokenizer
@@ -76,7 +77,7 @@ def run_no_cache(model_dir: str, tokenizer_dir: str | None, requests: list[Bench
                  device: str | None = None, use_tqdm: bool = False) -> RunSummary:
     config = EngineConfig(model=model_dir, device=device)
     torch_device = config.resolve_device()
-    model = load_model(model_dir, dtype=config.resolve_dtype(torch_device), device=torch_device)
+    model = load_model(model_dir, dtype=config.resolve_dtype(platform_for(torch_device).default_dtype()), device=torch_device)
     eos = frozenset() if ignore_eos else Tokenizer.find(model_dir, tokenizer_dir).eos_token_ids
     start = time.perf_counter()
     result = generate_without_cache(model, [r.prompt_token_ids for r in requests],

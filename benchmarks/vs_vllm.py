@@ -146,7 +146,7 @@ def in_subprocess(python: str, engine: str, model_dir: Path, workload_file: Path
 
 def cpu_features() -> str:
     """The vector extensions that decide bf16 speed: vLLM's default dtype is bf16."""
-    from microvllm.model.cpu_kernels import cpu_flags
+    from microvllm.cpu.kernels import cpu_flags
     flags = cpu_flags()
     if not flags:
         return "features unknown"

@@ -2,6 +2,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 TESTS = Path(__file__).resolve().parent
 # the tests' helpers, and the repository root for `benchmarks` and test_alpaca.py
@@ -10,7 +11,7 @@ sys.path[:0] = [str(TESTS), str(TESTS.parent)]
 import fake_flash_attn  # noqa: E402
 from checkpoints import write_checkpoint  # noqa: E402
 
-from microvllm.engine.cpu_threads import apply_cpu_threads  # noqa: E402
+from microvllm.cpu.threads import apply_cpu_threads  # noqa: E402
 
 # the reference forwards run before any engine is built: give them the engine's thread
 # count too ($OMP_NUM_THREADS when set), not torch's one per core, which stalls on a busy machine
@@ -66,7 +67,7 @@ def windowed_checkpoint(make_checkpoint):
 @pytest.fixture
 def fresh_kernel_cache(tmp_path, monkeypatch):
     """An empty CPU kernel cache, and load_library forgetting what it found before (and after)."""
-    from microvllm.model.cpu_kernels import load_library
+    from microvllm.cpu.kernels import load_library
     monkeypatch.setenv("MICROVLLM_CACHE", str(tmp_path / "kernels"))
     load_library.cache_clear()
     yield tmp_path / "kernels"
@@ -81,5 +82,5 @@ def float32_by_default():
     that default, and the bfloat16 tests ask for it by name.)"""
     # session-wide, so that module-scoped fixtures' engines see it too
     with pytest.MonkeyPatch.context() as session_patch:
-        session_patch.setattr("microvllm.engine.config.native_bfloat16", lambda: False)
+        session_patch.setattr("microvllm.platform.cpu.CpuPlatform.default_dtype", lambda self: torch.float32)
         yield

@@ -158,7 +158,7 @@ def compare_backends(backend, query_lens, context_lens, block_size, n_head, n_kv
 # --- Triton on the CPU ------------------------------------------------------------------
 
 def import_triton_attention():
-    """microvllm.model.triton_attention with its kernels decorated for Triton's CPU
+    """microvllm.model.attention.triton with its kernels decorated for Triton's CPU
     interpreter, or a skip where triton is not installed. TRITON_INTERPRET=1 is read when
     a kernel is decorated (at import), so it is set for the import only; tests that run
     the kernels set it too (the backend check reads it)."""
@@ -166,7 +166,7 @@ def import_triton_attention():
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         pytest.importorskip("triton")
-        return importlib.import_module("microvllm.model.triton_attention")
+        return importlib.import_module("microvllm.model.attention.triton")
     finally:
         if saved is None:
             del os.environ["TRITON_INTERPRET"]

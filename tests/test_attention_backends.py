@@ -13,7 +13,7 @@ import torch
 
 from helpers import (HEAD_SHAPES, MIXED_CONTEXT_LENS, MIXED_QUERY_LENS, TRITON_MIXED_CONTEXT_LENS,
                      TRITON_MIXED_QUERY_LENS, compare_backends, import_triton_attention)
-from microvllm.model.cpu_kernels import load_library
+from microvllm.cpu.kernels import load_library
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ def backend(request, monkeypatch):
     if request.param == "cpu":
         if load_library() is None:
             pytest.skip("no C compiler to build the CPU decode kernel")
-        from microvllm.model.cpu_attention import CpuPagedAttention
+        from microvllm.cpu.attention import CpuPagedAttention
         return CpuPagedAttention, MIXED_QUERY_LENS, MIXED_CONTEXT_LENS
     assert request.param == "triton"
     paged = import_triton_attention().TritonPagedAttention  # skips where triton is missing

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from microvllm import LLM, SamplingParams
-from microvllm.model import cpu_attention
-from microvllm.model.attention import SdpaPagedAttention, resolve_attention_backend
-from microvllm.model.cpu_attention import CpuPagedAttention
-from microvllm.model.cpu_kernels import load_library
+from microvllm.cpu import attention as cpu_attention
+from microvllm.model.attention import SdpaPagedAttention
+from microvllm.platform import resolve_attention_backend
+from microvllm.cpu.attention import CpuPagedAttention
+from microvllm.cpu.kernels import load_library
 from helpers import MIXED_CONTEXT_LENS, MIXED_QUERY_LENS, compare_backends
 
 CPU = torch.device("cpu")

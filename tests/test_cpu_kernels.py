@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from microvllm import LLM
-from microvllm.model import cpu_kernels
-from microvllm.model.cpu_kernels import load_library
-from microvllm.model.cpu_linear import PackedLinear, native_bfloat16
-from microvllm.model.cpu_ops import CpuOps
+from microvllm.cpu import kernels as cpu_kernels
+from microvllm.cpu.kernels import load_library
+from microvllm.cpu.linear import PackedLinear, native_bfloat16
+from microvllm.cpu.ops import CpuOps
+from microvllm.platform import cpu as platform_cpu
 from microvllm.model.gpt import TorchOps
 
 if load_library() is None:
@@ -25,7 +26,7 @@ DTYPES = pytest.mark.parametrize("dtype", list(TOLERANCES))
 
 def test_a_failing_build_warns_with_the_compiler_output_and_falls_back(fresh_kernel_cache, monkeypatch, caplog):
     monkeypatch.setattr(cpu_kernels, "FLAGS", (*cpu_kernels.FLAGS, "-no-such-flag"))
-    with caplog.at_level(logging.WARNING, logger="microvllm.model.cpu_kernels"):
+    with caplog.at_level(logging.WARNING, logger="microvllm.cpu.kernels"):
         assert load_library() is None
     assert "building microvllm's CPU kernels failed" in caplog.text
     assert "-no-such-flag" in caplog.text
@@ -97,10 +98,11 @@ def test_bfloat16_engines_pack_their_linears_and_float32_ones_do_not(checkpoint_
 
 def test_the_cpu_default_dtype_is_bfloat16_only_where_the_cpu_has_bfloat16_instructions(monkeypatch):
     from microvllm.engine import config
-    monkeypatch.setattr(config, "native_bfloat16", native_bfloat16)  # undo conftest's float32
     want = torch.bfloat16 if native_bfloat16() else torch.float32
-    assert config.EngineConfig(model="m").resolve_dtype(torch.device("cpu")) is want
-    assert config.EngineConfig(model="m", dtype="float32").resolve_dtype(torch.device("cpu")) is torch.float32
+    default = platform_cpu.default_cpu_dtype()  # what CpuPlatform.default_dtype gives outside the tests
+    assert default is want
+    assert config.EngineConfig(model="m").resolve_dtype(default) is want
+    assert config.EngineConfig(model="m", dtype="float32").resolve_dtype(default) is torch.float32
 
 
 @DTYPES

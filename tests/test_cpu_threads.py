@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from microvllm import LLM
-from microvllm.engine import cpu_threads
+from microvllm.cpu import threads as cpu_threads
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from microvllm import LLM, SamplingParams
 from microvllm.engine.config import EngineConfig
 from microvllm.engine.memory import gpu_bytes_for_kv_cache
 from microvllm.engine.sampler import SampledTokens
-from microvllm.model.attention import resolve_attention_backend
+from microvllm.platform import resolve_attention_backend
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")

@@ -14,7 +14,7 @@ from helpers import compare_decode_twin, completions, make_prompts, varied_lengt
 
 from microvllm import LLM, SamplingParams
 from microvllm.engine.cuda_graphs import DecodeGraphs, capture_batch_sizes
-from microvllm.engine.llm_engine import uses_decode_graphs
+from microvllm.platform import platform_for
 from microvllm.model.attention import SdpaDecodeAttention
 
 
@@ -140,10 +140,10 @@ def test_each_step_waits_for_the_previous_input_copy_before_rewriting(checkpoint
 def test_graphs_over_the_sdpa_decode_twin_warn_and_say_what_to_install(caplog):
     cuda = torch.device("cuda")
     with caplog.at_level(logging.WARNING, logger="microvllm"):
-        assert uses_decode_graphs(cuda, False, "triton", 2048)
+        assert platform_for(cuda).uses_decode_graphs(False, "triton", 2048)
         assert not caplog.text
-        assert uses_decode_graphs(cuda, False, "sdpa", 2048)
-        assert not uses_decode_graphs(cuda, True, "sdpa", 2048)
-        assert not uses_decode_graphs(torch.device("cpu"), False, "sdpa", 2048)
+        assert platform_for(cuda).uses_decode_graphs(False, "sdpa", 2048)
+        assert not platform_for(cuda).uses_decode_graphs(True, "sdpa", 2048)
+        assert not platform_for(torch.device("cpu")).uses_decode_graphs(False, "sdpa", 2048)
     assert caplog.text.count("max_model_len=2048 keys") == 1
     assert "pip install triton" in caplog.text and "enforce_eager=True" in caplog.text

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import fake_flash_attn
-from microvllm.model.attention import FlashDecodeAttention, FlashPagedAttention, resolve_attention_backend
+from microvllm.model.attention import FlashDecodeAttention, FlashPagedAttention
+from microvllm.platform import resolve_attention_backend
 from helpers import MIXED_CONTEXT_LENS, MIXED_QUERY_LENS, as_decode_view, compare_backends, compare_decode_twin
 
 pytestmark = pytest.mark.usefixtures("fake_flash_attn_installed")

@@ -21,6 +21,7 @@ import fake_flash_attn
 from microvllm import LLM, SamplingParams
 from microvllm.engine import model_runner, sampler
 from microvllm.model.attention import AttentionBackend, FlashDecodeAttention, FlashPagedAttention
+from microvllm.platform import CpuPlatform
 
 READS = {"tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero",
          "masked_select", "unique"}
@@ -81,7 +82,7 @@ def watch(monkeypatch, fake_flash_attn_installed):
     for name in ("flash_attn_varlen_func", "flash_attn_with_kvcache"):
         monkeypatch.setattr(fake_flash_attn, name, w.pausing(getattr(fake_flash_attn, name)))
     # the sampler's argmax goes through numpy on the CPU only; watch the one CUDA runs
-    monkeypatch.setattr(sampler, "row_argmax", lambda x: x.argmax(dim=-1))
+    monkeypatch.setattr(CpuPlatform, "argmax", staticmethod(lambda x: x.argmax(dim=-1)))
     return w
 
 
@@ -134,8 +135,8 @@ def test_triton_steps_build_their_tile_tables_without_waiting(checkpoint_dir, wa
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when the kernel is decorated, at import
     pytest.importorskip("triton")
     # a fresh import decorates the kernel for the interpreter, whatever imported it before
-    monkeypatch.delitem(sys.modules, "microvllm.model.triton_attention", raising=False)
-    triton_attention = importlib.import_module("microvllm.model.triton_attention")
+    monkeypatch.delitem(sys.modules, "microvllm.model.attention.triton", raising=False)
+    triton_attention = importlib.import_module("microvllm.model.attention.triton")
     kernel = triton_attention._paged_attention_kernel
 
     class PausedLaunch:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from microvllm import LLM, SamplingParams
-from microvllm.engine import kv_cache, memory
+from microvllm.engine import memory
+from microvllm.platform import cpu as platform_cpu
 from microvllm.engine.config import EngineConfig
 from microvllm.engine.kv_cache import PagedKVCache
 from microvllm.engine.memory import gpu_bytes_for_kv_cache
@@ -133,21 +134,29 @@ def test_cpu_default_is_capped_by_the_ram_available_but_holds_one_sequence(check
     assert LLM(checkpoint_dir, max_num_seqs=8, block_size=16).engine.kv_cache.num_blocks == 64 // 16
 
 
+def cpu_kv_cache(*shape_and_dtype) -> PagedKVCache:
+    """A KV cache built as a CPU engine builds it: the platform's pools, prewritten."""
+    platform = platform_cpu.CpuPlatform(torch.device("cpu"))
+    cache = PagedKVCache(*shape_and_dtype, "cpu", platform.kv_pool)
+    platform.prewrite_kv((cache.k, cache.v), PagedKVCache.bytes_per_block(*shape_and_dtype[:1], *shape_and_dtype[2:]))
+    return cache
+
+
 def resident_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads Linux's /proc")
 def test_a_cpu_kv_cache_takes_ram_only_for_the_blocks_written(monkeypatch):
-    monkeypatch.setattr(kv_cache, "PREWRITTEN_CPU_KV_BYTES", 8 * 1024**2)  # the first 32 blocks
+    monkeypatch.setattr(platform_cpu, "PREWRITTEN_KV_BYTES", 8 * 1024**2)  # the first 32 blocks
     before = resident_bytes()
-    cache = PagedKVCache(2, 4096, 16, 4, 64, torch.float32, "cpu")  # 2 x 128 MiB
+    cache = cpu_kv_cache(2, 4096, 16, 4, 64, torch.float32)  # 2 x 128 MiB
     cache.k[0, 4000] = 1.0  # one block of one layer: 16 KiB
     assert resident_bytes() - before < 8 * 1024**2 + 16 * 1024**2
 
 
 def test_a_cpu_kv_cache_reads_as_zeros_where_never_written():
-    cache = PagedKVCache(2, 64, 16, 4, 8, torch.bfloat16, "cpu")
+    cache = cpu_kv_cache(2, 64, 16, 4, 8, torch.bfloat16)
     cache.v[1, 3] = 1.0
     assert cache.k.abs().sum() == 0 and cache.v.sum() == 16 * 4 * 8
     assert cache.k.shape == cache.v.shape == (2, 65, 16, 4, 8) and cache.k.dtype == torch.bfloat16

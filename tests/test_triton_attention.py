@@ -12,7 +12,7 @@ import torch
 from helpers import (TRITON_MIXED_CONTEXT_LENS, TRITON_MIXED_QUERY_LENS, compare_backends, compare_decode_twin,
                      import_triton_attention)
 from microvllm import LLM, SamplingParams
-from microvllm.model.attention import resolve_attention_backend
+from microvllm.platform import resolve_attention_backend
 
 triton_attention = import_triton_attention()  # skips this module where triton is missing
 TritonDecodeAttention, TritonPagedAttention = (triton_attention.TritonDecodeAttention,

@@ -14,12 +14,8 @@ until a new allocation evicts it, so a prefix outlives the request that computed
 
 Which free block a new allocation takes: by default a never-used block first, so cached
 prefixes are evicted only once the whole cache is in use. With `reuse_freed_first` (the
-engine sets it on CPU) the least recently freed block first, and a never-used one only
-when none is free: there the cache is an anonymous map whose pages the kernel commits on
-first write, and a block's first write costs page faults (on a VM, up to milliseconds per
-block: a tenth of a decode-heavy run). The pages a run has touched are then reused, and
-RAM in use stays at the most the workload has held at once, at the price of keeping
-fewer prefixes of finished requests cached.
+platform's choice, where a block's first write is slow) the least recently freed block
+first, and a never-used one only when none is free.
 """
 
 from array import array

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 import torch
 
 from ..model.attention import ATTENTION_BACKENDS
-from ..model.cpu_linear import native_bfloat16
 from ..model.quantization import QUANTIZATIONS
 from ..validation import check_bool, check_choice, check_int, check_real, check_type
 
@@ -97,11 +96,10 @@ class EngineConfig:
                              f"'cuda:{torch.cuda.device_count() - 1}'")
         return device
 
-    def resolve_dtype(self, device: torch.device) -> torch.dtype:
+    def resolve_dtype(self, default: torch.dtype) -> torch.dtype:
+        """The dtype asked for; `default` (the platform's) for None or "auto"."""
         if self.dtype is None or (isinstance(self.dtype, str) and self.dtype.lower() == "auto"):
-            # float32 on CPUs without bfloat16 instructions: their bfloat16 matmuls are slower
-            native = device.type == "cuda" or (device.type == "cpu" and native_bfloat16())
-            return torch.bfloat16 if native else torch.float32
+            return default
         if isinstance(self.dtype, torch.dtype) and self.dtype in DTYPES.values():
             return self.dtype
         name = self.dtype.lower() if isinstance(self.dtype, str) else self.dtype  # as vLLM: any case

@@ -10,36 +10,25 @@ lengths). DecodeKVView does the same for a step of single-token decodes held in
 fixed-size device buffers, with no host-side lengths, so a CUDA graph can replay it.
 """
 
-import math
-import mmap
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-# On CPU, the KV bytes written at start-up (the lowest blocks, which the block manager
-# hands out first): a first write to a page costs a page fault, which the first generate
-# of a fresh process would otherwise pay (measurements in docs/performance.md)
-PREWRITTEN_CPU_KV_BYTES = 128 * 2**20
-
-
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device | str):
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str, allocate=None):
+        """`allocate(shape, dtype)`: a zero-filled pool (the platform's kv_pool); default
+        torch.zeros on `device`."""
         # one block past those the BlockManager hands out takes the K/V that padded
         # rows of a fixed-size batch write, so they land where no sequence reads
         shape = (num_layers, num_blocks + 1, block_size, num_kv_heads, head_dim)
         # zeros, not empty: padded reads of unused slots are masked out, but a NaN there
         # would still poison the attention output (0 * NaN = NaN)
-        self.k = zero_filled_pool(shape, dtype, device)
-        self.v = zero_filled_pool(shape, dtype, device)
+        allocate = allocate or (lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=device))
+        self.k, self.v = allocate(shape, dtype), allocate(shape, dtype)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.padding_block = num_blocks
-        if torch.device(device).type == "cpu":
-            bytes_per_block = self.bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype)
-            first = min(num_blocks, PREWRITTEN_CPU_KV_BYTES // bytes_per_block)
-            self.k[:, :first].zero_()
-            self.v[:, :first].zero_()
 
     @staticmethod
     def bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype) -> int:
@@ -57,24 +46,6 @@ class PagedKVCache:
         """K and V of one layer as `[num_slots, n_kv_head, head_dim]`, indexable by slot."""
         k, v = self.k[layer_idx], self.v[layer_idx]
         return k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])
-
-
-def zero_filled_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """A zero-filled pool. On CPU its memory is an anonymous map, which the kernel hands
-    out as zero pages on first touch: torch.zeros would write every byte at start-up
-    (about 1 s per GiB, most of it page faults) and make the whole pool resident, while
-    a run only touches the blocks it uses."""
-    if torch.device(device).type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    # private, so that a forked child does not share the cache; Windows' maps are private already
-    flags = {"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS} if hasattr(mmap, "MAP_ANONYMOUS") else {}
-    pool = mmap.mmap(-1, nbytes, **flags)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        # decodes touch a new page every few tokens: as 2 MiB pages, 512x fewer faults
-        pool.madvise(mmap.MADV_HUGEPAGE)
-    # the tensor holds the map, which is unmapped when the last view of it goes
-    return torch.frombuffer(pool, dtype=dtype).view(shape)
 
 
 class _KVWriter:

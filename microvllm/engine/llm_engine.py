@@ -20,20 +20,16 @@ import logging
 import random
 import time
 
-import torch
 import xxhash
 
-from ..model.attention import resolve_attention_backend
-from ..model.cpu_linear import native_bfloat16, pack_linears
-from ..model.quantization import quantize_linears
 from ..model.sources import load_model_and_tokenizer
 from ..outputs import Logprob, RequestOutput
+from ..platform import platform_for
 from ..sampling_params import RequestOutputKind, SamplingParams
 from ..tools import ToolCalls
 from . import logits_processors
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .cpu_threads import apply_cpu_threads
 from .cuda_graphs import DecodeGraphs
 from .interrupts import interrupts_held
 from .kv_cache import PagedKVCache
@@ -48,27 +44,14 @@ from .stats import EngineStats, StepTimer
 logger = logging.getLogger(__name__)
 
 
-def uses_decode_graphs(device, enforce_eager: bool, attention_backend: str, max_model_len: int) -> bool:
-    """Decode steps replay CUDA graphs on CUDA unless enforce_eager; with the SDPA
-    backend they still do (graphs beat eager launches), but the user is told its cost."""
-    if device.type != "cuda" or enforce_eager:
-        return False
-    if attention_backend == "sdpa":
-        logger.warning(f"CUDA graphs with attention_backend='sdpa': its decode twin reads all "
-                       f"max_model_len={max_model_len} keys of every sequence on full-attention "
-                       "layers, whatever the context; pip install triton (or flash_attn) for a "
-                       "decode that reads only each sequence's context, or pass enforce_eager=True")
-    return True
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.device = config.resolve_device()
-        self.dtype = config.resolve_dtype(self.device)
-        if self.device.type == "cpu":
-            apply_cpu_threads(config.cpu_threads)
-        attention_backend = resolve_attention_backend(config.attention_backend, self.device, self.dtype)
+        self.platform = platform = platform_for(self.device)
+        self.dtype = config.resolve_dtype(platform.default_dtype())
+        platform.start(config.cpu_threads)
+        attention_backend = platform.attention_backend(config.attention_backend, self.dtype)
         self.block_size = config.block_size or attention_backend.default_block_size
         if self.block_size % attention_backend.block_size_multiple:
             raise ValueError(f"block_size={self.block_size} is not supported by {attention_backend.name}: "
@@ -77,12 +60,7 @@ class LLMEngine:
         self.model, self.tokenizer = load_model_and_tokenizer(
             config.model, config.tokenizer, config.step, config.revision, self.dtype, self.device,
             config.logit_softcap, max_positions=config.max_model_len)
-        if attention_backend.model_ops is not None:
-            self.model.ops = attention_backend.model_ops
-        if config.quantization is not None:
-            self.model = quantize_linears(self.model, config.quantization)
-        elif self.device.type == "cpu" and self.dtype == torch.bfloat16 and native_bfloat16():
-            pack_linears(self.model)
+        self.model = platform.prepare_model(self.model, attention_backend, config.quantization)
         model_config = self.model.config
         if self.tokenizer.vocab_size != model_config.vocab_size:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's "
@@ -90,7 +68,7 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or model_config.sequence_len
         self.vocab_size = model_config.vocab_size
 
-        graphs = uses_decode_graphs(self.device, config.enforce_eager, attention_backend.name, self.max_model_len)
+        graphs = platform.uses_decode_graphs(config.enforce_eager, attention_backend.name, self.max_model_len)
         num_blocks = num_kv_blocks(config, self.model, self.device, self.dtype, self.max_model_len,
                                    self.block_size, attention_backend.decode if graphs else None)
         capacity = num_blocks * self.block_size
@@ -99,11 +77,12 @@ class LLMEngine:
                 f"the KV cache holds {capacity} tokens ({num_blocks} blocks of {self.block_size}), "
                 f"fewer than one sequence of max_model_len={self.max_model_len}: give it more memory "
                 f"(kv_cache_memory, num_blocks, or gpu_memory_utilization on CUDA) or lower max_model_len")
-        self.kv_cache = PagedKVCache(model_config.n_layer, num_blocks, self.block_size,
-                                     model_config.n_kv_head, model_config.head_dim, self.dtype, self.device)
-        # a CPU cache's pages are committed on first write: reuse the ones already written
+        self.kv_cache = PagedKVCache(model_config.n_layer, num_blocks, self.block_size, model_config.n_kv_head,
+                                     model_config.head_dim, self.dtype, self.device, platform.kv_pool)
+        platform.prewrite_kv((self.kv_cache.k, self.kv_cache.v), PagedKVCache.bytes_per_block(
+            model_config.n_layer, self.block_size, model_config.n_kv_head, model_config.head_dim, self.dtype))
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching,
-                                          reuse_freed_first=self.device.type == "cpu")
+                                          reuse_freed_first=platform.reuse_freed_blocks_first)
         logger.info(describe_kv_cache(self.kv_cache, self.device))
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         decode_graphs = None
@@ -111,7 +90,7 @@ class LLMEngine:
             decode_graphs = DecodeGraphs(self.model, self.kv_cache, attention_backend.decode,
                                          config.max_num_seqs, self.max_model_len, self.device)
         self.runner = ModelRunner(self.model, self.kv_cache, attention_backend,
-                                  Sampler(self.tokenizer.eos_token_ids), self.device, decode_graphs,
+                                  Sampler(self.tokenizer.eos_token_ids, platform.argmax), self.device, decode_graphs,
                                   StepTimer(self.device) if config.step_timing else None)
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler, self.max_model_len)
         self.stats = EngineStats()

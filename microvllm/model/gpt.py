@@ -44,7 +44,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 class TorchOps:
     """The forward's RMSNorm, rotary embedding and relu^2 as torch ops: any device, any dtype.
-    `cpu_ops.CpuOps` does the same in fused C kernels; a model's `ops` is one of them."""
+    `microvllm.cpu.ops.CpuOps` does the same in fused C kernels; a model's `ops` is one of them."""
 
     rms_norm = staticmethod(rms_norm)
 

@@ -17,8 +17,8 @@ from functools import cache
 
 import torch
 
-from .attention import SdpaPagedAttention
-from .cpu_kernels import load_library
+from ..model.attention import SdpaPagedAttention
+from .kernels import load_library
 
 
 @cache

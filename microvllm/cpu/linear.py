@@ -15,7 +15,7 @@ import functools
 import torch
 import torch.nn as nn
 
-from .cpu_kernels import cpu_flags
+from .kernels import cpu_flags
 
 # the row count oneDNN tunes the packed layout for: decode batches (any count works)
 ROWS_HINT = 64

@@ -7,8 +7,8 @@ its call, so one pass per row pays (a 6x384 bfloat16 decode step: 0.95x the time
 
 import torch
 
-from .cpu_kernels import load_library
-from .gpt import TorchOps
+from .kernels import load_library
+from ..model.gpt import TorchOps
 
 
 def _check(status: int) -> None:

@@ -1,0 +1,84 @@
+"""CpuPlatform: the C decode kernel and fused ops, packed bfloat16 linears, a KV cache in
+anonymous memory, and numpy's argmax. The CPU's own code sits in microvllm/cpu/."""
+
+import math
+import mmap
+
+import torch
+
+from ..cpu.kernels import available as cpu_kernels_available
+from ..cpu.linear import native_bfloat16, pack_linears
+from ..cpu.threads import apply_cpu_threads
+from ..model.attention import AttentionBackend, SdpaDecodeAttention
+from ..model.gpt import GPT
+from .base import Platform
+
+# the KV bytes written at start-up (the lowest blocks, which the block manager hands out
+# first): a first write to a page costs a page fault, which the first generate of a
+# fresh process would otherwise pay (measurements in docs/performance.md)
+PREWRITTEN_KV_BYTES = 128 * 2**20
+
+
+def default_cpu_dtype() -> torch.dtype:
+    # float32 on CPUs without bfloat16 instructions: their bfloat16 matmuls are slower
+    return torch.bfloat16 if native_bfloat16() else torch.float32
+
+
+class CpuPlatform(Platform):
+    # the cache's pages are committed on first write, and a first write costs page faults:
+    # reusing the blocks a run has touched keeps RAM at the workload's peak, at the price
+    # of fewer prefixes of finished requests staying cached
+    reuse_freed_blocks_first = True
+
+    def default_dtype(self) -> torch.dtype:
+        return default_cpu_dtype()
+
+    def start(self, cpu_threads: int | None) -> None:
+        apply_cpu_threads(cpu_threads)
+
+    def auto_attention_backend(self, dtype: torch.dtype) -> str:
+        return "cpu" if cpu_kernels_available(dtype) else "sdpa"
+
+    def attention_backend(self, name: str, dtype: torch.dtype) -> AttentionBackend:
+        if name == "auto":
+            name = self.auto_attention_backend(dtype)
+        if name != "cpu":
+            return super().attention_backend(name, dtype)
+        if not cpu_kernels_available(dtype):
+            raise ValueError(self.unavailable_backend(name))
+        from ..cpu.attention import CpuPagedAttention
+        return AttentionBackend(name, CpuPagedAttention, SdpaDecodeAttention)
+
+    def prepare_model(self, model: GPT, backend: AttentionBackend, quantization: str | None) -> GPT:
+        if backend.name == "cpu":  # its C library fuses the forward's norms and rotary too
+            from ..cpu.ops import CpuOps
+            model.ops = CpuOps
+        if quantization is None and next(model.parameters()).dtype == torch.bfloat16 and native_bfloat16():
+            pack_linears(model)
+        return super().prepare_model(model, backend, quantization)
+
+    def kv_pool(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An anonymous map, which the kernel hands out as zero pages on first touch:
+        torch.zeros would write every byte at start-up and make the whole pool resident,
+        while a run only touches the blocks it uses."""
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        # private, so that a forked child does not share the cache; Windows' maps are private already
+        flags = {"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS} if hasattr(mmap, "MAP_ANONYMOUS") else {}
+        pool = mmap.mmap(-1, nbytes, **flags)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            # decodes touch a new page every few tokens: as 2 MiB pages, 512x fewer faults
+            pool.madvise(mmap.MADV_HUGEPAGE)
+        # the tensor holds the map, which is unmapped when the last view of it goes
+        return torch.frombuffer(pool, dtype=dtype).view(shape)
+
+    def prewrite_kv(self, pools: tuple[torch.Tensor, ...], bytes_per_block: int) -> None:
+        first = PREWRITTEN_KV_BYTES // bytes_per_block
+        for pool in pools:
+            pool[:, :first].zero_()
+
+    @staticmethod
+    def argmax(x: torch.Tensor) -> torch.Tensor:
+        """numpy's argmax, several times faster than torch's over a large vocabulary."""
+        if x.dtype in (torch.float32, torch.float64):
+            return torch.from_numpy(x.numpy().argmax(axis=-1))
+        return x.argmax(dim=-1)
