@@ -2,8 +2,10 @@
 
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import fields
 
+import torch
 from tqdm.auto import tqdm
 
 from .engine.beam_search import BeamSearch
@@ -237,6 +239,24 @@ class LLM:
         """vLLM's LLMEngine request loop: add_request(request_id, prompt, params),
         abort_request(request_id), step() (streams by default), has_unfinished_requests()."""
         return EngineRequests(self)
+
+    # -- RL weight refresh --------------------------------------------------------------
+
+    def update_weights(self, weights: Mapping[str, torch.Tensor] | torch.nn.Module) -> None:
+        """Serve new weights from now on: a state dict in nanochat's names (a checkpoint's,
+        `_orig_mod.` prefixes allowed) or a GPT module, whose state_dict() is read.
+
+        Loaded in place into the running engine (every replica with data_parallel_size > 1),
+        which keeps its KV cache; the prefix cache is reset. A state dict that does not fit
+        raises ValueError before any weight changes. No request may be unfinished."""
+        state_dict = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+        with self._lock:
+            self.engine.update_weights(state_dict)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prompt prefix; True when done, as vLLM's."""
+        with self._lock:
+            return self.engine.reset_prefix_cache()
 
 
 class EngineRequests:

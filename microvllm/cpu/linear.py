@@ -35,6 +35,11 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), ROWS_HINT)
 
+    def load_weight(self, weight: torch.Tensor) -> None:
+        """Pack a new [out, in] weight into the existing packed buffer, in place."""
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.to("cpu", torch.bfloat16), ROWS_HINT)
+        self.packed_weight.copy_(packed)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, None, "none", [], "")
 

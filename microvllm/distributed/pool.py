@@ -20,9 +20,11 @@ import dataclasses
 import random
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 import ray
+import torch
 from ray.exceptions import RayActorError, RayTaskError
 
 from ..engine.config import EngineConfig
@@ -142,6 +144,24 @@ class ReplicaPool:
         return EngineStats(**{f.name: sum(getattr(s, f.name) for s in self._replica_stats)
                               for f in fields(EngineStats)})
 
+    def update_weights(self, state_dict: dict) -> None:
+        """Every live replica loads the same new weights; each checks them before
+        changing any, so a state dict that does not fit leaves them all on the old ones."""
+        if self.requests:
+            raise ValueError(f"update_weights: finish or abort the {len(self.requests)} unfinished "
+                             "requests first: weights must not change under a running request")
+        if isinstance(state_dict, Mapping):  # a replica's engine checks anything else, and says so
+            state_dict = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
+                          for k, v in state_dict.items()}
+        # one copy in the object store, in host memory, for all replicas
+        self._on_every_replica("update_weights", ray.put(state_dict))
+        self._forget_cached_prefixes()
+
+    def reset_prefix_cache(self) -> bool:
+        done = all(self._on_every_replica("reset_prefix_cache"))
+        self._forget_cached_prefixes()
+        return done
+
     def shutdown(self) -> None:
         for replica in self.replicas:
             if replica is not None:
@@ -149,6 +169,20 @@ class ReplicaPool:
         self.replicas = [None] * len(self.replicas)
 
     # -- inside ---------------------------------------------------------------------------
+
+    def _on_every_replica(self, method: str, *args) -> list:
+        # an actor runs its calls in order: this one follows any run() still queued there
+        calls = [getattr(r, method).remote(*args) for r in self.replicas if r is not None]
+        try:
+            return ray.get(calls)
+        except RayTaskError as e:  # the engine raised: its own error, as itself
+            raise e.cause from None
+
+    def _forget_cached_prefixes(self) -> None:
+        # a prefix recorded here lets its requests go together; the replicas hold it no more,
+        # so its first request must warm it again while the others wait
+        self._cached_prefixes.clear()
+        self._warming_prefixes.clear()
 
     def _dispatch(self) -> None:
         """Queue a call at every live replica that has work and room for one.

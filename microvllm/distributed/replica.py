@@ -40,3 +40,10 @@ class EngineReplica:
 
     def abort(self, request_id: str) -> None:
         self.engine.abort_request(request_id)
+
+    def update_weights(self, state_dict: dict) -> None:
+        """Load the pool's new weights (Ray hands the object ref's value) and reset the prefix cache."""
+        self.engine.update_weights(state_dict)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.engine.reset_prefix_cache()

@@ -205,6 +205,14 @@ class BlockManager:
                 self.cached_block_by_hash[h] = block.block_id
         seq.num_registered_blocks = num_full
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (after a weight update its KV is stale). Blocks held
+        by running sequences stay theirs, but no later sequence can hit them."""
+        self.cached_block_by_hash.clear()
+        for block in self.blocks:
+            block.hash, block.parent_hash, block.token_ids = None, None, ()
+        return True
+
     def check_invariants(self, block_tables: list[list[int]]) -> None:
         holders = [0] * self.num_blocks
         for table in block_tables:

@@ -23,6 +23,7 @@ import time
 import xxhash
 
 from ..model.sources import load_model_and_tokenizer
+from ..model.weights import load_weights
 from ..outputs import Logprob, RequestOutput
 from ..platform import platform_for
 from ..sampling_params import RequestOutputKind, SamplingParams
@@ -194,3 +195,18 @@ class LLMEngine:
         if self._forked_block_copies:  # one batched copy for all of the last step's forks
             self.kv_cache.copy_blocks(*zip(*self._forked_block_copies))
             self._forked_block_copies = []
+
+    # -- what an RL trainer adds: new policy weights between rollouts ----------------------
+
+    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load new weights (nanochat's names) in place, then forget the prefix cache,
+        whose KV the old weights computed. The KV cache and CUDA graphs are kept."""
+        if self.has_unfinished_requests():
+            raise ValueError(f"update_weights: finish or abort the {self.num_unfinished_requests()} "
+                             "unfinished requests first: weights must not change under a running request")
+        load_weights(self.model, state_dict)
+        self.reset_prefix_cache()
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached prefix; True when done (as vLLM's, which can refuse)."""
+        return self.block_manager.reset_prefix_cache()

@@ -20,6 +20,7 @@ PROTOTYPE_KEY_MARKERS = ("v0_lambdas", "value_embed_A", "value_embed.", "bigram"
 REQUIRED_CONFIG_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
 # set to 1 to run past the trained length anyway (vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN)
 ALLOW_LONG_MAX_MODEL_LEN = "MICROVLLM_ALLOW_LONG_MAX_MODEL_LEN"
+COMPILE_PREFIX = "_orig_mod."
 
 
 def find_checkpoint(model_dir: str | Path, step: int | None = None) -> tuple[Path, Path, int]:
@@ -76,8 +77,12 @@ def read_state_dict(model_path: Path) -> dict[str, torch.Tensor]:
         if not v.is_floating_point():
             raise ValueError(f"{model_path}: {k} has dtype {v.dtype}; weights must be floating point "
                              "(a quantized or corrupt checkpoint?)")
+    return without_compile_prefix(state_dict)
+
+
+def without_compile_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # torch.compile'd models save their keys with this prefix
-    return {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+    return {k.removeprefix(COMPILE_PREFIX): v for k, v in state_dict.items()}
 
 
 def detect_era(state_dict: dict[str, torch.Tensor]) -> str:

@@ -86,6 +86,13 @@ class Int8Linear(_QuantizedLinear):
         # _weight_int8pack_mm wants the scales in the activations' dtype
         self.register_buffer("scales", scales.to(linear.weight.dtype))
 
+    def load_weight(self, weight: torch.Tensor) -> None:
+        """Quantize a new [out, in] weight into the existing buffers, in place (CUDA graphs
+        replay these addresses); quantized from the engine dtype, as at load."""
+        q, scales = quantize_int8(weight.to(self.weight.device, self.scales.dtype))
+        self.weight.copy_(q)
+        self.scales.copy_(scales)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         # torch's CPU int8 kernel reads rows 16 values at a time: other widths crash it
@@ -107,6 +114,13 @@ class Fp8Linear(_QuantizedLinear):
         self.register_buffer("weight", q)
         self.register_buffer("scales", scales[None, :])  # [1, N] float32: row-wise scaling
         self.out_dtype = linear.weight.dtype
+
+    def load_weight(self, weight: torch.Tensor) -> None:
+        """Quantize a new [out, in] weight into the existing buffers, in place (CUDA graphs
+        replay these addresses); quantized from the engine dtype, as at load."""
+        q, scales = quantize_fp8(weight.to(self.weight.device, self.out_dtype))
+        self.weight.copy_(q)
+        self.scales.copy_(scales[None, :])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
