@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from microvllm import LLM, SamplingParams
-from microvllm.model.cpu_linear import PackedLinear, native_bfloat16
+from microvllm.cpu.linear import PackedLinear, native_bfloat16
 from microvllm.model.loader import find_checkpoint, load_model, read_state_dict
 from microvllm.model.quantization import Fp8Linear, Int8Linear
 

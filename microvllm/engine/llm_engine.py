@@ -20,6 +20,7 @@ import logging
 import random
 import time
 
+import torch
 import xxhash
 
 from ..model.sources import load_model_and_tokenizer
