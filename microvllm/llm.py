@@ -220,13 +220,21 @@ class LLM:
         """Whether step() has more to return."""
         return bool(self._unclaimed_outputs) or self.engine.has_unfinished_requests()
 
-    def abort(self, request_id: str) -> None:
-        """Drop a request; its KV blocks are freed at once, and the next step() returns
-        its final output with finish_reason "abort"."""
+    def abort(self, request_id: str, keep_output: bool = True) -> None:
+        """Drop a request; its KV blocks are freed at once, and (keep_output) the next
+        step() returns its final output with finish_reason "abort"."""
         with self._lock:
             output = self.engine.abort_request(request_id)
-            if output is not None:
+            if not keep_output:
+                self._unclaimed_outputs = [o for o in self._unclaimed_outputs if o.request_id != request_id]
+            elif output is not None:
                 self._unclaimed_outputs.append(output)
+
+    def return_outputs(self, outputs: list[RequestOutput]) -> None:
+        """Give back outputs a step() caller took but does not own (a driver serving one
+        request among others): the next step() returns them."""
+        with self._lock:
+            self._unclaimed_outputs += outputs
 
     # -- vLLM-shaped access -------------------------------------------------------------
 

@@ -131,13 +131,11 @@ class Engine:
         """One LLM step; the outputs of `request_id` (other requests' outputs, e.g. another
         stream's, stay for whoever drives the LLM next)."""
         outputs = self.llm.step()
-        self.llm._unclaimed_outputs += [o for o in outputs if o.request_id != request_id]
+        self.llm.return_outputs([o for o in outputs if o.request_id != request_id])
         return [o for o in outputs if o.request_id == request_id]
 
     def _abort(self, request_id: str) -> None:
-        self.llm.abort(request_id)
-        # its final output would otherwise come back from a later step(): nobody waits for it
-        self.llm._unclaimed_outputs = [o for o in self.llm._unclaimed_outputs if o.request_id != request_id]
+        self.llm.abort(request_id, keep_output=False)  # nobody waits for it
 
 
 def sampling_params(num_samples: int, max_tokens: int | None, temperature: float, top_k: int | None,
