@@ -83,13 +83,14 @@ class OutputProcessor:
     def decide(self, result: StepOutput) -> StepDecisions:
         sampled = result.sampled
         updates = [None] * len(result.sampled_seqs)
-        for row, item in enumerate(result.sampled_seqs):
-            seq, token = item.seq, sampled.token_ids[row]
+        stop, python_end = self._stop, self.python_end  # locals: this loop runs for every row
+        for row, (item, token) in enumerate(zip(result.sampled_seqs, sampled.token_ids if sampled else ())):
+            seq = item.seq
             p, forced = seq.params, None
-            if token == self.python_end and seq.request.tool_calls is not None:
+            if token == python_end and seq.request.tool_calls is not None:
                 forced = self._tool_answer(seq, token)
             text = self._text_with(seq, token, forced) if p.stop_strings else None
-            finish, text = self._stop(seq, token, text, len(forced) if forced else 0)
+            finish, text = stop(seq, token, text, len(forced) if forced else 0)
             if finish is not None or text is not None or forced or p.logprobs is not None:
                 update = updates[row] = TokenUpdate(seq, text=text, finish=finish, forced=forced)
                 if p.logprobs is not None:
@@ -135,7 +136,7 @@ class OutputProcessor:
 
     # -- the stop rules -----------------------------------------------------------------
 
-    def _stop(self, seq: Sequence, token: int, text: str | None, num_forced: int = 0
+    def _stop(self, seq: Sequence, token: int, text: str | None, num_forced: int
               ) -> tuple[tuple | None, str | None]:
         """((finish_reason, stop_reason) if `token` (and the `num_forced` tokens a tool
         forces after it) end `seq`, else None; the output text, cut after a stop string).
