@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 
-from microvllm import LLM, SamplingParams
+from microvllm import LLM, BeamSearchParams, SamplingParams
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # each test starts or shares a local Ray cluster
@@ -63,6 +63,11 @@ class TestOnePool:
         prompts = PROMPTS * 2
         got = pool_llm.generate(prompts, params_for(prompts), use_tqdm=False)
         assert_same_outputs(got, one_llm.generate(prompts, params_for(prompts), use_tqdm=False))
+
+    def test_beam_search_is_refused_with_the_setting_that_allows_it(self, pool_llm):
+        with pytest.raises(ValueError, match="data_parallel_size=1"):
+            pool_llm.beam_search(PROMPTS[:2], BeamSearchParams(beam_width=2, max_tokens=4))
+        assert not pool_llm.has_unfinished_requests()
 
     def test_chat_matches_one_engine(self, pool_llm, one_llm):
         conversations = [[{"role": "user", "content": p}] for p in PROMPTS[:4]]
