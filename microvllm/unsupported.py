@@ -77,6 +77,7 @@ ADD_REQUEST_ARGS = {
 
 _FIXED_CHAT_FORMAT = "nanochat's chat format is fixed; conversations are rendered as nanochat renders them"
 _NO_LORA = "LoRA adapters are not supported"
+_NO_TOOL_DEFINITIONS = "nanochat's chat format has no tool definitions"
 
 GENERATE_ARGS = {
     "lora_request": ((None,), _NO_LORA),
@@ -92,14 +93,14 @@ CHAT_ARGS = {
     "chat_template": ((None,), _FIXED_CHAT_FORMAT),
     "chat_template_content_format": (("auto", "string"), "message content is a str"),
     "chat_template_kwargs": ((None,), _FIXED_CHAT_FORMAT),
-    "tools": ((None,), "nanochat's chat format has no tool definitions"),
+    "tools": ((None,), _NO_TOOL_DEFINITIONS),
     "mm_processor_kwargs": ((None,), "nanochat models take text only"),
 }
 
 # transformers' apply_chat_template's
 CHAT_TEMPLATE_ARGS = {
     "chat_template": ((None,), _FIXED_CHAT_FORMAT),
-    "tools": ((None,), "nanochat's chat format has no tool definitions"),
+    "tools": ((None,), _NO_TOOL_DEFINITIONS),
     "documents": ((None,), "put documents into the message content"),
     "padding": ((False,), "ids come back unpadded, one list per conversation"),
     "truncation": ((False,), "ids come back whole"),

@@ -6,6 +6,8 @@
 - Paged attention steps: random steps over a paged KV cache, for holding an attention
   backend against SDPA.
 - Triton on the CPU: the Triton backend imported for Triton's interpreter.
+- Tool calls: the tokens of a call and of its answer, and a logits processor that makes
+  the model write a given call.
 
 (Checkpoints are written and read back by checkpoints.py, the full-recompute reference
 forward is reference.py, and the flash_attn test double is fake_flash_attn.py.)
@@ -172,3 +174,30 @@ def import_triton_attention():
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = saved
+
+
+# -- tool calls ------------------------------------------------------------------------
+
+def tool_call(tokenizer, expression: str) -> list[int]:
+    """The tokens of a call to a tool: <|python_start|> expression <|python_end|>."""
+    special = tokenizer.special
+    return [special["<|python_start|>"], *tokenizer.encode(expression, prepend_bos=False),
+            special["<|python_end|>"]]
+
+
+def tool_answer(tokenizer, text: str) -> list[int]:
+    """The tokens the engine forces for a tool's answer: <|output_start|> text <|output_end|>."""
+    special = tokenizer.special
+    return [special["<|output_start|>"], *tokenizer.encode(text, prepend_bos=False),
+            special["<|output_end|>"]]
+
+
+def writing(script: list[int]):
+    """A logits processor that makes the model write `script` first, then leaves it be."""
+    def processor(output_ids, logits):
+        if len(output_ids) < len(script):
+            forced = torch.full_like(logits, float("-inf"))
+            forced[script[len(output_ids)]] = 0.0
+            return forced
+        return logits
+    return processor

@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from helpers import tool_answer, tool_call, writing
 
 from microvllm import LLM, SamplingParams
 from microvllm import nanochat as adapter
@@ -124,22 +125,12 @@ def test_same_seed_same_samples_other_seed_other_samples(engine):
 
 
 def test_a_calculator_answer_is_forced_and_masked_0(engine, monkeypatch):
-    tokenizer = engine.llm.tokenizer
-    special = tokenizer.special
-    script = [special["<|python_start|>"], *tokenizer.encode("6*7", prepend_bos=False), special["<|python_end|>"]]
-    answer = [special["<|output_start|>"], *tokenizer.encode("42", prepend_bos=False), special["<|output_end|>"]]
-
-    def writing_script(output_ids, logits):
-        if len(output_ids) < len(script):
-            forced = torch.full_like(logits, float("-inf"))
-            forced[script[len(output_ids)]] = 0.0
-            return forced
-        return logits
+    script, answer = tool_call(engine.llm.tokenizer, "6*7"), tool_answer(engine.llm.tokenizer, "42")
 
     # the adapter's own params (tools="auto" included), with the model made to call the calculator
     build = adapter.sampling_params
     monkeypatch.setattr(adapter, "sampling_params", lambda *args: dataclasses.replace(
-        build(*args), logits_processors=[writing_script], ignore_eos=True))
+        build(*args), logits_processors=[writing(script)], ignore_eos=True))
     n = len(script) + len(answer) + 2
     (row,), (mask,) = engine.generate_batch(PROMPTS[0], max_tokens=n, temperature=0.0)
     assert row[len(PROMPTS[0]):][:len(script) + len(answer)] == script + answer

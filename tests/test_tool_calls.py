@@ -1,10 +1,10 @@
 """Tool calls: a call the model writes is answered with forced tokens, masked 0, computed
 as one chunk, and the greedy continuation equals a full recompute over all the tokens."""
 
-import json
-
 import pytest
-import torch
+
+from checkpoints import load_reference
+from helpers import tool_answer, tool_call, writing
 
 from microvllm import LLM, RequestOutputKind, SamplingParams
 from reference import reference_greedy
@@ -17,42 +17,17 @@ def llm(checkpoint_dir):
     return LLM(checkpoint_dir, block_size=16)
 
 
-def script_of(llm, expression: str) -> list[int]:
-    """The tokens of a call to the tool: <|python_start|> expression <|python_end|>."""
-    special = llm.tokenizer.special
-    return [special["<|python_start|>"], *llm.tokenizer.encode(expression, prepend_bos=False),
-            special["<|python_end|>"]]
-
-
-def answer_of(llm, text: str) -> list[int]:
-    special = llm.tokenizer.special
-    return [special["<|output_start|>"], *llm.tokenizer.encode(text, prepend_bos=False),
-            special["<|output_end|>"]]
-
-
-def writing(script: list[int]):
-    """A logits processor that makes the model write `script` first, then leaves it be."""
-    def processor(output_ids, logits):
-        if len(output_ids) < len(script):
-            forced = torch.full_like(logits, float("-inf"))
-            forced[script[len(output_ids)]] = 0.0
-            return forced
-        return logits
-    return processor
-
-
 def params_writing(script, **kwargs) -> SamplingParams:
     return SamplingParams(temperature=0, ignore_eos=True, logits_processors=[writing(script)], **kwargs)
 
 
 def test_calculator_answer_is_forced_masked_and_the_rest_matches_full_recompute(llm, checkpoint_dir):
-    script, answer = script_of(llm, "1,200 * 3"), answer_of(llm, "3600")
+    script, answer = tool_call(llm.tokenizer, "1,200 * 3"), tool_answer(llm.tokenizer, "3600")
     out = llm.generate([PROMPT], params_writing(script, max_tokens=len(script) + len(answer) + 6, logprobs=0),
                        use_tqdm=False)[0].outputs[0]
     assert out.token_ids[:len(script) + len(answer)] == script + answer
     assert out.token_masks == [1] * len(script) + [0] * len(answer) + [1] * 6
-    sd = torch.load(next(checkpoint_dir.glob("model_*.pt")), weights_only=True)
-    cfg = json.loads(next(checkpoint_dir.glob("meta_*.json")).read_text())["model_config"]
+    sd, cfg = load_reference(checkpoint_dir)
     want, want_logprobs = reference_greedy(sd, cfg, "E", PROMPT + script + answer, 6)
     assert out.token_ids[len(script) + len(answer):] == want
     got_logprobs = [entry[t].logprob for entry, t in zip(out.logprobs[-6:], want)]
@@ -61,7 +36,7 @@ def test_calculator_answer_is_forced_masked_and_the_rest_matches_full_recompute(
 
 
 def test_forced_tokens_are_computed_in_one_step(llm):
-    script, answer = script_of(llm, "2+2"), answer_of(llm, "4")
+    script, answer = tool_call(llm.tokenizer, "2+2"), tool_answer(llm.tokenizer, "4")
     steps_before = llm.engine.stats.steps
     llm.generate([PROMPT], params_writing(script, max_tokens=len(script) + len(answer) + 1), use_tqdm=False)
     # the prefill, one step per scripted token, then one for the whole answer
@@ -69,43 +44,43 @@ def test_forced_tokens_are_computed_in_one_step(llm):
 
 
 def test_forced_tokens_count_toward_max_tokens(llm):
-    script = script_of(llm, "6*7")
+    script = tool_call(llm.tokenizer, "6*7")
     out = llm.generate([PROMPT], params_writing(script, max_tokens=len(script) + 2), use_tqdm=False)[0].outputs[0]
-    assert out.token_ids == script + answer_of(llm, "42")[:2]
+    assert out.token_ids == script + tool_answer(llm.tokenizer, "42")[:2]
     assert out.token_masks == [1] * len(script) + [0, 0]
     assert out.finish_reason == "length"
 
 
 def test_no_answer_forces_nothing(llm):
-    script = script_of(llm, "__import__('os')")
+    script = tool_call(llm.tokenizer, "__import__('os')")
     out = llm.generate([PROMPT], params_writing(script, max_tokens=len(script) + 3), use_tqdm=False)[0].outputs[0]
     assert out.token_masks == [1] * (len(script) + 3)
 
 
 def test_tools_none_turns_tool_calls_off(llm):
-    script = script_of(llm, "1+1")
+    script = tool_call(llm.tokenizer, "1+1")
     out = llm.generate([PROMPT], params_writing(script, max_tokens=len(script) + 3, tools=None),
                        use_tqdm=False)[0].outputs[0]
     assert out.token_masks == [1] * (len(script) + 3)
 
 
 def test_a_callers_tool_answers_with_its_text(llm):
-    script = script_of(llm, "abc")
+    script = tool_call(llm.tokenizer, "abc")
     tool = lambda expression: expression.upper() + "!"
     out = llm.generate([PROMPT], params_writing(script, max_tokens=len(script) + 8, tools=tool),
                        use_tqdm=False)[0].outputs[0]
-    assert out.token_ids[len(script):len(script) + 6] == answer_of(llm, "ABC!")
+    assert out.token_ids[len(script):len(script) + 6] == tool_answer(llm.tokenizer, "ABC!")
 
 
 def test_stop_strings_see_the_forced_text(llm):
-    script = script_of(llm, "7*11")
+    script = tool_call(llm.tokenizer, "7*11")
     out = llm.generate([PROMPT], params_writing(script, max_tokens=30, stop="77"), use_tqdm=False)[0].outputs[0]
     assert (out.finish_reason, out.stop_reason) == ("stop", "77")
     assert out.text == "7*11"
 
 
 def test_tool_calls_survive_preemption_chunking_and_samples(checkpoint_dir, llm):
-    script = script_of(llm, "12+30")
+    script = tool_call(llm.tokenizer, "12+30")
     params = params_writing(script, max_tokens=30, n=2)
     prompts = [PROMPT[:k] + [k] for k in range(8, 20)]
     roomy = llm.generate(prompts, params, use_tqdm=False)
@@ -114,11 +89,11 @@ def test_tool_calls_survive_preemption_chunking_and_samples(checkpoint_dir, llm)
     assert tight.engine.stats.preemptions > 0
     for a, b in zip(roomy, outs):
         assert [(c.token_ids, c.token_masks) for c in a.outputs] == [(c.token_ids, c.token_masks) for c in b.outputs]
-        assert a.outputs[0].token_ids[len(script):len(script) + 4] == answer_of(llm, "42")
+        assert a.outputs[0].token_ids[len(script):len(script) + 4] == tool_answer(llm.tokenizer, "42")
 
 
 def test_delta_stream_adds_up_to_the_final_output(llm):
-    script = script_of(llm, "9*9")
+    script = tool_call(llm.tokenizer, "9*9")
     params = params_writing(script, max_tokens=len(script) + 8, output_kind=RequestOutputKind.DELTA)
     llm.add_request(PROMPT, params, request_id="stream")
     tokens, masks, text = [], [], ""

@@ -17,7 +17,9 @@ class CudaPlatform(Platform):
         return "triton" if importable("triton") else "sdpa"
 
     def attention_backend(self, name: str, dtype: torch.dtype) -> AttentionBackend:
-        if name != "flash_attn" and not (name == "auto" and self.auto_attention_backend(dtype) == "flash_attn"):
+        if name == "auto":
+            name = self.auto_attention_backend(dtype)
+        if name != "flash_attn":
             return super().attention_backend(name, dtype)
         if not importable("flash_attn"):
             raise ValueError(self.unavailable_backend(name))
