@@ -100,7 +100,6 @@ class LLM:
                     if key not in message:
                         raise ValueError(f"{where} has no {key!r}: a message is a "
                                          "{'role': str, 'content': str} dict")
-                    check_type(f"{where}'s {key}", message[key], str, "a str")
         prompts = [{"prompt_token_ids": self.tokenizer.render_chat(c, add_generation_prompt, continue_final_message)}
                    for c in conversations]
         outputs = self.generate(prompts, sampling_params, use_tqdm)

@@ -69,6 +69,25 @@ TOKENIZER_FILES = ("tokenizer.pkl", "tokenizer.json")
 CHAT_TEMPLATE_PARAMS = ("conversation", "tokenize", "add_generation_prompt", "continue_final_message")
 
 
+def message_text(content, where: str) -> str:
+    """A message's content as text: a str, or OpenAI's list of content parts, whose text
+    parts are joined by newlines as vLLM joins them. nanochat models read text only."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, (list, tuple)):
+        raise TypeError(f"{where}'s content must be a str or a list of {{'type': 'text', 'text': str}} "
+                        f"parts, got {type(content).__name__}")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            got = f"type {kind!r}" if isinstance(part, dict) else type(part).__name__
+            raise ValueError(f"{where}'s content part {j} must be a {{'type': 'text', 'text': str}} dict "
+                             f"(nanochat models read text only), got {got}")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
 class Tokenizer:
     def __init__(self, encoding: tiktoken.Encoding | TokenizerJson):
         self.encoding = encoding
@@ -149,19 +168,20 @@ class Tokenizer:
         if add_generation_prompt and continue_final_message:
             raise ValueError("add_generation_prompt=True starts a new reply and continue_final_message=True "
                              "continues the last one: set at most one of them")
-        messages = list(messages)
-        if messages[0].get("role") == "system":
-            if len(messages) < 2 or messages[1].get("role") != "user":
+        messages = [{"role": m.get("role"), "content": message_text(m.get("content"), f"message {i}")}
+                    for i, m in enumerate(messages)]
+        if messages[0]["role"] == "system":
+            if len(messages) < 2 or messages[1]["role"] != "user":
                 raise ValueError("a system message must be followed by a user message")
             # nanochat has no system role: it prefixes the first user message instead
             merged = messages[0]["content"] + "\n\n" + messages[1]["content"]
             messages = [{"role": "user", "content": merged}] + messages[2:]
         ids = [self.bos_id]
         for i, message in enumerate(messages):
-            role, content = message.get("role"), message.get("content")
+            role, content = message["role"], message["content"]
             expected = "user" if i % 2 == 0 else "assistant"
-            if role != expected or not isinstance(content, str):
-                raise ValueError(f"message {i} must be a {expected!r} message with str content "
+            if role != expected:
+                raise ValueError(f"message {i} must be a {expected!r} message "
                                  f"(turns alternate user/assistant), got role={role!r}")
             ids.append(self.special[f"<|{role}_start|>"])
             ids += self.encoding.encode_ordinary(content)

@@ -91,7 +91,8 @@ GENERATE_ARGS = {
 CHAT_ARGS = {
     "lora_request": ((None,), _NO_LORA),
     "chat_template": ((None,), _FIXED_CHAT_FORMAT),
-    "chat_template_content_format": (("auto", "string"), "message content is a str"),
+    "chat_template_content_format": (("auto", "string", "openai"),
+                                     "message content is a str or a list of text parts"),
     "chat_template_kwargs": ((None,), _FIXED_CHAT_FORMAT),
     "tools": ((None,), _NO_TOOL_DEFINITIONS),
     "mm_processor_kwargs": ((None,), "nanochat models take text only"),

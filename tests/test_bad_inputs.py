@@ -318,7 +318,10 @@ def test_sampling_params_must_be_sampling_params(llm):
     (["hello", "there"], TypeError, r"messages\[0\] must be a conversation"),
     ([{"role": "user"}], ValueError, "message 0 has no 'content'"),
     ([{"content": "hi"}], ValueError, "message 0 has no 'role'"),
-    ([{"role": "user", "content": 5}], TypeError, "message 0's content must be a str"),
+    ([{"role": "user", "content": 5}], TypeError, "message 0's content must be a str or a list of"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], ValueError,
+     "message 0's content part 0 must be a {'type': 'text', 'text': str} dict .* got type 'image_url'"),
+    ([{"role": "user", "content": ["hi"]}], ValueError, "content part 0 .* got str"),
     ([[{"role": "user", "content": "hi"}], [{"role": "system"}]], ValueError,
      "message 0 of conversation 1 has no 'content'"),
 ])

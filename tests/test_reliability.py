@@ -3,6 +3,7 @@
 import os
 import random
 import signal
+import sys
 import threading
 import time
 
@@ -258,3 +259,31 @@ def test_a_failing_generate_queues_nothing(checkpoint_dir, monkeypatch):
         llm.generate([[1, 2]] * 5, GREEDY, use_tqdm=False)
     assert not llm.has_unfinished_requests() and llm.engine.block_manager.num_used_blocks == 0
     assert len(llm.generate([[1, 2]] * 5, GREEDY, use_tqdm=False)) == 5
+
+
+def _python_calls(run) -> int:
+    calls = 0
+
+    def count(frame, event, arg):
+        nonlocal calls
+        calls += event == "call"
+
+    sys.setprofile(count)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+def test_work_per_sample_does_not_grow_with_n(checkpoint_dir):
+    """Large n is how best-of-N and RL sampling run: the Python work of a request must
+    grow linearly in n (counted in function calls, not timed)."""
+    llm = LLM(checkpoint_dir, max_num_seqs=512)
+
+    def calls_for(n):
+        return _python_calls(lambda: llm.generate([1, 2, 3], SamplingParams(n=n, max_tokens=2), use_tqdm=False))
+
+    calls_for(8)  # warm-up: first-use imports and caches
+    small, large = calls_for(200), calls_for(800)
+    assert large < 4.5 * small, (small, large)

@@ -87,6 +87,16 @@ def test_chat_outputs_carry_the_rendered_prompt(llm):
     assert out.prompt == "<|bos|><|user_start|>hi<|user_end|><|assistant_start|>"
 
 
+
+def test_chat_takes_openai_content_parts_and_joins_their_text(llm):
+    parts = [{"role": "system", "content": [{"type": "text", "text": "be brief"}]},
+             {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]}]
+    plain = [{"role": "user", "content": "be brief\n\nhi\nthere"}]
+    params = SamplingParams(temperature=0, max_tokens=4)
+    assert llm.chat(parts, params, use_tqdm=False)[0].prompt == llm.chat(plain, params, use_tqdm=False)[0].prompt
+    assert llm.get_tokenizer().apply_chat_template(parts) == llm.get_tokenizer().apply_chat_template(plain)
+
+
 USER_HI = [{"role": "user", "content": "hi"}]
 
 

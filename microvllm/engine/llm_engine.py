@@ -191,6 +191,7 @@ class LLMEngine:
         """Drop one sequence of a request and free its blocks; the request carries on."""
         self.scheduler.finish(seq, "abort")
         seq.request.sequences.remove(seq)
+        seq.request.num_finished_sequences -= 1
 
     def _copy_forked_blocks(self) -> None:
         if self._forked_block_copies:  # one batched copy for all of the last step's forks

@@ -140,5 +140,8 @@ class Scheduler:
             self.block_manager.free(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
+        else:
+            return
         seq.status = SequenceStatus.FINISHED
+        seq.request.num_finished_sequences += 1
         seq.finish_reason, seq.stop_reason = reason, stop_reason
