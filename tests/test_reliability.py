@@ -3,14 +3,17 @@
 import os
 import random
 import signal
+import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from microvllm import LLM, SamplingParams
+from microvllm.cpu.linear import native_bfloat16
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
@@ -287,3 +290,34 @@ def test_work_per_sample_does_not_grow_with_n(checkpoint_dir):
     calls_for(8)  # warm-up: first-use imports and caches
     small, large = calls_for(200), calls_for(800)
     assert large < 4.5 * small, (small, large)
+
+
+
+# run in a fresh process: in this one, heap freed by earlier tests would hide the growth
+PLATEAU_CHECK = """
+import torch
+from microvllm.cpu.linear import PackedLinear, padded_rows
+
+def rss_mib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+linear = PackedLinear(torch.nn.Linear(384, 1536, bias=False).to(torch.bfloat16))
+for rows in sorted({padded_rows(n) for n in range(1, 301)}):
+    linear(torch.ones(rows, 384, dtype=torch.bfloat16))
+before = rss_mib()
+for rows in range(1, 301):
+    assert linear(torch.ones(rows, 384, dtype=torch.bfloat16)).shape == (rows, 1536)
+print(rss_mib() - before)
+"""
+
+
+@pytest.mark.skipif(not native_bfloat16(), reason="bfloat16 linears are packed only on CPUs with bfloat16 instructions")
+def test_bfloat16_linear_memory_reaches_a_plateau_over_every_row_count():
+    """A server meets every token count from 1 to max_num_batched_tokens; oneDNN keeps
+    a kernel per row count it sees, so the memory must stop growing once every padded
+    row count has been met."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent.parent))
+    growth = subprocess.run([sys.executable, "-c", PLATEAU_CHECK], env=env, check=True,
+                            capture_output=True, text=True).stdout
+    assert float(growth) < 16

@@ -8,17 +8,31 @@ faster; a decode step about 10%). The arithmetic is the same, so are the outputs
 
 Only where the CPU has bfloat16 instructions (avx512_bf16 or amx_bf16): elsewhere
 oneDNN has no bfloat16 kernels to pack for.
+
+oneDNN builds and keeps a kernel per distinct row count, and every step's token count
+is a new row count: a long-running process would grow without bound. So the rows are
+padded to one of a few sizes (`padded_rows`), and the kernels, with the memory they
+hold, reach a plateau.
 """
 
 import functools
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .kernels import cpu_flags
 
 # the row count oneDNN tunes the packed layout for: decode batches (any count works)
 ROWS_HINT = 64
+
+
+def padded_rows(rows: int) -> int:
+    """`rows` rounded up to a multiple of 8, and above 64 to one of 8 sizes per octave:
+    at most 64 sizes up to 8,192 rows, at most 12.5% of padding above 64 rows (below,
+    the matmul reads weights more than rows, so the padding is nearly free)."""
+    granule = max(8, 1 << max(0, (rows - 1).bit_length() - 4))
+    return -(-rows // granule) * granule
 
 
 @functools.cache
@@ -41,7 +55,11 @@ class PackedLinear(nn.Module):
         self.packed_weight.copy_(packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, None, "none", [], "")
+        rows = x.shape[0]
+        padding = padded_rows(rows) - rows
+        if padding:
+            x = F.pad(x, (0, 0, 0, padding))
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, None, "none", [], "")[:rows]
 
 
 def pack_linears(model: nn.Module) -> int:
