@@ -1,9 +1,11 @@
 """Soak: thousands of short requests through one engine; nothing may leak or slow down.
 
-Runs the requests in ten equal waves through one LLM and prints, per wave, the output
-tokens/s, the process RSS and the KV blocks in use. At the end, blocks in use and RSS
-must be back where they were after the first wave (within --rss-allowance-mib), and
-the last wave's throughput at least 90% of the first's (a faster last wave is fine).
+Runs the requests in equal waves through one LLM and prints, per wave, the output
+tokens/s, the process RSS and the KV blocks in use. At the end, blocks in use must be
+back where they started, the RSS must have reached a plateau (the second half of the
+waves grows it by at most --rss-allowance-mib: the first half meets the step sizes whose
+kernels the process keeps), and the second half's best wave must run at least 90% as
+fast as the first half's (best of each: other jobs on the machine only slow a wave down).
 
     python -m benchmarks.soak --num-requests 5000
 """
@@ -29,13 +31,14 @@ def rss_mib() -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--dtype", default="auto", help="the LLM's dtype (auto: bfloat16 where the CPU has it)")
     parser.add_argument("--num-requests", type=int, default=5000)
     parser.add_argument("--waves", type=int, default=10)
     parser.add_argument("--rss-allowance-mib", type=float, default=64.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    llm = LLM(args.model)
+    llm = LLM(args.model, dtype=args.dtype)
     vocab = llm.engine.vocab_size
     rng = random.Random(args.seed)
     per_wave = args.num_requests // args.waves
@@ -53,14 +56,15 @@ def main(argv=None) -> int:
         waves.append((tokens / elapsed, rss_mib(), llm.engine.block_manager.num_used_blocks))
         print(f"{wave:>4} {per_wave:>8} {waves[-1][0]:>10.0f} {waves[-1][1]:>8.1f} {waves[-1][2]:>11}")
 
-    first_speed, first_rss, _ = waves[0]
-    last_speed, last_rss, last_blocks = waves[-1]
+    half = len(waves) // 2
+    first_half, second_half = waves[:half], waves[half:]
+    growth = waves[-1][1] - first_half[-1][1]
+    speed_ratio = max(w[0] for w in second_half) / max(w[0] for w in first_half)
     checks = {
-        "blocks in use back to start": last_blocks == blocks_at_start,
-        f"RSS growth {last_rss - first_rss:+.1f} MiB within {args.rss_allowance_mib} MiB":
-            last_rss - first_rss <= args.rss_allowance_mib,
-        f"last/first wave throughput {last_speed / first_speed:.3f} >= 0.90 (only a slowdown fails)":
-            last_speed / first_speed >= 0.90,
+        "blocks in use back to start": waves[-1][2] == blocks_at_start,
+        f"RSS over the second half {growth:+.1f} MiB within {args.rss_allowance_mib} MiB "
+        f"(over the whole run {waves[-1][1] - waves[0][1]:+.1f})": growth <= args.rss_allowance_mib,
+        f"best wave throughput, second half / first half {speed_ratio:.3f} >= 0.90": speed_ratio >= 0.90,
         "no request left unfinished": not llm.has_unfinished_requests(),
     }
     for name, ok in checks.items():
