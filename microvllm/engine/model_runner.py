@@ -1,8 +1,8 @@
 """ModelRunner: turns a scheduled step into tensors, runs the model once, samples.
 
-The flat batch puts single-token sequences (decodes) first, then prefill chunks, each
-kind sorted by context length, so the attention backend can pad similar neighbours
-together. Index arrays are built with numpy from the sequences' block tables, then
+The flat batch puts single-token sequences (decodes) first, then fresh prompts' first
+chunks, then chunks that continue a computed prefix, each kind sorted by context
+length, so the attention backend can pad similar neighbours together. Index arrays are built with numpy from the sequences' block tables, then
 moved to the device in one copy. A step of single-token sequences replays a CUDA graph
 when the engine captured them (DecodeGraphs); any other step runs eagerly.
 """
@@ -24,8 +24,16 @@ from .sequence import Request, Sequence
 from .stats import StepTimer
 from .transfer import to_device
 
-# added to a prefill chunk's sort key, past any context length
-PREFILLS_AFTER_DECODES = 1 << 40
+# a step of this many sequence kinds' sort keys apart, past any context length
+BATCH_KIND_STRIDE = 1 << 40
+
+
+def _batch_order(item: ScheduledSequence) -> int:
+    """Decodes, then fresh prompts, then continued ones, each by context length (an int
+    key: tuples compare slower)."""
+    computed = item.seq.num_computed_tokens
+    kind = 0 if item.num_new_tokens == 1 else 1 if computed == 0 else 2
+    return kind * BATCH_KIND_STRIDE + computed + item.num_new_tokens
 # what an eager step sends the device, in its one copy
 EAGER_INPUTS = ("input_ids", "positions", "prev_ids", "slot_mapping", "block_tables",
                 "cu_query_lens", "cu_context_lens")
@@ -73,10 +81,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> StepOutput:
-        # decodes first, then by context length: the attention backend groups neighbours
-        # (an int key: tuples compare slower)
-        batch = sorted(scheduled, key=lambda s: s.seq.num_computed_tokens + s.num_new_tokens
-                       + (s.num_new_tokens != 1) * PREFILLS_AFTER_DECODES)
+        batch = sorted(scheduled, key=_batch_order)  # the attention backend groups neighbours
         seqs = [s.seq for s in batch]
         if self.timer:
             self.timer.start()

@@ -187,4 +187,6 @@ class GPT(nn.Module):
         """Softcapped float32 logits over the real (unpadded) vocabulary."""
         logits = self.lm_head(hidden)[:, :self.config.vocab_size].float()
         cap = self.config.logit_softcap
-        return cap * torch.tanh(logits / cap)
+        # cap * tanh(x / cap), written as cap * (2 sigmoid(2x / cap) - 1): torch's CPU tanh
+        # is several times slower than its sigmoid, on [rows, vocab] every step
+        return torch.sigmoid(logits.mul_(2 / cap)).mul_(2 * cap).sub_(cap)

@@ -79,8 +79,11 @@ class SdpaPagedAttention:
         self.covers_step = first_seq == 0
         query_lens, context_lens = view.query_lens, view.context_lens
         first_token = sum(query_lens[:first_seq])
+        # a group is decodes, fresh prompts or chunk continuations: one continuation (keys
+        # before its first query) would cost a group of fresh prompts their plain causal SDPA
+        kind = [(q == 1, q == c) for q, c in zip(query_lens, context_lens)]
         for i in range(first_seq + 1, len(query_lens) + 1):
-            if i < len(query_lens) and (query_lens[i] == 1) == (query_lens[first_seq] == 1) and \
+            if i < len(query_lens) and kind[i] == kind[first_seq] and \
                     context_lens[i] <= max(self.GROUP_CONTEXT_RATIO * context_lens[first_seq],
                                            context_lens[first_seq] + self.GROUP_CONTEXT_SLACK):
                 continue
