@@ -244,3 +244,10 @@ def test_without_xgrammar_a_constrained_request_says_what_to_install(random_llm,
     monkeypatch.setitem(sys.modules, "xgrammar", None)
     with pytest.raises(ImportError, match=re.escape('pip install -e ".[structured]"')):
         random_llm.generate(["p"], structured(StructuredOutputsParams(regex="never parsed before")), use_tqdm=False)
+
+
+def test_overhead_benchmark_times_both_batches(checkpoint_dir, capsys):
+    from benchmarks import structured_overhead
+    structured_overhead.main(["--model", str(checkpoint_dir), "--num-seqs", "4", "--steps", "2", "--rounds", "1"])
+    report = capsys.readouterr().out
+    assert "none constrained:" in report and "half held to a JSON schema:" in report and "overhead:" in report
