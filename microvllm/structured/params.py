@@ -39,8 +39,10 @@ class StructuredOutputsParams:
     def _source(self, kind: str) -> str:
         """The text grammars.py parses for this kind of constraint."""
         if kind == "json":
-            # not sorted: properties are generated in the schema's order
-            return self.json if isinstance(self.json, str) else dumps(self.json)
+            try:  # not sorted: properties are generated in the schema's order
+                return self.json if isinstance(self.json, str) else dumps(self.json)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"structured_outputs.json must be a JSON schema: {e}") from None
         if kind == "json_object":
             return dumps({"type": "object"})
         if kind == "choice":
