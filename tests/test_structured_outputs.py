@@ -247,6 +247,12 @@ def test_without_xgrammar_a_constrained_request_says_what_to_install(random_llm,
         random_llm.generate(["p"], structured(StructuredOutputsParams(regex="never parsed before")), use_tqdm=False)
 
 
+def test_unconstrained_requests_never_need_xgrammar(random_llm, monkeypatch):
+    monkeypatch.setitem(sys.modules, "xgrammar", None)
+    out = random_llm.generate(["p"] * 4, SamplingParams(max_tokens=4, temperature=1.0), use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) for o in out)
+
+
 def test_overhead_benchmark_times_both_batches(checkpoint_dir, capsys):
     from benchmarks import structured_overhead
     structured_overhead.main(["--model", str(checkpoint_dir), "--num-seqs", "4", "--steps", "2"])
