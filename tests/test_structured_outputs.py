@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from microvllm import LLM, RequestOutputKind, SamplingParams, StructuredOutputsParams
+from microvllm import LLM, BeamSearchParams, RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")
@@ -232,6 +232,11 @@ def test_sampling_params_that_fight_a_constraint_are_refused(kwargs, message):
     kwargs.setdefault("structured_outputs", StructuredOutputsParams(regex="a"))
     with pytest.raises((ValueError, TypeError), match=message):
         SamplingParams(**kwargs)
+
+
+def test_beam_search_takes_no_constraint():
+    with pytest.raises(TypeError, match="structured_outputs"):
+        BeamSearchParams(beam_width=2, max_tokens=4, structured_outputs=StructuredOutputsParams(regex="a"))
 
 
 def test_other_shaping_that_leaves_the_grammar_no_token_aborts_the_output(random_llm):
