@@ -19,12 +19,16 @@ setup(
         "test": ["pytest", "hypothesis", "pyarrow",
                  "transformers>=5", "huggingface_hub", "safetensors", "tokenizers",
                  # ray runs the data-parallel tests on a local two-CPU cluster
-                 "ray[data]>=2.40,<3"],
+                 "ray[data]>=2.40,<3",
+                 # structured outputs, and jsonschema to validate what they produce
+                 "xgrammar", "jsonschema"],
         # hub ids (huggingface_hub) and the transformers format (safetensors weights, tokenizer.json)
         "hf": ["huggingface_hub", "safetensors", "tokenizers"],
         "bench": ["datasets", "matplotlib", "pyarrow"],
         "train": ["tokenizers"],
         # data-parallel replicas (LLM(..., data_parallel_size=N)) and the Ray Data path
         "distributed": ["ray[data]>=2.40,<3"],
+        # structured outputs (SamplingParams(structured_outputs=...)): JSON schema, regex, choice, grammar
+        "structured": ["xgrammar"],
     },
 )

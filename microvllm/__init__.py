@@ -3,7 +3,8 @@
 from .llm import LLM
 from .outputs import BeamSearchOutput, BeamSearchSequence, CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
+from .structured import StructuredOutputsParams
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestMetrics",
-           "RequestOutputKind", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence"]
+           "RequestOutputKind", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence", "StructuredOutputsParams"]
 __version__ = "0.1.0"

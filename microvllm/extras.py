@@ -10,3 +10,12 @@ def import_hf(name: str):
     except ImportError:
         raise ImportError(f"loading Hugging Face hub ids and the transformers format needs {name}: "
                           'pip install -e ".[hf]"') from None
+
+
+def import_xgrammar():
+    """xgrammar (the `structured` extra), or an ImportError that says how to get it."""
+    try:
+        return importlib.import_module("xgrammar")
+    except ImportError:
+        raise ImportError("structured outputs need xgrammar: "
+                          'pip install -e ".[structured]"') from None

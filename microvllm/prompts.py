@@ -4,6 +4,7 @@ facade, against the engine's limits (the engine trusts what it is given)."""
 import numbers
 
 from .sampling_params import SamplingParams
+from .structured import grammars
 from .tokenizer import Tokenizer
 from .validation import check_type
 
@@ -37,7 +38,7 @@ def parse_prompt(prompt, tokenizer: Tokenizer) -> tuple[str | None, list[int]]:
 def checked_prompt(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int,
                    max_model_len: int) -> list[int]:
     """The token ids the engine runs (truncated as params ask, numpy ints made Python ones),
-    or the error that names what is wrong with them and what is allowed."""
+    or the error that names what is wrong with them, or with params' constraint, and what is allowed."""
     check_type("sampling_params", params, SamplingParams, "a SamplingParams")
     k = params.truncate_prompt_tokens
     token_ids = list(prompt_token_ids) if k is None else list(prompt_token_ids)[-k:]
@@ -56,6 +57,8 @@ def checked_prompt(prompt_token_ids: list[int], params: SamplingParams, vocab_si
         bad = [t for t in getattr(params, name) or () if t >= vocab_size]
         if bad:
             raise ValueError(f"{name} {bad} are out of vocabulary: ids must be in [0, {vocab_size})")
+    if params.structured_outputs is not None:
+        grammars.check(params.structured_outputs)
     return [int(t) for t in token_ids]
 
 

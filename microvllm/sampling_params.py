@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields
 from typing import Callable
 
 from . import unsupported
+from .structured.params import StructuredOutputsParams
 from .validation import check_bool, check_int, check_int_list, check_real, check_type
 
 MAX_LOGPROBS = 20
@@ -50,6 +51,7 @@ class _SamplingFields:
     output_kind: RequestOutputKind | None = None  # None = the entry point's: see RequestOutputKind
     # nanochat's tool calls: "auto" = its calculator, None = off, or f(expression) -> str | None
     tools: str | Callable | None = "auto"
+    structured_outputs: StructuredOutputsParams | None = None  # JSON schema, regex, choice or grammar
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
     shapes_logits: bool = field(init=False, repr=False)  # any of the three above set
 
@@ -121,6 +123,19 @@ class _SamplingFields:
                             f"callable from the expression text to the text to force (or None), got {self.tools!r}")
         if self.output_kind is not None and not isinstance(self.output_kind, RequestOutputKind):
             raise TypeError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
+        if self.structured_outputs is not None:
+            self._validate_structured_outputs()
+
+    def _validate_structured_outputs(self):
+        check_type("structured_outputs", self.structured_outputs, StructuredOutputsParams,
+                   "a StructuredOutputsParams or None")
+        # the grammar allows no special token, so nanochat's calculator ("auto") never starts
+        if callable(self.tools):
+            raise ValueError("tools and structured_outputs exclude each other: a structured output holds "
+                             "no special tokens, so no tool call; use tools=None or 'auto'")
+        if self.ignore_eos:
+            raise ValueError("ignore_eos=True and structured_outputs exclude each other: a structured "
+                             "output ends with EOS where its grammar is complete")
 
 
 def logits_processor_arity(f: Callable) -> int:

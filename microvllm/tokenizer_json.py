@@ -63,6 +63,10 @@ class TokenizerJson:
         # the byte-level decoder already replaces invalid UTF-8, as errors="replace" asks
         return self._tokenizer.decode(list(token_ids), skip_special_tokens=False)
 
+    def decode_single_token_bytes(self, token_id: int) -> bytes:
+        """A plain token's bytes (what structured outputs match against)."""
+        return bytes(CHAR_TO_BYTE[c] for c in self._tokenizer.id_to_token(token_id))
+
 
 def _token_string(token: bytes) -> str:
     return "".join(BYTE_TO_CHAR[b] for b in token)

@@ -41,8 +41,7 @@ SAMPLING_ARGS = {
     "use_beam_search": ((False,), "SamplingParams has no beam search"),
     "length_penalty": ((1.0,), "SamplingParams has no beam search"),
     "early_stopping": ((False,), "SamplingParams has no beam search"),
-    "guided_decoding": ((None,), "constrain tokens with allowed_token_ids, bad_words or logits_processors"),
-    "structured_outputs": ((None,), "constrain tokens with allowed_token_ids, bad_words or logits_processors"),
+    "guided_decoding": ((None,), "use structured_outputs=StructuredOutputsParams(...)"),
     "logit_bias": ((None,), "add the biases in a logits_processors function"),
     "spaces_between_special_tokens": ((True,), "special tokens decode as they are"),
     "extra_args": ((None,), "drop the argument"),
@@ -83,7 +82,7 @@ GENERATE_ARGS = {
     "lora_request": ((None,), _NO_LORA),
     "prompt_adapter_request": ((None,), "prompt adapters are not supported"),
     "priority": ((None,), "requests are scheduled first come, first served"),
-    "guided_options_request": ((None,), "constrain tokens with allowed_token_ids, bad_words or logits_processors"),
+    "guided_options_request": ((None,), "use SamplingParams(structured_outputs=StructuredOutputsParams(...))"),
     "tokenization_kwargs": ((None,), "prompts are tokenized as nanochat does"),
 }
 

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 
-from microvllm import LLM, BeamSearchParams, SamplingParams
+from microvllm import LLM, BeamSearchParams, SamplingParams, StructuredOutputsParams
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # each test starts or shares a local Ray cluster
@@ -63,6 +63,15 @@ class TestOnePool:
         prompts = PROMPTS * 2
         got = pool_llm.generate(prompts, params_for(prompts), use_tqdm=False)
         assert_same_outputs(got, one_llm.generate(prompts, params_for(prompts), use_tqdm=False))
+
+    def test_structured_outputs_match_one_engine(self, pool_llm, one_llm):
+        pytest.importorskip("xgrammar")
+        words = StructuredOutputsParams(regex=r"[a-z]{2,6}( [a-z]{2,6}){0,2}")
+        params = [SamplingParams(max_tokens=24, temperature=1.0, seed=3, structured_outputs=words),
+                  SamplingParams(max_tokens=8, temperature=0.0,
+                                 structured_outputs=StructuredOutputsParams(choice=["yes", "no"]))] * 3
+        assert_same_outputs(pool_llm.generate(PROMPTS, params, use_tqdm=False),
+                            one_llm.generate(PROMPTS, params, use_tqdm=False))
 
     def test_beam_search_is_refused_with_the_setting_that_allows_it(self, pool_llm):
         with pytest.raises(ValueError, match="data_parallel_size=1"):

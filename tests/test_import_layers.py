@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "microvllm"
 # lower layers first; a module may import its own layer and the layers before it
 LAYERS = [
     ("shared", ["outputs", "sampling_params", "validation", "unsupported", "extras", "tokenizer",
-                "tokenizer_json", "tools"]),
+                "tokenizer_json", "tools", "structured"]),
     ("model", ["model"]),
     ("cpu", ["cpu"]),
     ("platform", ["platform"]),

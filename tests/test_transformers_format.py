@@ -107,6 +107,9 @@ def test_tokenizer_json_encodes_and_decodes_like_tiktoken(tmp_path):
         assert ours.decode(ids) == encoding.decode(ids, errors="replace")
     assert ours.special == Tokenizer(encoding).special
     assert ours.decode(encoding.encode_ordinary("\U0001F30D")[:2]) == "\ufffd"  # a cut character
+    plain = [t for t in range(VOCAB) if t not in ours.special_ids]  # the bytes structured outputs match
+    assert [ours.encoding.decode_single_token_bytes(t) for t in plain] == \
+        [encoding.decode_single_token_bytes(t) for t in plain]
 
 
 def test_written_tokenizer_json_matches_transformers_and_tiktoken(tmp_path):

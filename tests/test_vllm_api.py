@@ -161,7 +161,7 @@ def test_vllm_defaults_are_accepted_and_typos_get_a_suggestion(checkpoint_dir):
 
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(best_of=4), ValueError, r"SamplingParams\(best_of=4\) is not supported: sample n"),
-    (dict(guided_decoding={"json": {}}), ValueError, "allowed_token_ids, bad_words or logits_processors"),
+    (dict(guided_decoding={"json": {}}), ValueError, "structured_outputs=StructuredOutputsParams"),
     (dict(use_beam_search=True), ValueError, "no beam search"),
     (dict(temprature=0.5), TypeError, "did you mean 'temperature'"),
     (dict(stop="x", detokenize=False), ValueError, "stop strings need text"),

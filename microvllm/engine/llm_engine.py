@@ -28,6 +28,7 @@ from ..model.weights import load_weights
 from ..outputs import Logprob, RequestOutput
 from ..platform import platform_for
 from ..sampling_params import RequestOutputKind, SamplingParams
+from ..structured.grammars import Grammars
 from ..tools import ToolCalls
 from . import logits_processors
 from .block_manager import BlockManager
@@ -95,6 +96,7 @@ class LLMEngine:
                                   Sampler(self.tokenizer.eos_token_ids, platform.argmax), self.device, decode_graphs,
                                   StepTimer(self.device) if config.step_timing else None)
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler, self.max_model_len)
+        self.grammars = Grammars(self.tokenizer)
         self.stats = EngineStats()
         self._request_ids = RequestIds()
         self._forked_block_copies: list[tuple[int, int]] = []
@@ -120,6 +122,7 @@ class LLMEngine:
         for index in range(params.n):
             seed = xxhash.xxh64_intdigest(f"{base_seed}:{index}".encode()) >> 1  # fits int64
             seq = Sequence(next(self._seq_counter), request, index, list(prompt_token_ids), seed)
+            seq.grammar = self.grammars.matcher(params.structured_outputs)  # compiled once, then cached
             request.sequences.append(seq)
             self.scheduler.add(seq)
         self.output_processor.add(request)

@@ -1,10 +1,11 @@
 """OutputProcessor: what a step's sampled tokens do to their requests, and what callers see.
 
 The one stage between the model runner and RequestOutput. Per sampled row it appends
-the token, records its log-probs, applies the stop rules (stated once, in `_stop`) and
-keeps the text where stop strings are watched; it holds the unfinished requests and
-those whose output the next step() returns, and builds each RequestOutput: whole, or
-only what is new since the last one for DELTA streams.
+the token (advancing a structured output's grammar matcher), records its log-probs,
+applies the stop rules (stated once, in `_stop`) and keeps the text where stop strings
+are watched; it holds the unfinished requests and those whose output the next step()
+returns, and builds each RequestOutput: whole, or only what is new since the last one
+for DELTA streams.
 
 A step stays all or nothing by working in two halves: `decide` does everything slow
 (detokenising, log-prob entries) and only reads state; `commit` applies what was decided
@@ -12,7 +13,7 @@ in plain bookkeeping, which the engine runs with Ctrl-C held back.
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from ..sampling_params import RequestOutputKind
@@ -107,6 +108,10 @@ class OutputProcessor:
         for item, token, update in zip(result.sampled_seqs, tokens, decisions.updates):
             seq, request = item.seq, item.seq.request
             seq.token_ids.append(token)
+            if seq.grammar is not None and not seq.grammar.accept_token(token):
+                # only where allowed_token_ids, bad_words, a logits processor or min_tokens
+                # left the grammar no token: the output cannot go on as its grammar says
+                update = replace(update or TokenUpdate(seq), finish=("abort", None))
             if request.first_token_time is None:
                 request.first_token_time = now
             if update is not None:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..sampling_params import SamplingParams
+from ..structured.bitmasks import GrammarBitmasks
 from .logits_processors import shape_logits
 from .sequence import Sequence
 from .transfer import to_device
@@ -113,14 +114,20 @@ class Sampler:
                  argmax: Callable[[torch.Tensor], torch.Tensor] = lambda x: x.argmax(dim=-1)):
         self.eos_token_ids = sorted(eos_token_ids)
         self.argmax = argmax  # over the last dim; the platform's fastest
+        self.grammar_bitmasks = GrammarBitmasks()
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledTokens:
         # the step's distinct SamplingParams say which of the passes below it needs; a
         # greedy step of plain requests is an argmax
         kinds = distinct_params(seqs)
         raw_logits = logits
+        k = max((p.logprobs for p in kinds if p.logprobs is not None), default=None)
         if any(p.shapes_logits for p in kinds):  # allowed_token_ids, bad_words, logits_processors
             logits = shape_logits(logits, seqs)
+        if any(p.structured_outputs is not None for p in kinds):
+            # masked in place: on a copy where the raw logits give log-probs
+            logits = self.grammar_bitmasks.apply(logits.clone() if logits is raw_logits and k is not None
+                                                 else logits, [seq.grammar for seq in seqs])
         if any(p.has_penalties for p in kinds):
             logits = self._apply_penalties(logits, seqs)
         blocked = self._blocked_tokens(seqs) if any(p.min_tokens for p in kinds) else []
@@ -134,7 +141,6 @@ class Sampler:
             sampling_rows = [row for row, seq in enumerate(seqs) if not seq.params.greedy]
             rows, sampled = self._sample(logits, [seqs[r] for r in sampling_rows], sampling_rows)
             token_ids.index_copy_(0, rows, sampled)
-        k = max((p.logprobs for p in kinds if p.logprobs is not None), default=None)
         if k is None:
             return SampledTokens(token_ids.tolist())
         rows = LogprobRows.read(logprob_table(raw_logits, token_ids, k), k)

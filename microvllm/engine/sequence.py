@@ -49,6 +49,10 @@ class Sequence:
     forced_spans: list[tuple[int, int]] = field(default_factory=list)
     num_streamed_tokens: int = 0        # of the output, sent by a DELTA stream so far
     num_streamed_chars: int = 0
+    # where the request has structured_outputs: an xgrammar GrammarMatcher that has
+    # accepted every output token so far (advanced as tokens are committed, so a
+    # recompute after preemption leaves it where it is)
+    grammar: object = None
     params: SamplingParams = field(init=False, repr=False)  # the request's; read on every step
 
     def __post_init__(self):

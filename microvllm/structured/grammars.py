@@ -1,0 +1,68 @@
+"""Grammars: constraints parsed, then compiled against the tokenizer, once per distinct constraint.
+
+Parsing needs no tokenizer, so the facade checks every request's constraint with it
+before queuing any (`check`). Compiling builds, for the tokenizer's vocabulary, what a
+matcher needs to tell the allowed tokens quickly; the engine compiles when a request
+is added, so the step loop never waits on it, and 1,000 requests with one schema
+compile once. Each sequence gets its own matcher: its position in the grammar.
+
+The vocabulary is our tiktoken ranks' bytes. Special tokens are given as empty, which
+xgrammar never allows; EOS is its stop token, allowed once the grammar is complete.
+"""
+
+import functools
+
+from ..extras import import_xgrammar
+from ..tokenizer import Tokenizer
+from .params import StructuredOutputsParams
+
+# distinct constraints kept parsed, and compiled, before the least recently used is dropped
+GRAMMARS_KEPT = 256
+
+
+@functools.lru_cache(maxsize=GRAMMARS_KEPT)
+def parsed(key: tuple[str, str]):
+    """The xgrammar Grammar of a StructuredOutputsParams.key; ValueError names a bad one."""
+    xgr = import_xgrammar()
+    kind, source = key
+    try:
+        if kind in ("json", "json_object"):
+            # compact JSON (json.dumps' separators): free whitespace lets a model wander in it
+            return xgr.Grammar.from_json_schema(source, any_whitespace=False)
+        if kind == "regex":
+            return xgr.Grammar.from_regex(source)
+        return xgr.Grammar.from_ebnf(source)  # grammar, and choice's alternatives
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[-1]
+        raise ValueError(f"structured_outputs.{kind} is not valid: {reason}") from None
+
+
+def check(constraint: StructuredOutputsParams) -> None:
+    """Raise what compiling the constraint would (a ValueError, or an ImportError without xgrammar)."""
+    parsed(constraint.key)
+
+
+class Grammars:
+    """The engine's compiled grammars and the matchers it gives sequences."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._compiler = None  # built at the first constrained request: unconstrained runs never import xgrammar
+        self.compiled = functools.lru_cache(maxsize=GRAMMARS_KEPT)(self._compile)
+
+    def matcher(self, constraint: StructuredOutputsParams | None):
+        """A new xgrammar GrammarMatcher at the grammar's start, or None for no constraint."""
+        if constraint is None:
+            return None
+        return import_xgrammar().GrammarMatcher(self.compiled(constraint.key))
+
+    def _compile(self, key: tuple[str, str]):
+        if self._compiler is None:
+            xgr = import_xgrammar()
+            tok = self.tokenizer
+            vocab = [b"" if t in tok.special_ids else tok.encoding.decode_single_token_bytes(t)
+                     for t in range(tok.vocab_size)]
+            info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=tok.vocab_size,
+                                     stop_token_ids=sorted(tok.eos_token_ids))
+            self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)  # cached here, by key
+        return self._compiler.compile_grammar(parsed(key))
