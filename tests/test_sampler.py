@@ -82,6 +82,24 @@ def test_top_k_past_the_vocabulary_keeps_every_token():
     assert len(sample(mixed)) == 2
 
 
+def test_top_k_rows_draw_over_their_candidates_what_the_whole_vocabulary_would_give():
+    """The top-k path samples among k candidates; the same logits with everything past
+    the k-th masked, sampled over the whole vocabulary, must give the same tokens."""
+    rows = 12
+    logits = torch.randn(rows, VOCAB, generator=torch.Generator().manual_seed(1))
+    params = [SamplingParams(temperature=0.7, top_k=k, top_p=p, min_p=m, seed=s)
+              for s, (k, p, m) in enumerate([(1, 1.0, 0.0), (5, 1.0, 0.0), (50, 0.9, 0.0), (50, 1.0, 0.1)] * 3)]
+    masked = logits.clone()
+    for row, p in enumerate(params):
+        masked[row][masked[row] < masked[row].topk(p.top_k).values[-1]] = float("-inf")
+    whole = [SamplingParams(temperature=p.temperature, top_p=p.top_p, min_p=p.min_p, seed=p.seed) for p in params]
+    with FullPasses(rows * VOCAB) as watch:
+        tokens = sample(params, logits)
+    assert tokens == sample(whole, masked)
+    assert len(set(tokens)) > 4
+    assert watch.largest_64_bit < rows * VOCAB  # no noise over the whole vocabulary
+
+
 def test_top_p_keeps_the_smallest_set_that_reaches_it():
     # probabilities 0.5, 0.3, 0.2 (and nothing else): top_p 0.8 keeps the first two only
     logits = torch.full((1, VOCAB), float("-inf"))

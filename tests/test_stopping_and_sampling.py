@@ -99,7 +99,7 @@ def test_min_p_near_1_is_greedy(llm):
 
 
 def test_sampling_noise_is_uniform():
-    u = uniform_noise(torch.tensor([1, 2**40 + 5]), torch.tensor([0, 3]), 50_000)
+    u = uniform_noise(torch.tensor([1, 2**40 + 5]), torch.tensor([0, 3]), torch.arange(50_000))
     assert 0 < u.min() and u.max() < 1
     assert abs(float(u.mean()) - 0.5) < 0.01
     assert not torch.equal(u[0], u[1])

@@ -9,8 +9,10 @@ Sampling is the Gumbel-max race: the argmax over tokens of logit / temperature p
 
 At a vocabulary of 65,536 a row of anything is 256 KB to 512 KB, so the work is laid
 out to pass over [rows, vocab] as few times as possible: greedy rows stop at argmax;
-only rows that sample get noise, in chunks of bounded size; top-k, top-p and min-p
-become one per-row floor on the logits, and only top-p sorts. Everything a step sends
+only rows that sample get noise, in chunks of bounded size. Rows with a top-k (nanochat
+samples with top_k=50) leave the vocabulary after one topk: their top-p, min-p and noise
+are computed over their k candidates only. Other rows turn top-p and min-p into one
+per-row floor on the logits, and only top-p sorts. Everything a step sends
 the device travels in one copy, and the tokens (with their log-probs) come back in one.
 """
 
@@ -46,10 +48,11 @@ def _hash32_(x: torch.Tensor) -> torch.Tensor:
     return x.bitwise_xor_(x >> 16)
 
 
-def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[rows, vocab] float64 uniforms in (0, 1), a pure function of (seed, position, token id)."""
+def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """float64 uniforms in (0, 1) for each row's `token_ids` ([tokens], the same for every
+    row, or [rows, tokens]), a pure function of (seed, position, token id)."""
     row_key = _hash32_(_hash32_((seeds & _MASK32) ^ _hash32_(seeds >> 32)) ^ positions)
-    token_keys = torch.arange(vocab_size, device=seeds.device) * 0x9E3779B9
+    token_keys = token_ids * 0x9E3779B9
     bits = _hash32_(torch.add(row_key.unsqueeze(1), token_keys).bitwise_and_(_MASK32))
     return bits.double().add_(0.5).div_(2.0**32)
 
@@ -63,16 +66,20 @@ def distinct_params(seqs: list[Sequence]) -> list[SamplingParams]:
 
 
 def gumbel_argmax(x: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
-                  argmax: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Per row, argmax over tokens of x + Gumbel noise: a draw from softmax(x)."""
-    vocab = x.shape[1]
-    rows_per_chunk = max(1, NOISE_CHUNK_ELEMENTS // vocab)
-    tokens = torch.empty(len(x), dtype=torch.long, device=x.device)
+                  argmax: Callable[[torch.Tensor], torch.Tensor], token_ids: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """Per row, the column of argmax(x + Gumbel noise): a draw from softmax(x). Column j
+    of a row is token j, or token_ids[row, j] where given (a row's candidates)."""
+    width = x.shape[1]
+    rows_per_chunk = max(1, NOISE_CHUNK_ELEMENTS // width)
+    columns = torch.empty(len(x), dtype=torch.long, device=x.device)
+    all_tokens = torch.arange(width, device=x.device) if token_ids is None else None
     for first in range(0, len(x), rows_per_chunk):
         rows = slice(first, first + rows_per_chunk)
-        gumbel = uniform_noise(seeds[rows], positions[rows], vocab).log_().neg_().log_().neg_()
-        tokens[rows] = argmax(gumbel.add_(x[rows]))
-    return tokens
+        ids = all_tokens if token_ids is None else token_ids[rows]
+        gumbel = uniform_noise(seeds[rows], positions[rows], ids).log_().neg_().log_().neg_()
+        columns[rows] = argmax(gumbel.add_(x[rows]))
+    return columns
 
 
 def logprob_table(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> torch.Tensor:
@@ -138,9 +145,13 @@ class Sampler:
                                       torch.tensor(float("-inf"), device=logits.device))
         token_ids = self.argmax(logits)
         if not all(p.greedy for p in kinds):
-            sampling_rows = [row for row, seq in enumerate(seqs) if not seq.params.greedy]
-            rows, sampled = self._sample(logits, [seqs[r] for r in sampling_rows], sampling_rows)
-            token_ids.index_copy_(0, rows, sampled)
+            vocab = logits.shape[1]
+            with_top_k = [row for row, seq in enumerate(seqs) if not seq.params.greedy and 0 < seq.params.top_k < vocab]
+            without = [row for row, seq in enumerate(seqs) if not seq.params.greedy and not 0 < seq.params.top_k < vocab]
+            for sampling_rows, sample in ((with_top_k, self._sample_top_k), (without, self._sample)):
+                if sampling_rows:
+                    rows, sampled = sample(logits, [seqs[r] for r in sampling_rows], sampling_rows)
+                    token_ids.index_copy_(0, rows, sampled)
         if k is None:
             return SampledTokens(token_ids.tolist())
         rows = LogprobRows.read(logprob_table(raw_logits, token_ids, k), k)
@@ -183,20 +194,43 @@ class Sampler:
         logits = torch.where(seen, penalised, logits)
         return logits - frequency * output_counts - presence * (output_counts > 0)
 
-    def _sample(self, logits, seqs, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the sampling rows, their tokens) on the device."""
-        params, vocab = [s.params for s in seqs], logits.shape[1]
-        top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
+    @staticmethod
+    def _inputs(logits, seqs, rows: list[int]) -> dict[str, torch.Tensor]:
+        """The sampling rows' settings, on the device in one copy."""
+        params = [s.params for s in seqs]
         t = to_device(dict(
-            rows=np.array(rows), top_k=np.array(top_k),
+            rows=np.array(rows), top_k=np.array([p.top_k for p in params]),
             seeds=np.array([s.seed for s in seqs]), positions=np.array([s.num_output_tokens for s in seqs]),
             temperature=np.array([p.temperature for p in params], dtype=np.float64),
             top_p=np.array([p.top_p for p in params], dtype=np.float64),
             min_p=np.array([p.min_p for p in params], dtype=np.float64)), logits.device)
-        x = logits.index_select(0, t["rows"]).div_(t["temperature"].float().unsqueeze(1))
-        if min(top_k) < vocab:
-            kth = x.topk(max(top_k), dim=-1).values.gather(1, t["top_k"].unsqueeze(1) - 1)
-            x.masked_fill_(x < kth, float("-inf"))
+        t["temperature"] = t["temperature"].float().unsqueeze(1)
+        return t
+
+    def _sample_top_k(self, logits, seqs, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the sampling rows, their tokens) for rows with a top-k below the vocabulary:
+        each row's k most likely tokens (topk's choice among ties at the k-th) are its
+        candidates, and the rest of the step sees only them."""
+        t = self._inputs(logits, seqs, rows)
+        # sorted, most likely first; temperature keeps the order, so it divides only these
+        top = logits.index_select(0, t["rows"]).topk(max(s.params.top_k for s in seqs), dim=-1)
+        rank = torch.arange(top.values.shape[1], device=logits.device)
+        candidates = top.values.div_(t["temperature"]).masked_fill_(rank >= t["top_k"].unsqueeze(1), float("-inf"))
+        self._apply_floors(candidates, seqs, t)
+        column = gumbel_argmax(candidates, t["seeds"], t["positions"], self.argmax, top.indices)
+        return t["rows"], top.indices.gather(1, column.unsqueeze(1)).squeeze(1)
+
+    def _sample(self, logits, seqs, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the sampling rows, their tokens) for rows without a top-k."""
+        t = self._inputs(logits, seqs, rows)
+        x = logits.index_select(0, t["rows"]).div_(t["temperature"])
+        self._apply_floors(x, seqs, t)
+        return t["rows"], gumbel_argmax(x, t["seeds"], t["positions"], self.argmax)
+
+    @staticmethod
+    def _apply_floors(x, seqs, t) -> None:
+        """Drop, in place, what top-p and min-p leave out of each row of `x`."""
+        params = [s.params for s in seqs]
         floor = None
         if any(p.top_p < 1.0 for p in params):
             floor = Sampler._top_p_floor(x, t["top_p"].float().unsqueeze(1))
@@ -206,7 +240,6 @@ class Sampler:
             floor = min_p_floor if floor is None else torch.maximum(floor, min_p_floor)
         if floor is not None:
             x.masked_fill_(x < floor, float("-inf"))
-        return t["rows"], gumbel_argmax(x, t["seeds"], t["positions"], self.argmax)
 
     @staticmethod
     def _top_p_floor(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
