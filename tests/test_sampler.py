@@ -7,6 +7,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from microvllm import LLM, SamplingParams
+from microvllm.cpu.kernels import load_library
+from microvllm.cpu.sampling import uniform_noise as c_uniform_noise
 from microvllm.engine import model_runner, sampler
 from microvllm.engine.sampler import Sampler
 from microvllm.engine.sequence import Request, Sequence
@@ -20,10 +22,10 @@ def sequences(params: list[SamplingParams]) -> list[Sequence]:
             for i, p in enumerate(params)]
 
 
-def sample(params, logits=None):
+def sample(params, logits=None, noise=None):
     logits = torch.randn(len(params), VOCAB, generator=torch.Generator().manual_seed(0)) if logits is None \
         else logits
-    return Sampler(frozenset()).__call__(logits, sequences(params)).token_ids
+    return Sampler(frozenset(), noise=noise).__call__(logits, sequences(params)).token_ids
 
 
 class FullPasses(TorchDispatchMode):
@@ -43,15 +45,25 @@ class FullPasses(TorchDispatchMode):
         return out
 
 
-def test_noise_is_drawn_only_for_rows_that_sample(monkeypatch):
+def test_noise_is_drawn_only_for_rows_that_sample():
     rows = []
-    real = sampler.uniform_noise
-    monkeypatch.setattr(sampler, "uniform_noise", lambda s, p, v: rows.append(len(s)) or real(s, p, v))
+    noise = lambda s, p, v: rows.append(len(s)) or sampler.uniform_noise(s, p, v)
     params = [SamplingParams(temperature=0)] * 5 + [SamplingParams(temperature=0.7, seed=1)] * 3
-    tokens = sample(params)
+    tokens = sample(params, noise=noise)
     assert sum(rows) == 3
-    greedy_only = sample([SamplingParams(temperature=0)] * 5)
+    greedy_only = sample([SamplingParams(temperature=0)] * 5, noise=noise)
     assert tokens[:5] == greedy_only and sum(rows) == 3
+
+
+@pytest.mark.skipif(load_library() is None, reason="needs the CPU kernels (a C compiler)")
+def test_the_c_kernels_noise_is_the_torch_ops_noise():
+    seeds = torch.tensor([0, 1, 2**62 + 12345, 2**40 + 5])
+    positions = torch.tensor([0, 7, 1000, 3])
+    everyone = torch.arange(VOCAB)
+    assert torch.equal(c_uniform_noise(seeds, positions, everyone), sampler.uniform_noise(seeds, positions, everyone))
+    candidates = torch.randint(0, 65536, (4, 50))
+    assert torch.equal(c_uniform_noise(seeds, positions, candidates),
+                       sampler.uniform_noise(seeds, positions, candidates))
 
 
 def test_noise_chunks_draw_what_one_pass_draws(monkeypatch):

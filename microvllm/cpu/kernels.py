@@ -1,9 +1,9 @@
 """microvllm's C kernels for the CPU: built on first use, cached, called through ctypes.
 
-Two sources make one library: `paged_decode.c` (decode attention over the paged KV
-cache, used by the `cpu` attention backend) and `fused_ops.c` (the forward's RMSNorm and
-rotary embedding in one pass each, used by `CpuOps`). Both are plain C with no torch
-headers: the system compiler (`CC`, else `cc`) builds them for this CPU in about a
+Three sources make one library: `paged_decode.c` (decode attention over the paged KV
+cache, used by the `cpu` attention backend), `fused_ops.c` (the forward's RMSNorm and
+rotary embedding in one pass each, used by `CpuOps`) and `sampling_noise.c` (the
+sampler's noise, used by the CPU platform). All are plain C with no torch headers: the system compiler (`CC`, else `cc`) builds them for this CPU in about a
 second, into `~/.cache/microvllm` (or `MICROVLLM_CACHE`) under a hash of the sources,
 flags and CPU, so later processes only load the file. ctypes releases the GIL around
 each call, which lets the attention kernel split a batch across threads.
@@ -28,7 +28,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "paged_decode.c", HERE / "fused_ops.c")
+SOURCES = (HERE / "paged_decode.c", HERE / "fused_ops.c", HERE / "sampling_noise.c")
 HEADERS = (HERE / "bf16.h",)
 # -fopenmp-simd vectorises the kernels' loops without pulling in an OpenMP runtime
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared")
@@ -43,6 +43,7 @@ SIGNATURES = {  # name: argument types; every kernel returns an int, 0 on succes
                         _int, _int, _int, _float, _float, ctypes.c_int],
     "scatter_rows": [_pointer, _int, _pointer, _pointer, _int, _int],
     "relu_squared": [_pointer, _int, ctypes.c_int],
+    "uniform_noise": [_pointer] * 3 + [_int] * 3 + [_pointer],
 }
 
 

@@ -93,7 +93,7 @@ class LLMEngine:
             decode_graphs = DecodeGraphs(self.model, self.kv_cache, attention_backend.decode,
                                          config.max_num_seqs, self.max_model_len, self.device)
         self.runner = ModelRunner(self.model, self.kv_cache, attention_backend,
-                                  Sampler(self.tokenizer.eos_token_ids, platform.argmax), self.device, decode_graphs,
+                                  Sampler(self.tokenizer.eos_token_ids, platform.argmax, platform.sampling_noise), self.device, decode_graphs,
                                   StepTimer(self.device) if config.step_timing else None)
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler, self.max_model_len)
         self.grammars = Grammars(self.tokenizer)

@@ -2,7 +2,7 @@
 
 The engine asks its platform for the default dtype, the attention backend, the model's
 norm/rotary kernels and linear layers, the KV cache's memory, which free KV block to
-reuse first, and the argmax the sampler runs; nothing else in the engine, block manager,
+reuse first, and the argmax and noise the sampler runs; nothing else in the engine, block manager,
 KV cache or sampler branches on the device. The base class holds what every device
 shares (the SDPA and Triton backends, torch's ops and allocation); CpuPlatform (cpu.py)
 and CudaPlatform (cuda.py) change what their device does better.
@@ -77,6 +77,11 @@ class Platform:
     @staticmethod
     def argmax(x: torch.Tensor) -> torch.Tensor:
         return x.argmax(dim=-1)
+
+    @property
+    def sampling_noise(self):
+        """A faster twin of the sampler's uniform_noise (the same uniforms), or None."""
+        return None
 
     def uses_decode_graphs(self, enforce_eager: bool, attention_backend: str, max_model_len: int) -> bool:
         """Whether decode steps replay CUDA graphs."""

@@ -1,12 +1,12 @@
 """CpuPlatform: the C decode kernel and fused ops, packed bfloat16 linears, a KV cache in
-anonymous memory, and numpy's argmax. The CPU's own code sits in microvllm/cpu/."""
+anonymous memory, numpy's argmax and the C kernel's sampling noise. The CPU's own code sits in microvllm/cpu/."""
 
 import math
 import mmap
 
 import torch
 
-from ..cpu.kernels import available as cpu_kernels_available
+from ..cpu.kernels import available as cpu_kernels_available, load_library
 from ..cpu.linear import native_bfloat16, pack_linears
 from ..cpu.threads import apply_cpu_threads
 from ..model.attention import AttentionBackend, SdpaDecodeAttention
@@ -82,3 +82,11 @@ class CpuPlatform(Platform):
         if x.dtype in (torch.float32, torch.float64):
             return torch.from_numpy(x.numpy().argmax(axis=-1))
         return x.argmax(dim=-1)
+
+    @property
+    def sampling_noise(self):
+        """The C kernel's: one pass where the torch ops make a dozen over [rows, vocab]."""
+        if load_library() is None:
+            return None
+        from ..cpu.sampling import uniform_noise
+        return uniform_noise
