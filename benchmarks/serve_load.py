@@ -73,16 +73,17 @@ async def run_clients(url: str, model: str, requests: list[BenchRequest], rate: 
     return records, time.perf_counter() - start
 
 
-def offline_throughput(args, requests: list[BenchRequest]) -> float:
-    """Output tokens per second of LLM.generate on the same requests."""
+def offline_throughput(args, requests: list[BenchRequest]) -> tuple[float, float]:
+    """Output tokens per second of LLM.generate on the same requests, and CPU seconds per token."""
     from microvllm import LLM, SamplingParams
     llm = LLM(args.model, **engine_args(args))
     params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in requests]
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     llm.generate(prompts[:1], params[:1], use_tqdm=False)  # warm-up
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     outputs = llm.generate(prompts, params, use_tqdm=False)
-    return sum(len(o.outputs[0].token_ids) for o in outputs) / (time.perf_counter() - start)
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return tokens / (time.perf_counter() - start), (time.process_time() - cpu_start) / tokens
 
 
 def engine_args(args) -> dict:
@@ -113,7 +114,13 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     raise TimeoutError("the server did not answer /health within 120 s")
 
 
-def report(records: list[ClientRecord], wall_s: float, offline_tok_s: float | None) -> str:
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process, all its threads (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def report(records: list[ClientRecord], wall_s: float, cpu: dict[str, float], offline: tuple | None) -> str:
     ttfts = [r.chunk_times[0] - r.sent for r in records if r.chunk_times]
     itls = [b - a for r in records for a, b in zip(r.chunk_times, r.chunk_times[1:])]
     tokens = sum(r.completion_tokens for r in records)
@@ -124,9 +131,14 @@ def report(records: list[ClientRecord], wall_s: float, offline_tok_s: float | No
     lines = [format_table(["latency", "p50", "p99"], rows), "",
              f"requests {len(records)} | output tokens {tokens} | {wall_s:.2f} s | "
              f"served {served_tok_s:.0f} tok/s | {len(records) / wall_s:.2f} req/s"]
-    if offline_tok_s is not None:
+    if offline is not None:
+        offline_tok_s, offline_cpu = offline
         lines.append(f"offline LLM.generate {offline_tok_s:.0f} tok/s | served / offline "
                      f"{served_tok_s / offline_tok_s:.2f}x")
+        cpu["offline"] = offline_cpu * tokens
+    # on a machine with few cores the clients take CPU from the server: CPU time per token
+    # shows what serving costs apart from that
+    lines.append("CPU ms per output token: " + " | ".join(f"{name} {1e3 * s / tokens:.2f}" for name, s in cpu.items()))
     return "\n".join(lines)
 
 
@@ -150,14 +162,18 @@ def main(argv=None):
                                   min(tokenizer.special_ids), tokenizer.bos_id, args.seed)
     server, url = (None, args.url) if args.url else start_server(args)
     try:
+        server_cpu, client_cpu = cpu_seconds(server.pid) if server else 0.0, time.process_time()
         records, wall_s = asyncio.run(run_clients(url, args.served_model_name, requests, args.rate, args.seed))
+        cpu = {"clients": time.process_time() - client_cpu}
+        if server is not None:  # the warm-up request's share is small next to the run's
+            cpu["server"] = cpu_seconds(server.pid) - server_cpu
     finally:
         if server is not None:
             server.terminate()
             server.wait()
     offline = None if args.url else offline_throughput(args, requests)
-    print(f"CPU threads: {os.environ.get('OMP_NUM_THREADS', 'default')} | rate {args.rate} req/s")
-    print(report(records, wall_s, offline))
+    print(f"{args.num_requests} requests at {args.rate} req/s | OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
+    print(report(records, wall_s, cpu, offline))
 
 
 if __name__ == "__main__":

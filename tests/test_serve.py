@@ -1,7 +1,7 @@
 """The OpenAI-compatible server, driven over loopback HTTP by the official `openai` client.
 
-Most tests share one server (uvicorn in a thread, so that a test can also see the
-engine it serves); the command-line tests start `python -m microvllm.serve` itself.
+Most tests share one server (uvicorn in a thread of the test process, its engine in a
+process of its own); the command-line tests start `python -m microvllm.serve` itself.
 """
 
 import asyncio
@@ -28,20 +28,25 @@ import uvicorn  # noqa: E402
 from microvllm import LLM, SamplingParams  # noqa: E402
 from microvllm.serve.api import ServerSettings, build_app  # noqa: E402
 from microvllm.serve.async_engine import AsyncEngine  # noqa: E402
+from microvllm.serve.engine_process import EngineProcess  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "tiny"
+KEY = "sesame"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 PROMPTS = ["To be, or not to be", "ROMEO:", "Now is the winter", "Friends, Romans,"] * 16  # 64 clients
 GREEDY = dict(temperature=0, max_tokens=12, extra_body={"ignore_eos": True})  # the client's arguments
 OFFLINE_GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
 @contextlib.contextmanager
-def serving(llm: LLM, max_seqs_in_flight: int = 1024, request_timeout_s: float | None = 60.0,
+def serving(llm_args: dict, max_seqs_in_flight: int = 1024, request_timeout_s: float | None = 60.0,
             **settings):
-    """A server for `llm` on a free loopback port, in a thread; yields (base url, AsyncEngine)."""
-    engine = AsyncEngine(llm, max_seqs_in_flight, request_timeout_s)
-    app = build_app(engine, ServerSettings(**{"model_name": MODEL, "api_key": None, "max_body_bytes": 1 << 16,
+    """A server for LLM(**llm_args) on a free loopback port, in a thread; yields its base url."""
+    # float32 as the offline LLMs here: the engine's process does not see conftest's default
+    engine = AsyncEngine(EngineProcess({"device": "cpu", "dtype": "float32", **llm_args}),
+                         max_seqs_in_flight, request_timeout_s)
+    app = build_app(engine, ServerSettings(**{"model_name": MODEL, "api_key": KEY, "max_body_bytes": 1 << 16,
                                               "max_n": 8, **settings}))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -51,7 +56,7 @@ def serving(llm: LLM, max_seqs_in_flight: int = 1024, request_timeout_s: float |
     while not server.started:
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
         thread.join()
@@ -59,9 +64,14 @@ def serving(llm: LLM, max_seqs_in_flight: int = 1024, request_timeout_s: float |
 
 
 @pytest.fixture(scope="module")
-def llm(make_checkpoint):
+def llm_args(make_checkpoint):
     # sequence_len 256: room for a stream long enough to be cut off mid-way
-    return LLM(str(make_checkpoint(seq_len=256)), device="cpu", num_blocks=256, block_size=16)
+    return {"model": str(make_checkpoint(seq_len=256)), "num_blocks": 256, "block_size": 16}
+
+
+@pytest.fixture(scope="module")
+def llm(llm_args):
+    return LLM(**llm_args, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +81,14 @@ def offline(llm):
 
 
 @pytest.fixture(scope="module")
-def server(llm, offline):
-    with serving(llm) as running:
-        yield running
+def server(llm_args):
+    with serving(llm_args) as url:
+        yield url
 
 
 @pytest.fixture
 def client(server):
-    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused")
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY)
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -161,25 +171,24 @@ def test_64_concurrent_streaming_greedy_clients_get_the_offline_outputs(server, 
         return "".join([c.choices[0].text async for c in stream])
 
     async def all_clients():
-        async with openai.AsyncOpenAI(base_url=server[0] + "/v1", api_key="unused") as client:
+        async with openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY) as client:
             return await asyncio.gather(*[one(client, p) for p in PROMPTS])
 
     assert asyncio.run(all_clients()) == offline * 16
 
 
 def test_a_client_leaving_mid_stream_aborts_its_request_and_frees_its_blocks(server):
-    url, engine = server
+    url = server
     aborted = metrics(url)["requests_aborted_total"]
     body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 200, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", url + "/v1/completions", json=body) as response:
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers=AUTH) as response:
         events = response.iter_lines()
         assert next(events).startswith("data: ")  # generating
     deadline = time.monotonic() + 10
     while (m := metrics(url))["requests_aborted_total"] == aborted and time.monotonic() < deadline:
         time.sleep(0.05)
     assert m["requests_aborted_total"] == aborted + 1
-    assert m["num_requests_running"] == 0 and m["kv_cache_blocks_used"] == 0
-    assert not engine.llm.has_unfinished_requests()
+    assert wait_until_idle(url)["kv_cache_blocks_used"] == 0
 
 
 # -- bad requests ------------------------------------------------------------------------
@@ -198,7 +207,7 @@ def test_a_client_leaving_mid_stream_aborts_its_request_and_frees_its_blocks(ser
     ({"prompt": "x", "stream": "yes"}, "stream"),
 ])
 def test_a_bad_field_gets_a_400_naming_it(server, body, param):
-    response = httpx.post(server[0] + "/v1/completions", json=body)
+    response = httpx.post(server + "/v1/completions", json=body, headers=AUTH)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and error["code"] == 400 and error["type"] == "invalid_request_error"
@@ -207,20 +216,28 @@ def test_a_bad_field_gets_a_400_naming_it(server, body, param):
 @pytest.mark.parametrize("messages", [
     "hi", [{"role": "user"}], [{"role": "assistant", "content": "hi"}], [{"role": "user", "content": 3}]])
 def test_a_bad_conversation_gets_a_400(server, messages):
-    response = httpx.post(server[0] + "/v1/chat/completions", json={"messages": messages})
+    response = httpx.post(server + "/v1/chat/completions", json={"messages": messages}, headers=AUTH)
     assert response.status_code == 400 and response.json()["error"]["param"].startswith("messages")
 
 
 @pytest.mark.parametrize("content", [b"{", b"[1, 2]", b"\xff\xfe", b""])
 def test_a_body_that_is_not_a_json_object_gets_a_400_and_the_server_carries_on(server, client, content):
-    response = httpx.post(server[0] + "/v1/completions", content=content)
+    response = httpx.post(server + "/v1/completions", content=content, headers=AUTH)
     assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
     assert client.completions.create(model=MODEL, prompt="x", max_tokens=1).choices[0].finish_reason
 
 
 def test_a_body_over_the_size_limit_gets_a_413(server):
-    response = httpx.post(server[0] + "/v1/completions", json={"prompt": "x" * (1 << 17)})
+    response = httpx.post(server + "/v1/completions", json={"prompt": "x" * (1 << 17)}, headers=AUTH)
     assert response.status_code == 413
+
+
+def test_a_wrong_or_missing_api_key_gets_a_401_but_health_and_metrics_need_none(server):
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server + "/v1", api_key="wrong").models.list()
+    response = httpx.post(server + "/v1/completions", json={"prompt": "x"})
+    assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(server + "/health").status_code == httpx.get(server + "/metrics").status_code == 200
 
 
 def test_another_model_name_gets_a_404(client):
@@ -230,51 +247,47 @@ def test_another_model_name_gets_a_404(client):
 
 # -- limits ------------------------------------------------------------------------------
 
-@pytest.fixture
-def held_server(checkpoint_dir):
-    """A server with room for one sequence and a short time limit, whose LLM a test can
-    hold (held_lock) to keep its engine thread waiting."""
-    llm = LLM(str(checkpoint_dir), device="cpu", num_blocks=64, block_size=16)
-    with serving(llm, max_seqs_in_flight=1, request_timeout_s=0.5) as running:
-        yield running
+@pytest.fixture(scope="module")
+def limited_server(make_checkpoint):
+    """Room for one sequence, and a time limit far shorter than a 1000-token completion."""
+    args = {"model": str(make_checkpoint(seq_len=1024)), "num_blocks": 128, "block_size": 16}
+    with serving(args, max_seqs_in_flight=1, request_timeout_s=0.3) as url:
+        yield url
 
 
-def test_a_full_queue_answers_503_with_retry_after(held_server):
-    url, _ = held_server
-    with httpx.Client(base_url=url, timeout=10) as http:
-        with held_lock(held_server[1].llm):  # the first request waits, holding the one seat
-            first = threading.Thread(target=http.post, args=("/v1/completions",),
-                                     kwargs={"json": {"prompt": "x", "max_tokens": 1}})
-            first.start()
-            while held_server[1].num_seqs_in_flight == 0:
-                time.sleep(0.01)
-            second = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
-        first.join()
-    assert second.status_code == 503 and second.headers["retry-after"] == "1"
+def test_a_full_queue_answers_503_with_retry_after(limited_server):
+    async def burst():
+        async with httpx.AsyncClient(base_url=limited_server, timeout=30, headers=AUTH) as http:
+            body = {"prompt": "x", "max_tokens": 200, "ignore_eos": True}
+            return await asyncio.gather(*[http.post("/v1/completions", json=body) for _ in range(8)])
+
+    responses = asyncio.run(burst())  # one holds the only seat while the others arrive
+    busy = [r for r in responses if r.status_code == 503]
+    assert busy and all(r.headers["retry-after"] == "1" for r in busy)
+    assert {r.status_code for r in responses} <= {200, 503, 504}
 
 
-def test_a_request_past_the_time_limit_gets_a_504_and_is_aborted(held_server):
-    url, engine = held_server
-    with held_lock(engine.llm):
-        response = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=10)
+def test_a_request_past_the_time_limit_gets_a_504_and_is_aborted(limited_server):
+    aborted = metrics(limited_server)["requests_aborted_total"]
+    response = httpx.post(limited_server + "/v1/completions", timeout=30, headers=AUTH,
+                          json={"prompt": "x", "max_tokens": 1000, "ignore_eos": True})
     assert response.status_code == 504 and "limit" in response.json()["error"]["message"]
-    deadline = time.monotonic() + 5
-    while engine.llm.has_unfinished_requests() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not engine.llm.has_unfinished_requests()
+    assert metrics(limited_server)["requests_aborted_total"] == aborted + 1
+    assert wait_until_idle(limited_server)["kv_cache_blocks_used"] == 0
 
 
-@contextlib.contextmanager
-def held_lock(llm: LLM):
-    # the facade's lock: while a test holds it the engine thread can neither add nor step
-    with llm._lock:
-        yield
+def wait_until_idle(url: str) -> dict[str, float]:
+    deadline = time.monotonic() + 10
+    while (m := metrics(url))["num_requests_running"] + m["num_requests_waiting"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert m["num_requests_running"] == m["num_requests_waiting"] == 0
+    return m
 
 
 # -- the command line --------------------------------------------------------------------
 
 @pytest.mark.slow  # starts a Python subprocess
-def test_the_command_serves_with_an_api_key_and_refuses_without_it(checkpoint_dir):
+def test_the_command_serves_with_the_key_from_the_environment(checkpoint_dir):
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MICROVLLM_API_KEY": "sesame"}
     process = subprocess.Popen([sys.executable, "-m", "microvllm.serve", str(checkpoint_dir), "--port", str(port),

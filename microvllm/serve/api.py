@@ -16,7 +16,6 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
-from ..engine.llm_engine import LLMEngine
 from ..outputs import RequestOutput
 from .async_engine import AsyncEngine, Call, RequestTimeout, ServerBusy
 from .metrics import prometheus_text
@@ -41,10 +40,8 @@ class ServerSettings:
 
 
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
-    tokenizer = engine.llm.tokenizer
-    limits = ServerLimits(engine.llm.engine.max_model_len, engine.llm.engine.vocab_size, settings.max_n)
-    # replicas return finished outputs only (their pool refuses streamed ones)
-    streams = isinstance(engine.llm.engine, LLMEngine)
+    tokenizer = engine.info.tokenizer
+    limits = ServerLimits(engine.info.max_model_len, engine.info.vocab_size, settings.max_n)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -76,7 +73,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         if generation.model is not None and generation.model != settings.model_name:
             raise ApiError(f"model {generation.model!r} is not served here; this server serves "
                            f"{settings.model_name!r}", status=404, param="model")
-        if generation.stream and not streams:
+        if generation.stream and not engine.info.streams:
             raise ApiError("stream: true needs one engine; this server runs data-parallel replicas, "
                            "which answer whole completions: leave stream out", param="stream")
         call = engine.submit(generation.prompts, generation.params)
@@ -95,7 +92,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     @app.get("/health")
     async def health():
         if not engine.is_running:
-            raise ApiError("the engine loop has stopped", status=500)
+            raise ApiError("the engine process has exited", status=500)
         return {}
 
     @app.get("/metrics")

@@ -1,16 +1,13 @@
-"""AsyncEngine: the server's asynchronous front over one LLM, stepped by a background thread.
+"""AsyncEngine: the server's asynchronous front over an EngineProcess.
 
-The event loop never touches the engine. A call hands its requests to the engine thread
-through an inbox; between steps the thread adds them (they join the running batch at
-the next step) and applies aborts, steps while any request is unfinished, and sends each
-step's outputs back to the loop in one `call_soon_threadsafe`, where they go to the
-queue of the call that owns them. A call that ends early (its client gone, its time up)
-aborts what it has not seen finish, which frees those requests' blocks at once.
+A call's requests go to the engine as commands; they join the running batch at its
+next step. A receiver thread waits on the engine's results and hands each step's to the
+event loop in one `call_soon_threadsafe`, where each output goes to the queue of the
+call that owns it. A call that ends early (its client gone, its time up) aborts what it
+has not seen finish, which frees those requests' blocks at once.
 """
 
 import asyncio
-import dataclasses
-import logging
 import threading
 import time
 import uuid
@@ -18,11 +15,9 @@ from collections import deque
 from collections.abc import AsyncIterator
 
 from ..engine.stats import EngineStats
-from ..llm import LLM
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
-
-logger = logging.getLogger(__name__)
+from .engine_process import EngineProcess
 
 THROUGHPUT_WINDOW_S = 10.0  # tokens per second are counted over this much recent time
 
@@ -36,44 +31,37 @@ class RequestTimeout(Exception):
 
 
 class AsyncEngine:
-    def __init__(self, llm: LLM, max_seqs_in_flight: int, request_timeout_s: float | None):
-        self.llm = llm
+    def __init__(self, engine: EngineProcess, max_seqs_in_flight: int, request_timeout_s: float | None):
+        self.engine = engine
+        self.info = engine.info
         self.max_seqs_in_flight = max_seqs_in_flight  # running and waiting; more calls get ServerBusy
         self.request_timeout_s = request_timeout_s
-        # the loop's side: only coroutines and callbacks on the event loop touch these
+        # only the event loop touches what follows
         self.num_seqs_in_flight = 0
         self.num_aborted_requests = 0
         self.num_refused_calls = 0
-        self.stats = EngineStats()                  # the engine's, as of its last step
-        self._generated = deque()                   # (time, generated tokens), the window's samples
+        self.stats = EngineStats()                   # the engine's, as of its last step
+        self._generated = deque()                    # (time, generated tokens): the window's samples
         self._queues: dict[str, asyncio.Queue] = {}  # request id -> the queue of the call owning it
         self._loop: asyncio.AbstractEventLoop | None = None
-        # shared with the engine thread, under _wakeup
-        self._inbox: list[tuple] = []               # ("add", id, token ids, params) or ("abort", id)
-        self._closing = False
-        self._wakeup = threading.Condition()
-        self._thread: threading.Thread | None = None
-        # the engine thread's own: requests it added and has not seen finish
-        self._live: set[str] = set()
+        self._receiver: threading.Thread | None = None
 
     # -- lifetime -------------------------------------------------------------------------
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="microvllm-engine", daemon=True)
-        self._thread.start()
+        self._receiver = threading.Thread(target=self._receive, name="microvllm-results", daemon=True)
+        self._receiver.start()
 
     def stop(self) -> None:
-        with self._wakeup:
-            self._closing = True
-            self._wakeup.notify()
-        self._thread.join()
+        self.engine.stop()
+        self._receiver.join()
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self.engine.is_alive
 
-    # -- calls (on the event loop) --------------------------------------------------------
+    # -- calls ----------------------------------------------------------------------------
 
     def submit(self, prompts: list[list[int]], params: SamplingParams) -> "Call":
         """Queue one request per prompt (checked already), or raise ServerBusy."""
@@ -82,11 +70,13 @@ class AsyncEngine:
             self.num_refused_calls += 1
             raise ServerBusy(f"the server holds {self.num_seqs_in_flight} sequences and takes at most "
                              f"{self.max_seqs_in_flight}: try again shortly")
+        if not self.engine.is_alive:
+            raise RuntimeError("the engine process has exited")
         call = Call(self, [f"{uuid.uuid4().hex}-{i}" for i in range(len(prompts))], num_seqs)
         for request_id in call.request_ids:
             self._queues[request_id] = call.queue
         self.num_seqs_in_flight += num_seqs
-        self._send([("add", r, p, params) for r, p in zip(call.request_ids, prompts)])
+        self.engine.send([("add", r, p, params) for r, p in zip(call.request_ids, prompts)])
         return call
 
     def tokens_per_second(self) -> float:
@@ -101,18 +91,25 @@ class AsyncEngine:
         while self._generated and self._generated[0][0] < too_old:
             self._generated.popleft()
 
-    def _send(self, commands: list[tuple]) -> None:
-        with self._wakeup:
-            self._inbox += commands
-            self._wakeup.notify()
-
     def _close(self, call: "Call") -> None:
         self.num_seqs_in_flight -= call.num_seqs
         for request_id in call.request_ids:
             self._queues.pop(request_id, None)
-        if call.unfinished:
+        if call.unfinished and self.engine.is_alive:
             self.num_aborted_requests += len(call.unfinished)
-            self._send([("abort", r) for r in call.unfinished])
+            self.engine.send([("abort", r) for r in call.unfinished])
+
+    # -- results --------------------------------------------------------------------------
+
+    def _receive(self) -> None:
+        """The receiver thread: each step's results, handed to the loop in one callback."""
+        while True:
+            try:
+                results, stats = self.engine.receive()
+            except (EOFError, OSError):
+                self._loop.call_soon_threadsafe(self._engine_gone)
+                return
+            self._loop.call_soon_threadsafe(self._deliver, results, stats)
 
     def _deliver(self, results: list[tuple[str, RequestOutput | Exception]], stats: EngineStats) -> None:
         for request_id, result in results:
@@ -124,50 +121,10 @@ class AsyncEngine:
         self._forget_old_samples()
         self.stats = stats
 
-    # -- the engine thread ----------------------------------------------------------------
-
-    def _run(self) -> None:
-        while True:
-            with self._wakeup:
-                while not (self._inbox or self._closing or self.llm.has_unfinished_requests()):
-                    self._wakeup.wait()
-                if self._closing:
-                    return
-                inbox, self._inbox = self._inbox, []
-            results = [result for command in inbox for result in self._apply(command)]
-            if self.llm.has_unfinished_requests():
-                results += self._step()
-            stats = dataclasses.replace(self.llm.engine.stats)  # the loop reads a copy no step changes
-            self._loop.call_soon_threadsafe(self._deliver, results, stats)
-
-    def _apply(self, command: tuple) -> list[tuple[str, Exception]]:
-        if command[0] == "abort":
-            self._live.discard(command[1])
-            self.llm.abort(command[1], keep_output=False)
-            return []
-        _, request_id, token_ids, params = command
-        try:
-            self.llm.add_request({"prompt_token_ids": token_ids}, params, request_id)
-        except Exception as e:  # checked on the loop already; whatever is left goes to its caller
-            return [(request_id, e)]
-        self._live.add(request_id)
-        return []
-
-    def _step(self) -> list[tuple[str, RequestOutput | Exception]]:
-        try:
-            outputs = self.llm.step()
-        except Exception as e:
-            # the engine is left as if the step had not run; the requests in it cannot trust
-            # their outputs, so they end with the error and the server carries on
-            logger.exception("engine step failed: its requests are aborted")
-            failed, self._live = self._live, set()
-            for request_id in failed:
-                self.llm.abort(request_id, keep_output=False)
-            return [(request_id, e) for request_id in failed]
-        for output in outputs:
-            if output.finished:
-                self._live.discard(output.request_id)
-        return [(output.request_id, output) for output in outputs]
+    def _engine_gone(self) -> None:
+        error = RuntimeError("the engine process has exited")
+        for request_id, queue in self._queues.items():
+            queue.put_nowait((request_id, error))
 
 
 class Call:

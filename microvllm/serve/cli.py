@@ -14,9 +14,9 @@ from dataclasses import MISSING, fields
 import uvicorn
 
 from ..engine.config import EngineConfig
-from ..llm import LLM
 from .api import ServerSettings, build_app
 from .async_engine import AsyncEngine
+from .engine_process import EngineProcess
 
 ENGINE_FLAG_TYPES = (bool, int, float, str)
 
@@ -60,11 +60,11 @@ def _add_engine_flag(group, field) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    engine_args = {f.name: getattr(args, f.name) for f in fields(EngineConfig) if f.name != "model"}
-    llm = LLM(args.model, data_parallel_size=args.data_parallel_size,
-              cpu_threads_per_replica=args.cpu_threads_per_replica, **engine_args)
+    llm_args = {f.name: getattr(args, f.name) for f in fields(EngineConfig)}
+    process = EngineProcess({**llm_args, "data_parallel_size": args.data_parallel_size,
+                             "cpu_threads_per_replica": args.cpu_threads_per_replica})
     max_running = args.max_num_seqs * args.data_parallel_size
-    engine = AsyncEngine(llm, max_running + args.max_waiting_seqs, args.request_timeout or None)
+    engine = AsyncEngine(process, max_running + args.max_waiting_seqs, args.request_timeout or None)
     app = build_app(engine, ServerSettings(args.served_model_name or args.model, args.api_key,
                                            args.max_body_bytes, args.max_n))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
