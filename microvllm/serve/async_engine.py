@@ -1,10 +1,13 @@
 """AsyncEngine: the server's asynchronous front over an EngineProcess.
 
 A call's requests go to the engine as commands; they join the running batch at its
-next step. A receiver thread waits on the engine's results and hands each step's to the
-event loop in one `call_soon_threadsafe`, where each output goes to the queue of the
-call that owns it. A call that ends early (its client gone, its time up) aborts what it
-has not seen finish, which frees those requests' blocks at once.
+next step. A receiver thread waits on the engine's results and hands them to the event
+loop in one `call_soon_threadsafe`, where each output goes to the queue of the call
+that owns it. When the loop falls behind the engine, a call finds several steps'
+outputs queued and takes them as one (the streamed deltas joined), so a busy server
+sends fewer, larger chunks instead of falling further behind. A call that ends early
+(its client gone, its time up) aborts what it has not seen finish, which frees those
+requests' blocks at once.
 """
 
 import asyncio
@@ -17,7 +20,8 @@ from collections.abc import AsyncIterator
 from ..engine.stats import EngineStats
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
-from .engine_process import EngineProcess
+from .deltas import joined_deltas
+from .engine_process import EngineProcess, StepResults
 
 THROUGHPUT_WINDOW_S = 10.0  # tokens per second are counted over this much recent time
 
@@ -105,21 +109,22 @@ class AsyncEngine:
         """The receiver thread: each step's results, handed to the loop in one callback."""
         while True:
             try:
-                results, stats = self.engine.receive()
+                steps = self.engine.receive()
             except (EOFError, OSError):
                 self._loop.call_soon_threadsafe(self._engine_gone)
                 return
-            self._loop.call_soon_threadsafe(self._deliver, results, stats)
+            self._loop.call_soon_threadsafe(self._deliver, steps)
 
-    def _deliver(self, results: list[tuple[str, RequestOutput | Exception]], stats: EngineStats) -> None:
-        for request_id, result in results:
-            queue = self._queues.get(request_id)
-            if queue is not None:  # else its call has ended and aborted it
-                queue.put_nowait((request_id, result))
-        # the count before this step's tokens: a window that starts here counts them
-        self._generated.append((time.monotonic(), self.stats.generated_tokens))
+    def _deliver(self, steps: list[StepResults]) -> None:
+        for results, stats in steps:
+            for request_id, result in results:
+                queue = self._queues.get(request_id)
+                if queue is not None:  # else its call has ended and aborted it
+                    queue.put_nowait((request_id, result))
+            # the count before this step's tokens: a window that starts here counts them
+            self._generated.append((time.monotonic(), self.stats.generated_tokens))
+            self.stats = stats
         self._forget_old_samples()
-        self.stats = stats
 
     def _engine_gone(self) -> None:
         error = RuntimeError("the engine process has exited")
@@ -141,15 +146,23 @@ class Call:
         self._deadline = None if engine.request_timeout_s is None else time.monotonic() + engine.request_timeout_s
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(prompt index, output) as the engine makes them, until every request has finished."""
+        """(prompt index, output) as the engine makes them, until every request has finished;
+        a request's outputs queued meanwhile come as one."""
         index = {r: i for i, r in enumerate(self.request_ids)}
         while self.unfinished:
-            request_id, result = await self._next()
-            if isinstance(result, Exception):
-                raise result
-            if result.finished:
-                self.unfinished.discard(request_id)
-            yield index[request_id], result
+            queued = [await self._next()]
+            while not self.queue.empty():
+                queued.append(self.queue.get_nowait())
+            by_request: dict[str, list[RequestOutput]] = {}
+            for request_id, result in queued:
+                if isinstance(result, Exception):
+                    raise result
+                by_request.setdefault(request_id, []).append(result)
+            for request_id, outputs in by_request.items():
+                output = joined_deltas(outputs)
+                if output.finished:
+                    self.unfinished.discard(request_id)
+                yield index[request_id], output
 
     async def _next(self) -> tuple[str, RequestOutput | Exception]:
         if self._deadline is None:

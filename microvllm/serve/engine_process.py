@@ -64,9 +64,13 @@ class EngineProcess:
     def send(self, commands: list[tuple]) -> None:
         self._commands.send(commands)
 
-    def receive(self) -> StepResults:
-        """The next step's results; EOFError once the engine's process has gone."""
-        return self._results.recv()
+    def receive(self) -> list[StepResults]:
+        """The results of the steps since the last call, at least one step's (waiting for it);
+        EOFError once the engine's process has gone."""
+        results = [self._results.recv()]
+        while self._results.poll():
+            results.append(self._results.recv())
+        return results
 
     def stop(self) -> None:
         try:
