@@ -60,7 +60,9 @@ async def run_clients(url: str, model: str, requests: list[BenchRequest], rate: 
                       seed: int) -> tuple[list[ClientRecord], float]:
     """Launch a client per request, the gaps between launches exponential with mean 1/rate."""
     rng = random.Random(seed)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    # idle connections are dropped well before the server's keep-alive timeout (uvicorn's
+    # 5 s), or a client could send on one the server is closing
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=1.0)
     async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as http:
         await one_client(http, model, requests[0])  # warm-up
         start = time.perf_counter()

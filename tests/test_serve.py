@@ -27,7 +27,9 @@ import uvicorn  # noqa: E402
 
 from microvllm import LLM, SamplingParams  # noqa: E402
 from microvllm.serve.api import ServerSettings, build_app  # noqa: E402
+from microvllm.outputs import CompletionOutput, RequestMetrics, RequestOutput  # noqa: E402
 from microvllm.serve.async_engine import AsyncEngine  # noqa: E402
+from microvllm.serve.deltas import joined_deltas  # noqa: E402
 from microvllm.serve.engine_process import EngineProcess  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -189,6 +191,19 @@ def test_a_client_leaving_mid_stream_aborts_its_request_and_frees_its_blocks(ser
         time.sleep(0.05)
     assert m["requests_aborted_total"] == aborted + 1
     assert wait_until_idle(url)["kv_cache_blocks_used"] == 0
+
+
+def test_deltas_queued_together_join_into_one_output():
+    def delta(text, token_ids, finish_reason=None):
+        completions = [CompletionOutput(i, text, token_ids, None, [{t: None} for t in token_ids], finish_reason,
+                                        None, [1] * len(token_ids)) for i in range(2)]
+        return RequestOutput("r", None, [1, 2], None, completions, finish_reason is not None,
+                             RequestMetrics(0.0, None, None))
+
+    joined = joined_deltas([delta("a", [5]), delta("bc", [6, 7]), delta("d", [8], "length")])
+    assert joined.finished and [c.index for c in joined.outputs] == [0, 1]
+    assert all(c.text == "abcd" and c.token_ids == [5, 6, 7, 8] and len(c.logprobs) == len(c.token_masks) == 4
+               and c.finish_reason == "length" for c in joined.outputs)
 
 
 # -- bad requests ------------------------------------------------------------------------

@@ -58,11 +58,15 @@ def _add_engine_flag(group, field) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     llm_args = {f.name: getattr(args, f.name) for f in fields(EngineConfig)}
-    process = EngineProcess({**llm_args, "data_parallel_size": args.data_parallel_size,
-                             "cpu_threads_per_replica": args.cpu_threads_per_replica})
+    try:
+        process = EngineProcess({**llm_args, "data_parallel_size": args.data_parallel_size,
+                                 "cpu_threads_per_replica": args.cpu_threads_per_replica})
+    except (TypeError, ValueError, FileNotFoundError) as e:  # a bad model or setting: said as a flag error
+        parser.error(str(e))
     max_running = args.max_num_seqs * args.data_parallel_size
     engine = AsyncEngine(process, max_running + args.max_waiting_seqs, args.request_timeout or None)
     app = build_app(engine, ServerSettings(args.served_model_name or args.model, args.api_key,

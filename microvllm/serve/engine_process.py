@@ -11,6 +11,7 @@ joins the batch at the next step.
 
 import multiprocessing
 import queue
+import signal
 import threading
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
@@ -87,6 +88,8 @@ class EngineProcess:
 
 
 def _serve_engine(llm_args: dict, commands: Connection, results: Connection) -> None:
+    # Ctrl-C reaches the whole process group; the server stops this process by a command
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         llm = LLM(**llm_args)
     except Exception as e:  # the server raises it as its own start-up error
