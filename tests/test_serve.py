@@ -218,6 +218,7 @@ def test_deltas_queued_together_join_into_one_output():
     ({"prompt": "x", "stop": [""]}, "stop"),
     ({"prompt": "x", "echo": True}, "echo"),
     ({"prompt": [3.5]}, "prompt"),
+    ({"prompt": []}, "prompt"),
     ({"max_tokens": 3}, "prompt"),
     ({"prompt": "x", "stream": "yes"}, "stream"),
 ])

@@ -60,6 +60,8 @@ def completion_request(body: dict, tokenizer: Tokenizer, limits: ServerLimits) -
         raise ApiError("'prompt' is required", param="prompt")
     with _field_errors(body, "prompt"):
         parsed = parse_prompts(body["prompt"], tokenizer)
+    if not parsed:
+        raise ApiError("prompt is an empty list: give at least one prompt", param="prompt")
     return _generation_request(body, [ids for _, ids in parsed], limits,
                                max_tokens=body.get("max_tokens", 16), logprobs=body.get("logprobs"))
 
@@ -72,15 +74,15 @@ def chat_request(body: dict, tokenizer: Tokenizer, limits: ServerLimits) -> Gene
     with _field_errors(body, "messages"):
         check_type("messages", messages, list, "a list of {'role': str, 'content': str} objects")
         conversation = [_message(i, m) for i, m in enumerate(messages)]
-        add_generation_prompt = check_bool("add_generation_prompt", body.get("add_generation_prompt", True))
-        continue_final = check_bool("continue_final_message", body.get("continue_final_message", False))
+        add_generation_prompt = check_bool("add_generation_prompt", _given(body, "add_generation_prompt", True))
+        continue_final = check_bool("continue_final_message", _given(body, "continue_final_message", False))
         prompt = tokenizer.render_chat(conversation, add_generation_prompt, continue_final)
         logprobs = None
-        if check_bool("logprobs", body.get("logprobs") or False):
-            logprobs = body.get("top_logprobs") or 0
+        if check_bool("logprobs", _given(body, "logprobs", False)):
+            logprobs = _given(body, "top_logprobs", 0)
         elif body.get("top_logprobs") is not None:
             raise ValueError("top_logprobs needs logprobs: true")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = _given(body, "max_completion_tokens", body.get("max_tokens"))
     return _generation_request(body, [prompt], limits, max_tokens, logprobs)
 
 
@@ -100,10 +102,10 @@ def _message(i: int, message) -> dict:
 def _generation_request(body: dict, prompts: list[list[int]], limits: ServerLimits,
                         max_tokens, logprobs) -> GenerationRequest:
     with _field_errors(body):
-        stream = check_bool("stream", body.get("stream") or False)
-        options = body.get("stream_options") or {}
-        check_type("stream_options", options, dict, "an object such as {'include_usage': true}")
-        include_usage = check_bool("stream_options.include_usage", options.get("include_usage", False))
+        stream = check_bool("stream", _given(body, "stream", False))
+        options = check_type("stream_options", _given(body, "stream_options", {}), dict,
+                             "an object such as {'include_usage': true}")
+        include_usage = check_bool("stream_options.include_usage", _given(options, "include_usage", False))
         if body.get("n") is not None:
             check_int("n", body["n"], 1, limits.max_n)
         kwargs = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
@@ -120,6 +122,12 @@ def _generation_request(body: dict, prompts: list[list[int]], limits: ServerLimi
                        f"{longest} prompt tokens and {field}={params.max_tokens} ask for "
                        f"{longest + params.max_tokens}: lower {field} or shorten the prompt", param=field)
     return GenerationRequest(prompts, params, stream, include_usage, model)
+
+
+def _given(body: dict, name: str, default):
+    """A field's value, or `default` where it is left out or null (as clients send unset fields)."""
+    value = body.get(name)
+    return default if value is None else value
 
 
 def _refuse_non_defaults(body: dict, defaults_only: dict[str, tuple]) -> None:
