@@ -161,6 +161,32 @@ def test_logprobs_come_in_the_legacy_completions_form(client):
     assert all(1 <= len(top) <= 3 for top in logprobs.top_logprobs)
 
 
+def test_structured_outputs_hold_the_output_to_a_regex_or_a_choice(client):
+    pytest.importorskip("xgrammar")
+    reply = client.completions.create(model=MODEL, prompt=PROMPTS, max_tokens=16,
+                                      extra_body={"structured_outputs": {"regex": "[ab]{3}"}})
+    assert all(re.fullmatch("[ab]{3}", c.text) and c.finish_reason == "stop" for c in reply.choices)
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Yes?"}],
+                                           max_tokens=8, extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert reply.choices[0].message.content in ("yes", "no")
+
+
+def test_response_format_json_schema_gives_json_of_the_schema(client):
+    pytest.importorskip("xgrammar")
+    schema = {"type": "string", "enum": ["red", "green"]}
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "A colour?"}], max_tokens=16,
+        response_format={"type": "json_schema", "json_schema": {"name": "colour", "schema": schema}})
+    assert json.loads(reply.choices[0].message.content) in ("red", "green")
+
+
+def test_a_structured_output_that_does_not_compile_gets_a_400(server):
+    pytest.importorskip("xgrammar")
+    response = httpx.post(server + "/v1/completions", headers=AUTH,
+                          json={"prompt": "x", "structured_outputs": {"regex": "(["}})
+    assert response.status_code == 400 and "regex" in response.json()["error"]["message"]
+
+
 def test_models_lists_the_served_model(client):
     assert [m.id for m in client.models.list().data] == [MODEL]
 
@@ -221,6 +247,10 @@ def test_deltas_queued_together_join_into_one_output():
     ({"prompt": []}, "prompt"),
     ({"max_tokens": 3}, "prompt"),
     ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": "x", "structured_outputs": {"regexp": "a"}}, "structured_outputs"),
+    ({"prompt": "x", "response_format": {"type": "yaml"}}, "response_format"),
+    ({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"schema": 3}}},
+     "response_format.json_schema.schema"),
 ])
 def test_a_bad_field_gets_a_400_naming_it(server, body, param):
     response = httpx.post(server + "/v1/completions", json=body, headers=AUTH)

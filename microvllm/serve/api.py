@@ -18,6 +18,7 @@ from starlette.background import BackgroundTask
 
 from ..outputs import RequestOutput
 from .async_engine import AsyncEngine, Call, RequestTimeout, ServerBusy
+from .engine_process import RequestRefused
 from .metrics import prometheus_text
 from .protocol import ApiError, GenerationRequest, ServerLimits, chat_request, completion_request
 from .responses import ChatResponses, CompletionResponses, Responses
@@ -107,6 +108,10 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     async def server_busy(request: Request, error: ServerBusy):
         return _error_response(503, str(error), headers={"Retry-After": str(RETRY_AFTER_S)})
 
+    @app.exception_handler(RequestRefused)
+    async def request_refused(request: Request, error: RequestRefused):
+        return _error_response(400, str(error))
+
     @app.exception_handler(RequestTimeout)
     async def request_timeout(request: Request, error: RequestTimeout):
         return _error_response(504, str(error))
@@ -180,6 +185,8 @@ async def _events(call: Call, responses: Responses, generation: GenerationReques
                 yield _event(chunk)
         if generation.include_usage:
             yield _event(responses.usage_chunk())
+    except RequestRefused as e:
+        yield _event(_error_json(400, str(e)))
     except RequestTimeout as e:
         yield _event(_error_json(504, str(e)))
     except Exception as e:

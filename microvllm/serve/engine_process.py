@@ -29,6 +29,11 @@ STOP_TIMEOUT_S = 30.0
 StepResults = tuple[list[tuple[str, RequestOutput | Exception]], EngineStats]
 
 
+class RequestRefused(Exception):
+    """The engine would not take a request (a structured output it cannot compile, say):
+    the caller's fault, told to the caller."""
+
+
 @dataclass
 class EngineInfo:
     """What the server needs to know of the engine to check requests before sending them."""
@@ -141,8 +146,8 @@ class _EngineLoop:
         _, request_id, token_ids, params = command
         try:
             self.llm.add_request({"prompt_token_ids": token_ids}, params, request_id)
-        except Exception as e:  # the server checked the request already; anything left goes to its caller
-            return [(request_id, e)]
+        except Exception as e:  # what the server could not check before (a grammar's compilation)
+            return [(request_id, RequestRefused(str(e)))]
         self.live.add(request_id)
         return []
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from ..prompts import checked_prompt, parse_prompts
 from ..sampling_params import RequestOutputKind, SamplingParams
+from ..structured import StructuredOutputsParams
+from ..structured.params import KINDS
 from ..tokenizer import Tokenizer
 from ..validation import check_bool, check_int, check_type
 
@@ -23,7 +25,8 @@ SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "stop"
 # OpenAI's fields this server does not offer, and the values that ask for nothing
 COMPLETION_DEFAULTS_ONLY = {"echo": (False,), "suffix": (None, ""), "logit_bias": (None, {}), "best_of": (None, 1)}
 CHAT_DEFAULTS_ONLY = {"logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),
-                      "tool_choice": (None, "none", "auto"), "response_format": (None, {"type": "text"})}
+                      "tool_choice": (None, "none", "auto")}
+RESPONSE_FORMATS = "{'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', 'json_schema': {'schema': {...}}}"
 
 
 class ApiError(Exception):
@@ -109,6 +112,9 @@ def _generation_request(body: dict, prompts: list[list[int]], limits: ServerLimi
         if body.get("n") is not None:
             check_int("n", body["n"], 1, limits.max_n)
         kwargs = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
+        structured = _structured_outputs(body)
+        if structured is not None:  # the output is the constraint's, with no calculator calls inside
+            kwargs.update(structured_outputs=structured, tools=None)
         params = SamplingParams(**kwargs, max_tokens=max_tokens, logprobs=logprobs,
                                 output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
         prompts = [checked_prompt(p, params, limits.vocab_size, limits.max_model_len) for p in prompts]
@@ -122,6 +128,32 @@ def _generation_request(body: dict, prompts: list[list[int]], limits: ServerLimi
                        f"{longest} prompt tokens and {field}={params.max_tokens} ask for "
                        f"{longest + params.max_tokens}: lower {field} or shorten the prompt", param=field)
     return GenerationRequest(prompts, params, stream, include_usage, model)
+
+
+def _structured_outputs(body: dict) -> StructuredOutputsParams | None:
+    """vLLM's `structured_outputs` ({"json": schema}, {"regex": ...}, {"choice": [...]},
+    {"grammar": ...} or {"json_object": true}), or OpenAI's `response_format`."""
+    given = _given(body, "structured_outputs", None)
+    if given is not None:
+        allowed = f"an object with one of {', '.join(KINDS)}"
+        check_type("structured_outputs", given, dict, allowed)
+        if set(given) - set(KINDS) or len(given) != 1:
+            raise ValueError(f"structured_outputs must be {allowed}, got {given!r}")
+        return StructuredOutputsParams(**given)
+    response_format = check_type("response_format", _given(body, "response_format", {"type": "text"}), dict,
+                                 RESPONSE_FORMATS)
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind == "json_schema":
+        json_schema = check_type("response_format.json_schema", response_format.get("json_schema"), dict,
+                                 "an object such as {'name': ..., 'schema': {...}}")
+        schema = json_schema.get("schema")
+        return StructuredOutputsParams(json=check_type("response_format.json_schema.schema", schema, dict,
+                                                       "a JSON schema object"))
+    if kind != "text":
+        raise ValueError(f"response_format must be {RESPONSE_FORMATS}, got {response_format!r}")
+    return None
 
 
 def _given(body: dict, name: str, default):
