@@ -21,7 +21,9 @@ setup(
                  # ray runs the data-parallel tests on a local two-CPU cluster
                  "ray[data]>=2.40,<3",
                  # structured outputs, and jsonschema to validate what they produce
-                 "xgrammar", "jsonschema"],
+                 "xgrammar", "jsonschema",
+                 # the server's tests talk to it with the official client
+                 "fastapi", "uvicorn", "openai", "httpx"],
         # hub ids (huggingface_hub) and the transformers format (safetensors weights, tokenizer.json)
         "hf": ["huggingface_hub", "safetensors", "tokenizers"],
         "bench": ["datasets", "matplotlib", "pyarrow"],
@@ -30,5 +32,8 @@ setup(
         "distributed": ["ray[data]>=2.40,<3"],
         # structured outputs (SamplingParams(structured_outputs=...)): JSON schema, regex, choice, grammar
         "structured": ["xgrammar"],
+        # the OpenAI-compatible server (python -m microvllm.serve, microvllm-serve)
+        "serve": ["fastapi", "uvicorn"],
     },
+    entry_points={"console_scripts": ["microvllm-serve=microvllm.serve.cli:main"]},
 )

@@ -5,17 +5,21 @@ import importlib
 
 def import_hf(name: str):
     """An optional package of the `hf` extra, or an ImportError that says how to get it."""
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        raise ImportError(f"loading Hugging Face hub ids and the transformers format needs {name}: "
-                          'pip install -e ".[hf]"') from None
+    return _import_extra(name, "hf", f"loading Hugging Face hub ids and the transformers format needs {name}")
 
 
 def import_xgrammar():
     """xgrammar (the `structured` extra), or an ImportError that says how to get it."""
+    return _import_extra("xgrammar", "structured", "structured outputs need xgrammar")
+
+
+def import_serve(name: str):
+    """An optional package of the `serve` extra (fastapi, uvicorn), or an ImportError that says how to get it."""
+    return _import_extra(name, "serve", f"the OpenAI-compatible server needs {name}")
+
+
+def _import_extra(name: str, extra: str, need: str):
     try:
-        return importlib.import_module("xgrammar")
+        return importlib.import_module(name)
     except ImportError:
-        raise ImportError("structured outputs need xgrammar: "
-                          'pip install -e ".[structured]"') from None
+        raise ImportError(f'{need}: pip install -e ".[{extra}]"') from None

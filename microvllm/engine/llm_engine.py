@@ -131,7 +131,9 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Drop a request and free its blocks; returns its final output (finish_reason
         "abort" where it had not finished), or None for an unknown id."""
-        return self.output_processor.abort(str(request_id))
+        output = self.output_processor.abort(str(request_id))
+        self.stats.record_load(self.scheduler)  # its blocks are free now, not after the next step
+        return output
 
     def has_unfinished_requests(self) -> bool:
         return self.output_processor.has_outputs() or self.scheduler.has_unfinished()

@@ -1,5 +1,5 @@
-"""EngineStats: counters the engine keeps as it runs, for benchmarks and progress bars;
-StepTimer: the device time of a step, for the opt-in per-step timing."""
+"""EngineStats: counters the engine keeps as it runs, and its load now (for benchmarks,
+progress bars and a server's metrics); StepTimer: the device time of a step, for the opt-in per-step timing."""
 
 import time
 from dataclasses import dataclass
@@ -18,6 +18,11 @@ class EngineStats:
     preemptions: int = 0
     peak_used_blocks: int = 0
     peak_running_seqs: int = 0
+    # the load after the last step or abort (a replica pool adds them up over replicas)
+    running_seqs: int = 0
+    waiting_seqs: int = 0
+    used_blocks: int = 0
+    total_blocks: int = 0
     # with step_timing=True: the host's wall time in step() and the device's time on the
     # step's work; host well above device means the GPU waits for the host
     timed_steps: int = 0
@@ -34,12 +39,18 @@ class EngineStats:
         self.preemptions = scheduler.num_preemptions
         self.prompt_tokens = scheduler.admitted_prompt_tokens
         self.cached_prompt_tokens = scheduler.cached_prompt_tokens
-        self.peak_used_blocks = max(self.peak_used_blocks, scheduler.block_manager.num_used_blocks)
-        self.peak_running_seqs = max(self.peak_running_seqs, len(scheduler.running))
+        self.record_load(scheduler)
+        self.peak_used_blocks = max(self.peak_used_blocks, self.used_blocks)
+        self.peak_running_seqs = max(self.peak_running_seqs, self.running_seqs)
         if result.device_seconds is not None:
             self.timed_steps += 1
             self.step_host_seconds += time.perf_counter() - step_start
             self.step_device_seconds += result.device_seconds
+
+    def record_load(self, scheduler) -> None:
+        self.running_seqs, self.waiting_seqs = len(scheduler.running), len(scheduler.waiting)
+        self.used_blocks = scheduler.block_manager.num_used_blocks
+        self.total_blocks = scheduler.block_manager.num_blocks
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -1,0 +1,192 @@
+"""Serving under load: clients arriving as a Poisson process stream completions from a
+server; their time to first token, inter-token latency and the server's throughput,
+next to LLM.generate's offline throughput on the same requests.
+
+    python -m benchmarks.serve_load                                  # saturation: all at once
+    python -m benchmarks.serve_load --rate 20 --num-requests 200     # 20 new clients a second
+    python -m benchmarks.serve_load --url http://127.0.0.1:8000 --served-model-name NAME   # any server
+
+Without --url it starts `python -m microvllm.serve MODEL` on a free loopback port with the
+engine flags given here, and runs the offline pass after the server has stopped, so the
+two never share the CPU. Requests are synthetic token-id prompts with fixed output
+lengths (ignore_eos), greedy, so both passes do exactly the same work.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from benchmarks.metrics import format_table, percentile
+from benchmarks.workloads import BenchRequest, synthetic_requests
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = str(REPO / "models" / "shakespeare-d4")
+
+
+@dataclass
+class ClientRecord:
+    sent: float
+    chunk_times: list[float] = field(default_factory=list)  # arrival of each chunk that carried text
+    completion_tokens: int = 0
+
+
+async def one_client(http: httpx.AsyncClient, model: str, request: BenchRequest) -> ClientRecord:
+    body = {"model": model, "prompt": request.prompt_token_ids, "max_tokens": request.max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    record = ClientRecord(time.perf_counter())
+    async with http.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            if '"usage":{' in line or '"usage": {' in line:  # the last chunk: the token count
+                record.completion_tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+            else:  # parsing every chunk would load the CPU the server runs on
+                record.chunk_times.append(time.perf_counter())
+    return record
+
+
+async def run_clients(url: str, model: str, requests: list[BenchRequest], rate: float,
+                      seed: int) -> tuple[list[ClientRecord], float]:
+    """Launch a client per request, the gaps between launches exponential with mean 1/rate."""
+    rng = random.Random(seed)
+    # idle connections are dropped well before the server's keep-alive timeout (uvicorn's
+    # 5 s), or a client could send on one the server is closing
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=1.0)
+    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as http:
+        await one_client(http, model, requests[0])  # warm-up
+        start = time.perf_counter()
+        tasks = []
+        for request in requests:
+            tasks.append(asyncio.create_task(one_client(http, model, request)))
+            if rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(rate))
+        records = await asyncio.gather(*tasks)
+    return records, time.perf_counter() - start
+
+
+def offline_throughput(args, requests: list[BenchRequest]) -> tuple[float, float]:
+    """Output tokens per second of LLM.generate on the same requests, and CPU seconds per token."""
+    from microvllm import LLM, SamplingParams
+    llm = LLM(args.model, **engine_args(args))
+    params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in requests]
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
+    llm.generate(prompts[:1], params[:1], use_tqdm=False)  # warm-up
+    start, cpu_start = time.perf_counter(), time.process_time()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return tokens / (time.perf_counter() - start), (time.process_time() - cpu_start) / tokens
+
+
+def engine_args(args) -> dict:
+    return {"max_num_seqs": args.max_num_seqs, "dtype": args.dtype}
+
+
+def start_server(args) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "microvllm.serve", args.model, "--port", str(port), "--log-level", "warning",
+               "--served-model-name", args.served_model_name]
+    for name, value in engine_args(args).items():
+        command += [f"--{name.replace('_', '-')}", str(value)]
+    server = subprocess.Popen(command, cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError("the server exited before it answered /health")
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return server, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    server.kill()
+    raise TimeoutError("the server did not answer /health within 120 s")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process and its children, all their threads (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(cpu_seconds(int(c)) for c in children)
+
+
+def report(records: list[ClientRecord], wall_s: float, cpu: dict[str, float], offline: tuple | None) -> str:
+    ttfts = [r.chunk_times[0] - r.sent for r in records if r.chunk_times]
+    itls = [b - a for r in records for a, b in zip(r.chunk_times, r.chunk_times[1:])]
+    tokens = sum(r.completion_tokens for r in records)
+    served_tok_s = tokens / wall_s
+    ms = lambda x: f"{1e3 * x:.1f}"
+    rows = [["TTFT ms", ms(percentile(ttfts, 50)), ms(percentile(ttfts, 99))],
+            ["inter-token ms", ms(percentile(itls, 50)), ms(percentile(itls, 99))]]
+    lines = [format_table(["latency", "p50", "p99"], rows), "",
+             f"requests {len(records)} | output tokens {tokens} | {wall_s:.2f} s | "
+             f"served {served_tok_s:.0f} tok/s | {len(records) / wall_s:.2f} req/s"]
+    if offline is not None:
+        offline_tok_s, offline_cpu = offline
+        lines.append(f"offline LLM.generate {offline_tok_s:.0f} tok/s | served / offline "
+                     f"{served_tok_s / offline_tok_s:.2f}x")
+        cpu["offline"] = offline_cpu * tokens
+    # on a machine with few cores the clients take CPU from the server: CPU time per token
+    # shows what serving costs apart from that
+    lines.append("CPU ms per output token: " + " | ".join(f"{name} {1e3 * s / tokens:.2f}" for name, s in cpu.items()))
+    return "\n".join(lines)
+
+
+def served_run(url: str, args, requests: list[BenchRequest], server: subprocess.Popen | None) -> tuple:
+    """(client records, wall seconds, CPU seconds by whom) of one pass of the clients."""
+    server_cpu, client_cpu = cpu_seconds(server.pid) if server else 0.0, time.process_time()
+    records, wall_s = asyncio.run(run_clients(url, args.served_model_name, requests, args.rate, args.seed))
+    cpu = {"clients": time.process_time() - client_cpu}
+    if server is not None:  # the warm-up request's share is small next to the run's
+        cpu["server"] = cpu_seconds(server.pid) - server_cpu
+    return records, wall_s, cpu
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--url", help="an OpenAI-compatible server already running (no offline pass then)")
+    parser.add_argument("--served-model-name", default="model")
+    parser.add_argument("--num-requests", type=int, default=256)
+    parser.add_argument("--rate", type=float, default=float("inf"), help="clients a second (default: all at once)")
+    parser.add_argument("--prompt-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
+    parser.add_argument("--output-len", type=int, nargs=2, default=(64, 128), metavar=("MIN", "MAX"))
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="passes of each kind; the fastest counts (on a busy machine, the least disturbed)")
+    args = parser.parse_args(argv)
+
+    from microvllm.tokenizer import Tokenizer
+    tokenizer = Tokenizer.find(args.model)
+    requests = synthetic_requests(args.num_requests, tuple(args.prompt_len), tuple(args.output_len),
+                                  min(tokenizer.special_ids), tokenizer.bos_id, args.seed)
+    server, url = (None, args.url) if args.url else start_server(args)
+    try:
+        runs = [served_run(url, args, requests, server) for _ in range(args.repeats)]
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait()
+    records, wall_s, cpu = min(runs, key=lambda run: run[1])
+    offline = None if args.url else max(offline_throughput(args, requests) for _ in range(args.repeats))
+    print(f"{args.num_requests} requests at {args.rate} req/s | OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
+          f" | best of {args.repeats}")
+    print(report(records, wall_s, cpu, offline))
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+"""An OpenAI-compatible HTTP server over the engine: `python -m microvllm.serve MODEL`.
+
+async_engine.py steps the engine in a background thread and streams each request's
+outputs to its caller; protocol.py reads request bodies into SamplingParams;
+responses.py builds OpenAI's bodies and stream chunks; api.py holds the routes;
+metrics.py the Prometheus text; cli.py the command line.
+"""
+
+from ..extras import import_serve
+
+# named here, so that any import of the server without its extra says how to get it
+import_serve("fastapi")
+import_serve("uvicorn")

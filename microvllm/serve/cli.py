@@ -1,0 +1,74 @@
+"""`python -m microvllm.serve MODEL` (or `microvllm-serve MODEL`): load the model, then serve it.
+
+The engine flags are LLM's settings, one per EngineConfig field, spelt as vLLM's
+(`--max-num-seqs`, `--dtype`, `--no-enable-prefix-caching`), plus
+`--data-parallel-size` for Ray replicas.
+"""
+
+import argparse
+import logging
+import os
+import typing
+from dataclasses import MISSING, fields
+
+import uvicorn
+
+from ..engine.config import EngineConfig
+from .api import ServerSettings, build_app
+from .async_engine import AsyncEngine
+from .engine_process import EngineProcess
+
+ENGINE_FLAG_TYPES = (bool, int, float, str)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="microvllm-serve", description="An OpenAI-compatible server "
+                                     "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics).")
+    parser.add_argument("model", help="a checkpoint dir, a nanochat SOURCE[:TAG] or a hub id, as LLM(model=...)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get("MICROVLLM_API_KEY"),
+                        help="ask every /v1 request for 'Authorization: Bearer KEY' (default: $MICROVLLM_API_KEY)")
+    parser.add_argument("--served-model-name", help="the model's name in the API (default: MODEL as given)")
+    parser.add_argument("--max-waiting-seqs", type=int, default=1024,
+                        help="sequences that may wait beyond the running batch; calls past it get 503")
+    parser.add_argument("--request-timeout", type=float, default=600.0,
+                        help="seconds a call may run before it is aborted (0: no limit)")
+    parser.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    parser.add_argument("--max-n", type=int, default=128, help="the largest n a request may ask for")
+    parser.add_argument("--data-parallel-size", type=int, default=1,
+                        help="engine replicas on Ray; with more than one, streams are refused")
+    parser.add_argument("--cpu-threads-per-replica", type=int)
+    parser.add_argument("--log-level", default="info")
+    engine = parser.add_argument_group("engine settings (as LLM's keyword arguments)")
+    for field in fields(EngineConfig):
+        if field.name != "model":
+            _add_engine_flag(engine, field)
+    return parser
+
+
+def _add_engine_flag(group, field) -> None:
+    flag = "--" + field.name.replace("_", "-")
+    default = None if field.default is MISSING else field.default
+    kind = next(t for t in ENGINE_FLAG_TYPES if t is field.type or t in typing.get_args(field.type))
+    if kind is bool:
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+    else:
+        group.add_argument(flag, type=kind, default=default, help=f"default: {default}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    llm_args = {f.name: getattr(args, f.name) for f in fields(EngineConfig)}
+    try:
+        process = EngineProcess({**llm_args, "data_parallel_size": args.data_parallel_size,
+                                 "cpu_threads_per_replica": args.cpu_threads_per_replica})
+    except (TypeError, ValueError, FileNotFoundError) as e:  # a bad model or setting: said as a flag error
+        parser.error(str(e))
+    max_running = args.max_num_seqs * args.data_parallel_size
+    engine = AsyncEngine(process, max_running + args.max_waiting_seqs, args.request_timeout or None)
+    app = build_app(engine, ServerSettings(args.served_model_name or args.model, args.api_key,
+                                           args.max_body_bytes, args.max_n))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

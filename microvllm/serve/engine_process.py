@@ -1,0 +1,168 @@
+"""EngineProcess: the LLM in a process of its own, stepping while it has work.
+
+The server's event loop and the engine both run Python. In one process they would take
+turns on the GIL, so every chunk the server streams would lengthen the engine's step;
+in two they run side by side. The server sends lists of commands down one pipe
+(add, abort, stop); after each step the engine sends back that step's outputs, with
+its stats, down the other. In the engine's process a reader thread drains the command
+pipe as commands come, so the server never waits on a step to send; what it has read
+joins the batch at the next step.
+"""
+
+import multiprocessing
+import queue
+import signal
+import threading
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection
+
+from ..engine.llm_engine import LLMEngine
+from ..engine.stats import EngineStats
+from ..llm import LLM
+from ..outputs import RequestOutput
+from ..tokenizer import Tokenizer
+
+STOP_TIMEOUT_S = 30.0
+
+# what the engine sends after a step: (request id, its output or the error that ended it)
+# pairs, and the engine's stats then
+StepResults = tuple[list[tuple[str, RequestOutput | Exception]], EngineStats]
+
+
+class RequestRefused(Exception):
+    """The engine would not take a request (a structured output it cannot compile, say):
+    the caller's fault, told to the caller."""
+
+
+@dataclass
+class EngineInfo:
+    """What the server needs to know of the engine to check requests before sending them."""
+    tokenizer: Tokenizer
+    max_model_len: int
+    vocab_size: int
+    streams: bool    # one engine streams outputs; data-parallel replicas return finished ones only
+
+
+class EngineProcess:
+    """The server's handle: starts the engine's process and waits until it is loaded
+    (raising its error if it cannot load), then sends commands and receives results."""
+
+    def __init__(self, llm_args: dict):
+        context = multiprocessing.get_context("spawn")  # a forked child would inherit torch's threads broken
+        commands_out, self._commands = context.Pipe(duplex=False)
+        self._results, results_in = context.Pipe(duplex=False)
+        self.process = context.Process(target=_serve_engine, args=(llm_args, commands_out, results_in),
+                                       name="microvllm-engine", daemon=True)
+        self.process.start()
+        commands_out.close()  # the child's ends: closed here, so that either side sees the other go
+        results_in.close()
+        try:
+            kind, payload = self._results.recv()
+        except EOFError:
+            self.process.join()
+            raise RuntimeError(f"the engine process exited while loading (exit code "
+                               f"{self.process.exitcode})") from None
+        if kind == "failed":
+            self.process.join()
+            raise payload
+        self.info: EngineInfo = payload
+
+    def send(self, commands: list[tuple]) -> None:
+        self._commands.send(commands)
+
+    def receive(self) -> list[StepResults]:
+        """The results of the steps since the last call, at least one step's (waiting for it);
+        EOFError once the engine's process has gone."""
+        results = [self._results.recv()]
+        while self._results.poll():
+            results.append(self._results.recv())
+        return results
+
+    def stop(self) -> None:
+        try:
+            self._commands.send([("stop",)])
+        except OSError:
+            pass  # gone already
+        self.process.join(STOP_TIMEOUT_S)
+        if self.process.is_alive():
+            self.process.kill()
+
+    @property
+    def is_alive(self) -> bool:
+        return self.process.is_alive()
+
+
+def _serve_engine(llm_args: dict, commands: Connection, results: Connection) -> None:
+    # Ctrl-C reaches the whole process group; the server stops this process by a command
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        llm = LLM(**llm_args)
+    except Exception as e:  # the server raises it as its own start-up error
+        results.send(("failed", e))
+        return
+    results.send(("ready", EngineInfo(llm.tokenizer, llm.engine.max_model_len, llm.engine.vocab_size,
+                                      isinstance(llm.engine, LLMEngine))))
+    inbox = queue.SimpleQueue()
+    threading.Thread(target=_read_commands, args=(commands, inbox), daemon=True).start()
+    _EngineLoop(llm, inbox, results).run()
+
+
+def _read_commands(commands: Connection, inbox: queue.SimpleQueue) -> None:
+    while True:
+        try:
+            inbox.put(commands.recv())
+        except (EOFError, OSError):  # the server has gone: stop with it
+            inbox.put([("stop",)])
+            return
+
+
+class _EngineLoop:
+    def __init__(self, llm: LLM, inbox: queue.SimpleQueue, results: Connection):
+        self.llm, self.inbox, self.results = llm, inbox, results
+        self.live: set[str] = set()  # requests added and not seen finish
+
+    def run(self) -> None:
+        while True:
+            step_results = []
+            for command in self._take_commands(wait=not self.llm.has_unfinished_requests()):
+                if command[0] == "stop":
+                    return
+                step_results += self._apply(command)
+            if self.llm.has_unfinished_requests():
+                step_results += self._step()
+            self.results.send((step_results, replace(self.llm.engine.stats)))
+
+    def _take_commands(self, wait: bool) -> list[tuple]:
+        batches = [self.inbox.get()] if wait else []
+        while not self.inbox.empty():
+            batches.append(self.inbox.get())
+        return [command for batch in batches for command in batch]
+
+    def _apply(self, command: tuple) -> list[tuple[str, Exception]]:
+        if command[0] == "abort":
+            self.live.discard(command[1])
+            self.llm.abort(command[1], keep_output=False)
+            return []
+        _, request_id, token_ids, params = command
+        try:
+            self.llm.add_request({"prompt_token_ids": token_ids}, params, request_id)
+        except Exception as e:  # what the server could not check before (a grammar's compilation)
+            return [(request_id, RequestRefused(str(e)))]
+        self.live.add(request_id)
+        return []
+
+    def _step(self) -> list[tuple[str, RequestOutput | Exception]]:
+        try:
+            outputs = self.llm.step()
+        except Exception as e:
+            # the engine is left as if the step had not run, but the requests in it cannot
+            # trust their outputs: they end with the error, and the engine carries on
+            error = RuntimeError(f"engine step failed: {type(e).__name__}: {e}")
+            failed, self.live = self.live, set()
+            for request_id in failed:
+                self.llm.abort(request_id, keep_output=False)
+            return [(request_id, error) for request_id in failed]
+        for output in outputs:
+            if output.finished:
+                self.live.discard(output.request_id)
+        return [(output.request_id, output) for output in outputs]
