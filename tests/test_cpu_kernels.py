@@ -83,7 +83,7 @@ def test_the_cpu_backend_brings_the_fused_ops(checkpoint_dir, backend, ops):
 
 
 @pytest.mark.skipif(not native_bfloat16(), reason="packing is for CPUs with native bfloat16")
-@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+@pytest.mark.parametrize("rows", [1, 7, 64, 256, 300, 600])  # padded rows or not
 def test_packed_linear_gives_what_linear_gives(rows):
     linear = torch.nn.Linear(96, 160, bias=False).to(torch.bfloat16)
     x = torch.randn(rows, 96).to(torch.bfloat16)

@@ -12,7 +12,8 @@ oneDNN has no bfloat16 kernels to pack for.
 oneDNN builds and keeps a kernel per distinct row count, and every step's token count
 is a new row count: a long-running process would grow without bound. So the rows are
 padded to one of a few sizes (`padded_rows`), and the kernels, with the memory they
-hold, reach a plateau.
+hold, reach a plateau. (Splitting a large batch into a multiple of a few hundred rows
+and a padded rest computes fewer rows, but joining the two outputs costs as much.)
 """
 
 import functools
@@ -58,8 +59,9 @@ class PackedLinear(nn.Module):
         rows = x.shape[0]
         padding = padded_rows(rows) - rows
         if padding:
-            x = F.pad(x, (0, 0, 0, padding))
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, None, "none", [], "")[:rows]
+            return torch.ops.mkldnn._linear_pointwise(F.pad(x, (0, 0, 0, padding)), self.packed_weight,
+                                                      None, "none", [], "")[:rows]
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, None, "none", [], "")
 
 
 def pack_linears(model: nn.Module) -> int:
