@@ -97,7 +97,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [sys.executable, "-m", "microvllm.serve", args.model, "--port", str(port), "--log-level", "warning",
-               "--served-model-name", args.served_model_name]
+               "--served-model-name", args.served_model_name, "--stream-interval", str(args.stream_interval)]
     for name, value in engine_args(args).items():
         command += [f"--{name.replace('_', '-')}", str(value)]
     server = subprocess.Popen(command, cwd=REPO)
@@ -166,6 +166,7 @@ def main(argv=None):
     parser.add_argument("--output-len", type=int, nargs=2, default=(64, 128), metavar=("MIN", "MAX"))
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--stream-interval", type=int, default=1, help="the server's --stream-interval")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1,
                         help="passes of each kind; the fastest counts (on a busy machine, the least disturbed)")

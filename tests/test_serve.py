@@ -43,10 +43,10 @@ OFFLINE_GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 @contextlib.contextmanager
 def serving(llm_args: dict, max_seqs_in_flight: int = 1024, request_timeout_s: float | None = 60.0,
-            **settings):
+            stream_interval: int = 1, **settings):
     """A server for LLM(**llm_args) on a free loopback port, in a thread; yields its base url."""
     # float32 as the offline LLMs here: the engine's process does not see conftest's default
-    engine = AsyncEngine(EngineProcess({"device": "cpu", "dtype": "float32", **llm_args}),
+    engine = AsyncEngine(EngineProcess({"device": "cpu", "dtype": "float32", **llm_args}, stream_interval),
                          max_seqs_in_flight, request_timeout_s)
     app = build_app(engine, ServerSettings(**{"model_name": MODEL, "api_key": KEY, "max_body_bytes": 1 << 16,
                                               "max_n": 8, **settings}))
@@ -128,6 +128,15 @@ def test_streamed_completion_adds_up_to_the_whole_one_then_usage(client, offline
     assert "".join(c.choices[0].text for c in chunks if c.choices) == offline[1]
     assert chunks[-2].choices[0].finish_reason == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+
+
+def test_a_stream_interval_sends_several_steps_in_a_chunk_and_the_same_text(llm_args, offline):
+    with serving(llm_args, stream_interval=4) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY)
+        chunks = list(client.completions.create(model=MODEL, prompt=PROMPTS[1], stream=True, **GREEDY))
+    texts = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
+    assert "".join(texts) == offline[1]
+    assert len(texts) <= 4  # 12 tokens, 4 steps a chunk
 
 
 def test_streamed_chat_opens_with_the_role(client):

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-parallel-size", type=int, default=1,
                         help="engine replicas on Ray; with more than one, streams are refused")
     parser.add_argument("--cpu-threads-per-replica", type=int)
+    parser.add_argument("--stream-interval", type=int, default=1,
+                        help="engine steps whose outputs reach clients together: fewer, larger stream "
+                             "chunks, at up to this many steps of extra latency (default 1)")
     parser.add_argument("--log-level", default="info")
     engine = parser.add_argument_group("engine settings (as LLM's keyword arguments)")
     for field in fields(EngineConfig):
@@ -61,10 +64,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.stream_interval < 1:
+        parser.error(f"--stream-interval must be at least 1, got {args.stream_interval}")
     llm_args = {f.name: getattr(args, f.name) for f in fields(EngineConfig)}
     try:
         process = EngineProcess({**llm_args, "data_parallel_size": args.data_parallel_size,
-                                 "cpu_threads_per_replica": args.cpu_threads_per_replica})
+                                 "cpu_threads_per_replica": args.cpu_threads_per_replica},
+                                args.stream_interval)
     except (TypeError, ValueError, FileNotFoundError) as e:  # a bad model or setting: said as a flag error
         parser.error(str(e))
     max_running = args.max_num_seqs * args.data_parallel_size
