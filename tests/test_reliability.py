@@ -292,15 +292,11 @@ def test_work_per_sample_does_not_grow_with_n(checkpoint_dir):
     assert large < 4.5 * small, (small, large)
 
 
-
 # run in a fresh process: in this one, heap freed by earlier tests would hide the growth
 PLATEAU_CHECK = """
 import torch
+from benchmarks.soak import rss_mib
 from microvllm.cpu.linear import PackedLinear, padded_rows
-
-def rss_mib():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
 
 linear = PackedLinear(torch.nn.Linear(384, 1536, bias=False).to(torch.bfloat16))
 for rows in sorted({padded_rows(n) for n in range(1, 301)}):

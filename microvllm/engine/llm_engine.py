@@ -92,8 +92,8 @@ class LLMEngine:
         if graphs:
             decode_graphs = DecodeGraphs(self.model, self.kv_cache, attention_backend.decode,
                                          config.max_num_seqs, self.max_model_len, self.device)
-        self.runner = ModelRunner(self.model, self.kv_cache, attention_backend,
-                                  Sampler(self.tokenizer.eos_token_ids, platform.argmax, platform.sampling_noise), self.device, decode_graphs,
+        sampler = Sampler(self.tokenizer.eos_token_ids, platform.argmax, platform.sampling_noise)
+        self.runner = ModelRunner(self.model, self.kv_cache, attention_backend, sampler, self.device, decode_graphs,
                                   StepTimer(self.device) if config.step_timing else None)
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler, self.max_model_len)
         self.grammars = Grammars(self.tokenizer)

@@ -2,8 +2,8 @@
 
 The flat batch puts single-token sequences (decodes) first, then fresh prompts' first
 chunks, then chunks that continue a computed prefix, each kind sorted by context
-length, so the attention backend can pad similar neighbours together. Index arrays are built with numpy from the sequences' block tables, then
-moved to the device in one copy. A step of single-token sequences replays a CUDA graph
+length, so the attention backend can pad similar neighbours together. Index arrays are
+built with numpy from the sequences' block tables, then moved to the device in one copy. A step of single-token sequences replays a CUDA graph
 when the engine captured them (DecodeGraphs); any other step runs eagerly.
 """
 
@@ -24,7 +24,7 @@ from .sequence import Request, Sequence
 from .stats import StepTimer
 from .transfer import to_device
 
-# a step of this many sequence kinds' sort keys apart, past any context length
+# the sort keys of the batch's kinds of sequence lie this far apart, past any context length
 BATCH_KIND_STRIDE = 1 << 40
 
 
@@ -34,6 +34,8 @@ def _batch_order(item: ScheduledSequence) -> int:
     computed = item.seq.num_computed_tokens
     kind = 0 if item.num_new_tokens == 1 else 1 if computed == 0 else 2
     return kind * BATCH_KIND_STRIDE + computed + item.num_new_tokens
+
+
 # what an eager step sends the device, in its one copy
 EAGER_INPUTS = ("input_ids", "positions", "prev_ids", "slot_mapping", "block_tables",
                 "cu_query_lens", "cu_context_lens")

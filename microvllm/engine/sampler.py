@@ -148,9 +148,10 @@ class Sampler:
                                       torch.tensor(float("-inf"), device=logits.device))
         token_ids = self.argmax(logits)
         if not all(p.greedy for p in kinds):
-            vocab = logits.shape[1]
-            with_top_k = [row for row, seq in enumerate(seqs) if not seq.params.greedy and 0 < seq.params.top_k < vocab]
-            without = [row for row, seq in enumerate(seqs) if not seq.params.greedy and not 0 < seq.params.top_k < vocab]
+            vocab, with_top_k, without = logits.shape[1], [], []
+            for row, seq in enumerate(seqs):
+                if not seq.params.greedy:
+                    (with_top_k if 0 < seq.params.top_k < vocab else without).append(row)
             for sampling_rows, sample in ((with_top_k, self._sample_top_k), (without, self._sample)):
                 if sampling_rows:
                     rows, sampled = sample(logits, [seqs[r] for r in sampling_rows], sampling_rows)

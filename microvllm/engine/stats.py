@@ -1,5 +1,6 @@
 """EngineStats: counters the engine keeps as it runs, and its load now (for benchmarks,
-progress bars and a server's metrics); StepTimer: the device time of a step, for the opt-in per-step timing."""
+progress bars and a server's metrics); StepTimer: the device time of a step, for the
+opt-in per-step timing."""
 
 import time
 from dataclasses import dataclass

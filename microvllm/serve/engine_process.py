@@ -53,8 +53,8 @@ class EngineProcess:
         context = multiprocessing.get_context("spawn")  # a forked child would inherit torch's threads broken
         commands_out, self._commands = context.Pipe(duplex=False)
         self._results, results_in = context.Pipe(duplex=False)
-        self.process = context.Process(target=_serve_engine, args=(llm_args, stream_interval, commands_out, results_in),
-                                       name="microvllm-engine", daemon=True)
+        self.process = context.Process(target=_serve_engine, name="microvllm-engine", daemon=True,
+                                       args=(llm_args, stream_interval, commands_out, results_in))
         self.process.start()
         commands_out.close()  # the child's ends: closed here, so that either side sees the other go
         results_in.close()
