@@ -23,7 +23,7 @@ setup(
                  # structured outputs, and jsonschema to validate what they produce
                  "xgrammar", "jsonschema",
                  # the server's tests talk to it with the official client
-                 "fastapi", "uvicorn", "openai", "httpx"],
+                 "fastapi", "uvicorn[standard]", "openai", "httpx"],
         # hub ids (huggingface_hub) and the transformers format (safetensors weights, tokenizer.json)
         "hf": ["huggingface_hub", "safetensors", "tokenizers"],
         "bench": ["datasets", "matplotlib", "pyarrow"],
@@ -33,7 +33,8 @@ setup(
         # structured outputs (SamplingParams(structured_outputs=...)): JSON schema, regex, choice, grammar
         "structured": ["xgrammar"],
         # the OpenAI-compatible server (python -m microvllm.serve, microvllm-serve)
-        "serve": ["fastapi", "uvicorn"],
+        # uvicorn[standard]: uvloop and httptools, which uvicorn picks over asyncio and h11 by itself
+        "serve": ["fastapi", "uvicorn[standard]"],
     },
     entry_points={"console_scripts": ["microvllm-serve=microvllm.serve.cli:main"]},
 )

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,19 +41,33 @@ class ClientRecord:
     completion_tokens: int = 0
 
 
-async def one_client(http: httpx.AsyncClient, model: str, request: BenchRequest) -> ClientRecord:
-    body = {"model": model, "prompt": request.prompt_token_ids, "max_tokens": request.max_tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+async def one_client(url: urllib.parse.SplitResult, model: str, request: BenchRequest) -> ClientRecord:
+    """One streamed completion over a connection of its own. The clients share the machine's
+    cores with the server, so they speak plain HTTP/1.1 over asyncio's streams and look
+    into no chunk but the last, leaving the cores to what is measured."""
+    body = json.dumps({"model": model, "prompt": request.prompt_token_ids, "max_tokens": request.max_tokens,
+                       "temperature": 0, "ignore_eos": True, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
     record = ClientRecord(time.perf_counter())
-    async with http.stream("POST", "/v1/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            if '"usage":{' in line or '"usage": {' in line:  # the last chunk: the token count
-                record.completion_tokens = json.loads(line[6:])["usage"]["completion_tokens"]
-            else:  # parsing every chunk would load the CPU the server runs on
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    try:
+        writer.write(f"POST {url.path.rstrip('/')}/v1/completions HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                     f"Connection: close\r\n\r\n".encode() + body)
+        status = await reader.readline()
+        if b" 200 " not in status:
+            raise RuntimeError(f"the server answered {status.decode().strip()}: {(await reader.read()).decode()}")
+        while await reader.readline() not in (b"\r\n", b""):  # the headers: chunked, as SSE is sent
+            pass
+        while size := int((await reader.readline()).split(b";")[0], 16):
+            chunk = await reader.readexactly(size + 2)  # the chunk and its CRLF: one or more events
+            if b'"usage":{' in chunk or b'"usage": {' in chunk:  # the last chunk: the token count
+                usage = chunk[chunk.index(b"data: ") + 6:].split(b"\n\n")[0]
+                record.completion_tokens = json.loads(usage)["usage"]["completion_tokens"]
+            elif b"[DONE]" not in chunk:
                 record.chunk_times.append(time.perf_counter())
+    finally:
+        writer.close()
     return record
 
 
@@ -60,18 +75,15 @@ async def run_clients(url: str, model: str, requests: list[BenchRequest], rate: 
                       seed: int) -> tuple[list[ClientRecord], float]:
     """Launch a client per request, the gaps between launches exponential with mean 1/rate."""
     rng = random.Random(seed)
-    # idle connections are dropped well before the server's keep-alive timeout (uvicorn's
-    # 5 s), or a client could send on one the server is closing
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=1.0)
-    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as http:
-        await one_client(http, model, requests[0])  # warm-up
-        start = time.perf_counter()
-        tasks = []
-        for request in requests:
-            tasks.append(asyncio.create_task(one_client(http, model, request)))
-            if rate != float("inf"):
-                await asyncio.sleep(rng.expovariate(rate))
-        records = await asyncio.gather(*tasks)
+    parts = urllib.parse.urlsplit(url)
+    await one_client(parts, model, requests[0])  # warm-up
+    start = time.perf_counter()
+    tasks = []
+    for request in requests:
+        tasks.append(asyncio.create_task(one_client(parts, model, request)))
+        if rate != float("inf"):
+            await asyncio.sleep(rng.expovariate(rate))
+    records = await asyncio.gather(*tasks)
     return records, time.perf_counter() - start
 
 
@@ -116,11 +128,16 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     raise TimeoutError("the server did not answer /health within 120 s")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of a process and its children, all their threads (Linux)."""
+def server_cpu_seconds(pid: int) -> dict[str, float]:
+    """User and system CPU time of the server's HTTP process and of its engine process (its
+    child), all their threads (Linux)."""
+    children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return {"server http": _cpu_seconds(pid), "server engine": sum(_cpu_seconds(c) for c in children)}
+
+
+def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(cpu_seconds(int(c)) for c in children)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def report(records: list[ClientRecord], wall_s: float, cpu: dict[str, float], offline: tuple | None) -> str:
@@ -147,12 +164,22 @@ def report(records: list[ClientRecord], wall_s: float, cpu: dict[str, float], of
 
 def served_run(url: str, args, requests: list[BenchRequest], server: subprocess.Popen | None) -> tuple:
     """(client records, wall seconds, CPU seconds by whom) of one pass of the clients."""
-    server_cpu, client_cpu = cpu_seconds(server.pid) if server else 0.0, time.process_time()
-    records, wall_s = asyncio.run(run_clients(url, args.served_model_name, requests, args.rate, args.seed))
+    server_cpu, client_cpu = server_cpu_seconds(server.pid) if server else {}, time.process_time()
+    with asyncio.Runner(loop_factory=_fastest_loop()) as runner:
+        records, wall_s = runner.run(run_clients(url, args.served_model_name, requests, args.rate, args.seed))
     cpu = {"clients": time.process_time() - client_cpu}
     if server is not None:  # the warm-up request's share is small next to the run's
-        cpu["server"] = cpu_seconds(server.pid) - server_cpu
+        cpu |= {name: s - server_cpu[name] for name, s in server_cpu_seconds(server.pid).items()}
     return records, wall_s, cpu
+
+
+def _fastest_loop():
+    """uvloop's event loop where it is installed (uvicorn's standard extra brings it), else asyncio's."""
+    try:
+        import uvloop
+        return uvloop.new_event_loop
+    except ImportError:
+        return None
 
 
 def main(argv=None):

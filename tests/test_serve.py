@@ -300,6 +300,16 @@ def test_another_model_name_gets_a_404(client):
         client.completions.create(model="gpt-4", prompt="x", max_tokens=1)
 
 
+def test_the_load_benchmark_clients_count_every_streamed_token(llm_args):
+    from benchmarks.serve_load import run_clients
+    from benchmarks.workloads import BenchRequest
+    requests = [BenchRequest([1, 2, 3 + i], 5 + i) for i in range(6)]
+    with serving(llm_args, api_key=None) as url:
+        records, _ = asyncio.run(run_clients(url, MODEL, requests, rate=float("inf"), seed=0))
+    assert [r.completion_tokens for r in records] == [r.max_tokens for r in requests]
+    assert all(1 <= len(r.chunk_times) <= q.max_tokens for r, q in zip(records, requests))
+
+
 # -- limits ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
