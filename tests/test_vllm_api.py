@@ -238,3 +238,23 @@ def test_greedy_outputs_beside_shaped_requests_are_unchanged(llm):
                             detokenize=True, truncate_prompt_tokens=50)
     mixed = llm.generate(prompts, [SamplingParams(**GREEDY), shaped, SamplingParams(**GREEDY)], use_tqdm=False)
     assert [o.outputs[0].token_ids for o in mixed] == [o.outputs[0].token_ids for o in plain]
+
+
+def test_a_delta_stream_holds_a_cut_character_back_until_it_is_whole(llm):
+    """Each step's text adds up to the decoded tokens so far, less a trailing partial UTF-8
+    character; the finished stream adds up to the whole text."""
+    tokenizer = llm.get_tokenizer()
+    params = SamplingParams(temperature=1.5, max_tokens=48, ignore_eos=True, seed=1,
+                            output_kind=RequestOutputKind.DELTA)
+    for i in range(8):
+        llm.llm_engine.add_request(f"d{i}", [1, 2, 3 + i], params)
+    texts, tokens, held_back = {}, {}, 0
+    for output in drain(llm):
+        rid, completion = output.request_id, output.outputs[0]
+        texts[rid] = texts.get(rid, "") + completion.text
+        tokens[rid] = tokens.get(rid, []) + completion.token_ids
+        whole = tokenizer.decode(tokens[rid])
+        expected = whole if output.finished else whole.rstrip("\ufffd")
+        held_back += expected != whole
+        assert texts[rid] == expected
+    assert held_back and len(tokens) == 8

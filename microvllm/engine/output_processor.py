@@ -210,12 +210,11 @@ class OutputProcessor:
         delta = request.output_kind is RequestOutputKind.DELTA
         completions = []
         for seq in request.sequences:
-            p = seq.params
-            text = seq.text if p.stop_strings and seq.finish_reason == "stop" and isinstance(seq.stop_reason, str) \
-                else self.tokenizer.decode(seq.output_token_ids, p.skip_special_tokens) if p.detokenize else ""
-            token_ids, logprobs, masks = seq.output_token_ids, seq.logprobs, seq.output_token_masks
             if delta:
-                text, token_ids, logprobs, masks = self._delta(seq, text, token_ids, logprobs, masks)
+                text, token_ids, logprobs, masks = self._delta(seq)
+            else:
+                text, token_ids, logprobs, masks = \
+                    self._text(seq), seq.output_token_ids, seq.logprobs, seq.output_token_masks()
             completions.append(CompletionOutput(
                 seq.index, text, token_ids, seq.cumulative_logprob,
                 None if logprobs is None else list(logprobs),  # a streamed copy stays as it was
@@ -226,13 +225,35 @@ class OutputProcessor:
             RequestMetrics(request.arrival_time, request.first_token_time, request.finished_time),
             max(request.sequences[0].num_cached_tokens, 0))
 
+    def _text(self, seq: Sequence) -> str:
+        if self._cut_at_stop_string(seq):
+            return seq.text
+        return self.tokenizer.decode(seq.output_token_ids, seq.params.skip_special_tokens) \
+            if seq.params.detokenize else ""
+
+    def _delta(self, seq: Sequence) -> tuple:
+        """What a DELTA stream has not sent of `seq` yet (text, token ids, log-probs, masks);
+        marks it sent. A trailing partial UTF-8 character waits until it is whole, unless
+        the sequence has finished. Only the tokens after the settled ones are decoded, so a
+        stream's text costs time linear in its length, not quadratic."""
+        output, sent_tokens = seq.output_token_ids, seq.num_streamed_tokens
+        if self._cut_at_stop_string(seq):
+            offset, text = 0, seq.text  # the whole text
+        else:  # the text after the settled characters
+            offset = seq.num_settled_chars
+            text = self.tokenizer.decode(output[seq.num_settled_tokens:], seq.params.skip_special_tokens) \
+                if seq.params.detokenize else ""
+            if not seq.is_finished and text.endswith("\ufffd"):
+                text = text.rstrip("\ufffd")
+            else:  # all of it goes out now
+                seq.num_settled_tokens, seq.num_settled_chars = len(output), offset + len(text)
+        new_text = text[seq.num_streamed_chars - offset:]
+        seq.num_streamed_tokens, seq.num_streamed_chars = len(output), max(offset + len(text), seq.num_streamed_chars)
+        logprobs = seq.logprobs
+        return (new_text, output[sent_tokens:], None if logprobs is None else logprobs[sent_tokens:],
+                seq.output_token_masks(sent_tokens))
+
     @staticmethod
-    def _delta(seq: Sequence, text: str, token_ids: list[int], logprobs, masks: list[int]) -> tuple:
-        """What a DELTA stream has not sent of `seq` yet; marks it sent. A trailing partial
-        UTF-8 character waits until it is whole, unless the sequence has finished."""
-        sent_tokens, sent_chars = seq.num_streamed_tokens, seq.num_streamed_chars
-        if not seq.is_finished:
-            text = text.rstrip("\ufffd")
-        seq.num_streamed_tokens, seq.num_streamed_chars = len(token_ids), max(len(text), sent_chars)
-        return (text[sent_chars:], token_ids[sent_tokens:],
-                None if logprobs is None else logprobs[sent_tokens:], masks[sent_tokens:])
+    def _cut_at_stop_string(seq: Sequence) -> bool:
+        """Whether a stop string ended `seq`: its text, cut there, is then in seq.text."""
+        return bool(seq.params.stop_strings) and seq.finish_reason == "stop" and isinstance(seq.stop_reason, str)

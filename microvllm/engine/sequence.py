@@ -49,6 +49,10 @@ class Sequence:
     forced_spans: list[tuple[int, int]] = field(default_factory=list)
     num_streamed_tokens: int = 0        # of the output, sent by a DELTA stream so far
     num_streamed_chars: int = 0
+    # a DELTA stream's leading output tokens whose text ends on a whole character and has
+    # all been sent, and that text's length: each step decodes only the tokens after them
+    num_settled_tokens: int = 0
+    num_settled_chars: int = 0
     # where the request has structured_outputs: an xgrammar GrammarMatcher that has
     # accepted every output token so far (advanced as tokens are committed, so a
     # recompute after preemption leaves it where it is)
@@ -81,11 +85,13 @@ class Sequence:
     def prompt_is_computed(self) -> bool:
         return self.num_computed_tokens >= self.num_prompt_tokens
 
-    @property
-    def output_token_masks(self) -> list[int]:
-        masks = [1] * self.num_output_tokens
-        for start, end in self.forced_spans:
-            masks[start:end] = [0] * (end - start)
+    def output_token_masks(self, start: int = 0) -> list[int]:
+        """1 for each output token from `start` on that was sampled, 0 for one a tool forced."""
+        masks = [1] * (self.num_output_tokens - start)
+        for span_start, span_end in self.forced_spans:
+            if span_end > start:
+                span_start = max(span_start, start)
+                masks[span_start - start:span_end - start] = [0] * (span_end - span_start)
         return masks
 
 
