@@ -8,12 +8,14 @@ import asyncio
 import contextlib
 import json
 import os
+import pickle
 import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,7 @@ from microvllm.outputs import CompletionOutput, RequestMetrics, RequestOutput  #
 from microvllm.serve.async_engine import AsyncEngine  # noqa: E402
 from microvllm.serve.deltas import joined_deltas  # noqa: E402
 from microvllm.serve.engine_process import EngineProcess  # noqa: E402
+from microvllm.serve.wire import packed, unpacked  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "tiny"
@@ -240,6 +243,12 @@ def test_deltas_queued_together_join_into_one_output():
     assert all(c.text == "abcd" and c.token_ids == [5, 6, 7, 8] and len(c.logprobs) == len(c.token_masks) == 4
                and c.finish_reason == "length" for c in joined.outputs)
 
+
+
+def test_an_output_crosses_the_pipe_whole_but_for_the_prompt_text(llm):
+    output = llm.generate(["ROMEO:"], SamplingParams(temperature=0, max_tokens=4, logprobs=2, n=2, seed=1),
+                          use_tqdm=False)[0]
+    assert unpacked(pickle.loads(pickle.dumps(packed(output))), output.prompt_token_ids) == replace(output, prompt=None)
 
 # -- bad requests ------------------------------------------------------------------------
 

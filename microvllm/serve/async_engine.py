@@ -22,6 +22,7 @@ from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from .deltas import joined_deltas
 from .engine_process import EngineProcess, StepResults
+from .wire import PackedOutput, unpacked
 
 THROUGHPUT_WINDOW_S = 10.0  # tokens per second are counted over this much recent time
 
@@ -76,7 +77,7 @@ class AsyncEngine:
                              f"{self.max_seqs_in_flight}: try again shortly")
         if not self.engine.is_alive:
             raise RuntimeError("the engine process has exited")
-        call = Call(self, [f"{uuid.uuid4().hex}-{i}" for i in range(len(prompts))], num_seqs)
+        call = Call(self, [f"{uuid.uuid4().hex}-{i}" for i in range(len(prompts))], prompts, num_seqs)
         for request_id in call.request_ids:
             self._queues[request_id] = call.queue
         self.num_seqs_in_flight += num_seqs
@@ -136,9 +137,10 @@ class Call:
     """The requests of one HTTP call: their outputs as they come, and an abort for those
     not finished when the caller leaves (close() is safe to call more than once)."""
 
-    def __init__(self, engine: AsyncEngine, request_ids: list[str], num_seqs: int):
+    def __init__(self, engine: AsyncEngine, request_ids: list[str], prompts: list[list[int]], num_seqs: int):
         self.engine = engine
         self.request_ids = request_ids
+        self.prompts = prompts
         self.num_seqs = num_seqs
         self.queue: asyncio.Queue = asyncio.Queue()
         self.unfinished = set(request_ids)
@@ -157,14 +159,14 @@ class Call:
             for request_id, result in queued:
                 if isinstance(result, Exception):
                     raise result
-                by_request.setdefault(request_id, []).append(result)
+                by_request.setdefault(request_id, []).append(unpacked(result, self.prompts[index[request_id]]))
             for request_id, outputs in by_request.items():
                 output = joined_deltas(outputs)
                 if output.finished:
                     self.unfinished.discard(request_id)
                 yield index[request_id], output
 
-    async def _next(self) -> tuple[str, RequestOutput | Exception]:
+    async def _next(self) -> tuple[str, PackedOutput | Exception]:
         if self._deadline is None:
             return await self.queue.get()
         try:

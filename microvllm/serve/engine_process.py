@@ -21,14 +21,14 @@ from multiprocessing.connection import Connection
 from ..engine.llm_engine import LLMEngine
 from ..engine.stats import EngineStats
 from ..llm import LLM
-from ..outputs import RequestOutput
 from ..tokenizer import Tokenizer
+from .wire import PackedOutput, packed
 
 STOP_TIMEOUT_S = 30.0
 
 # what the engine sends after a step: (request id, its output or the error that ended it)
 # pairs, and the engine's stats then
-StepResults = tuple[list[tuple[str, RequestOutput | Exception]], EngineStats]
+StepResults = tuple[list[tuple[str, PackedOutput | Exception]], EngineStats]
 
 
 class RequestRefused(Exception):
@@ -158,7 +158,7 @@ class _EngineLoop:
         self.live.add(request_id)
         return []
 
-    def _step(self) -> list[tuple[str, RequestOutput | Exception]]:
+    def _step(self) -> list[tuple[str, PackedOutput | Exception]]:
         try:
             outputs = self.llm.step()
         except Exception as e:
@@ -172,4 +172,4 @@ class _EngineLoop:
         for output in outputs:
             if output.finished:
                 self.live.discard(output.request_id)
-        return [(output.request_id, output) for output in outputs]
+        return [(output.request_id, packed(output)) for output in outputs]
