@@ -81,7 +81,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         if generation.stream:
             # a stream cancelled before its first chunk never runs the generator's own cleanup
             return StreamingResponse(_events(call, responses, generation), media_type="text/event-stream",
-                                     background=BackgroundTask(call.close))
+                                     background=BackgroundTask(call.aclose))
         try:
             outputs = await _unless_disconnected(request, _finished_outputs(call, len(generation.prompts)))
         finally:

@@ -22,7 +22,7 @@ from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from .deltas import joined_deltas
 from .engine_process import EngineProcess, StepResults
-from .wire import PackedOutput, unpacked
+from .wire import unpacked
 
 THROUGHPUT_WINDOW_S = 10.0  # tokens per second are counted over this much recent time
 
@@ -145,14 +145,16 @@ class Call:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.unfinished = set(request_ids)
         self.closed = False
-        self._deadline = None if engine.request_timeout_s is None else time.monotonic() + engine.request_timeout_s
+        # one timer per call, not one per output awaited: at the limit it queues the error
+        self._timer = None if engine.request_timeout_s is None else \
+            asyncio.get_running_loop().call_later(engine.request_timeout_s, self._time_up)
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(prompt index, output) as the engine makes them, until every request has finished;
         a request's outputs queued meanwhile come as one."""
         index = {r: i for i, r in enumerate(self.request_ids)}
         while self.unfinished:
-            queued = [await self._next()]
+            queued = [await self.queue.get()]
             while not self.queue.empty():
                 queued.append(self.queue.get_nowait())
             by_request: dict[str, list[RequestOutput]] = {}
@@ -166,16 +168,18 @@ class Call:
                     self.unfinished.discard(request_id)
                 yield index[request_id], output
 
-    async def _next(self) -> tuple[str, PackedOutput | Exception]:
-        if self._deadline is None:
-            return await self.queue.get()
-        try:
-            return await asyncio.wait_for(self.queue.get(), self._deadline - time.monotonic())
-        except TimeoutError:
-            raise RequestTimeout(f"the request ran past the server's limit of "
-                                 f"{self.engine.request_timeout_s:g} s and was aborted") from None
+    def _time_up(self) -> None:
+        self.queue.put_nowait((None, RequestTimeout(f"the request ran past the server's limit of "
+                                                    f"{self.engine.request_timeout_s:g} s and was aborted")))
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            if self._timer is not None:
+                self._timer.cancel()
             self.engine._close(self)
+
+    async def aclose(self) -> None:
+        """close() for Starlette's background tasks, which run a plain function in a thread
+        of their pool but a coroutine on the event loop."""
+        self.close()
