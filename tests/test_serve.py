@@ -231,6 +231,18 @@ def test_a_client_leaving_mid_stream_aborts_its_request_and_frees_its_blocks(ser
     assert wait_until_idle(url)["kv_cache_blocks_used"] == 0
 
 
+def test_a_client_leaving_a_call_that_does_not_stream_aborts_its_requests_and_frees_their_blocks(server):
+    aborted = metrics(server)["requests_aborted_total"]
+    # 32 prompts of 8 completions each: more than the KV cache holds at once, so many seconds of work
+    body = {"model": MODEL, "prompt": [PROMPTS[0]] * 32, "n": 8, "max_tokens": 200, "ignore_eos": True}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server + "/v1/completions", json=body, headers=AUTH, timeout=0.5)
+    deadline = time.monotonic() + 10
+    while (m := metrics(server))["requests_aborted_total"] == aborted and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert aborted < m["requests_aborted_total"] <= aborted + 32  # the first few may have finished
+    assert wait_until_idle(server)["kv_cache_blocks_used"] == 0
+
 def test_deltas_queued_together_join_into_one_output():
     def delta(text, token_ids, finish_reason=None):
         completions = [CompletionOutput(i, text, token_ids, None, [{t: None} for t in token_ids], finish_reason,
