@@ -363,3 +363,12 @@ def test_no_cache_baseline_runs_on_a_bfloat16_engine_model(checkpoint_dir):
     model = LLM(checkpoint_dir, dtype="bfloat16", num_blocks=64, max_num_seqs=2).engine.model
     result = generate_without_cache(model, [[256, 10, 20], [256, 5]], [4, 2], max_num_seqs=2, max_model_len=64)
     assert [len(o.token_ids) for o in result.outputs] == [4, 2]
+
+
+def test_decode_kernel_benchmark_times_a_small_shape():
+    from benchmarks.decode_kernel import time_kernel
+    from microvllm.cpu.kernels import load_library
+    if load_library() is None:
+        pytest.skip("no C compiler for the CPU kernels")
+    ns, gb_s = time_kernel((2, 40, 4, 2, 64), torch.bfloat16)
+    assert ns > 0 and gb_s > 0

@@ -18,8 +18,9 @@
    group while they are in L1. All query heads' scores are kept in a scratch row per head,
    turned into softmax weights, and values are then visited the same way.
 
-   Each tile's successor is prefetched while the tile is worked on. On AVX-512, bfloat16
-   rows are read in place with intrinsics (below); elsewhere the loops are plain C that the
+   Each tile's successor is prefetched into L2 while the tile is worked on. On AVX-512,
+   bfloat16 rows are read in place with intrinsics (below), and with AVX-512 BF16 the query
+   meets the keys in bfloat16 pair products; elsewhere the loops are plain C that the
    compiler vectorises for whatever CPU it builds for. The body is one static inline
    function taking the element type and head_dim as arguments;
    the entry point calls it with constants for the common cases, so each call is compiled
@@ -152,6 +153,29 @@ static ALWAYS_INLINE void dots_bf16(const float *q, const char *rows, size_t str
     _mm512_mask_storeu_ps(out, (__mmask16)((1u << n) - 1), lane_sums(acc));
 }
 
+#if defined(__AVX512BF16__)
+#define PAIR_DOTS 1
+/* out[t] = scale * (q . k_t) for the n <= TILE bfloat16 rows k_t = rows + t * stride (bytes),
+   with q in bfloat16 as it lies: VDPBF16PS multiplies 32 pairs of bfloat16 exactly and adds
+   them into 16 float32 sums, one instruction where widening the keys takes four. */
+static ALWAYS_INLINE void dots_pairs(const uint16_t *q, const char *rows, size_t stride, int64_t n,
+                                     int64_t head_dim, float scale, float *out) {
+    __m512 acc[TILE];
+    for (int64_t t = 0; t < TILE; t++) {
+        acc[t] = _mm512_setzero_ps();
+        if (t < n)
+            for (int64_t c = 0; c < head_dim; c += CHUNK)
+                acc[t] = _mm512_dpbf16_ps(acc[t], (__m512bh)_mm512_loadu_si512(q + c),
+                                          (__m512bh)_mm512_loadu_si512(rows + (size_t)t * stride + 2 * c));
+    }
+    _mm512_mask_storeu_ps(out, (__mmask16)((1u << n) - 1), _mm512_mul_ps(lane_sums(acc), _mm512_set1_ps(scale)));
+}
+#else
+#define PAIR_DOTS 0
+static inline void dots_pairs(const uint16_t *q, const char *rows, size_t stride, int64_t n,
+                              int64_t head_dim, float scale, float *out) {}
+#endif
+
 /* o += sum_t w[t] v_t for the n bfloat16 rows v_t = rows + t * stride (bytes), o split by
    parity as the query is. Even and odd t go to separate sums, two chains of additions
    rather than one. */
@@ -183,7 +207,10 @@ static ALWAYS_INLINE void unsplit(float *x, int64_t n) {
 }
 #else  /* never called: without AVX-512 every row goes through as_float */
 #define BF16_VECTORS 0
+#define PAIR_DOTS 0
 enum { CHUNK = 32 };
+static inline void dots_pairs(const uint16_t *q, const char *rows, size_t stride, int64_t n,
+                              int64_t head_dim, float scale, float *out) {}
 static inline void dots_bf16(const float *q, const char *rows, size_t stride, int64_t n, int64_t head_dim,
                              float *out) {}
 static inline void add_weighted_bf16(float *o, const char *rows, size_t stride, const float *w, int64_t n,
@@ -203,12 +230,13 @@ static ALWAYS_INLINE const char *tile_at(const char *pool, const int64_t *table,
 
 /* Ask for the tile at position p while the one before it is worked on: a tile is a few KiB
    of one block, and the blocks of a sequence lie anywhere in the pool, where the hardware
-   prefetcher would not look. */
+   prefetcher would not look. Into L2, not L1: L1 tracks few misses at once, and a tile's
+   hundreds of lines asked for at once would stall there. */
 static ALWAYS_INLINE void prefetch_tile(const char *pool, const int64_t *table, int64_t p, int64_t last,
                                         int64_t block_size, size_t token_bytes) {
     int64_t n;
     const char *rows = tile_at(pool, table, p, last, block_size, token_bytes, &n);
-    for (size_t i = 0; i < (size_t)n * token_bytes; i += 64) __builtin_prefetch(rows + i);
+    for (size_t i = 0; i < (size_t)n * token_bytes; i += 64) __builtin_prefetch(rows + i, 0, 2);
 }
 
 /* The attention of sequences [first_seq, end_seq) (see paged_decode_attention), with
@@ -222,6 +250,7 @@ static ALWAYS_INLINE void decode(const void *q, const char *keys, const char *va
     const int64_t row = n_head * head_dim, group = n_head / n_kv_head;
     const size_t head_bytes = (bf16 ? 2 : 4) * (size_t)head_dim, token_bytes = head_bytes * (size_t)n_kv_head;
     const int in_place = BF16_VECTORS && bf16 && head_dim % CHUNK == 0;  /* bfloat16 rows read where they lie */
+    const int pairs = PAIR_DOTS && in_place;  /* and the query meets keys in bfloat16 pairs */
     float *qs = scores + n_head * max_keys, *os = qs + row, *sums = os + row, *tile = sums + n_head;
 
     for (int64_t s = first_seq; s < end_seq; s++) {
@@ -230,8 +259,9 @@ static ALWAYS_INLINE void decode(const void *q, const char *keys, const char *va
         const int64_t n_keys = last - first + 1;
         const int64_t *table = block_tables + s * table_width;
         /* scaled once here rather than every score; where rows are read in place, split by
-           parity as the keys arrive: per chunk, even elements first, then odd ones */
-        for (int64_t i = 0; i < row; i++) {
+           parity as the keys arrive: per chunk, even elements first, then odd ones (pair
+           products read the query as it lies and scale the scores) */
+        for (int64_t i = 0; i < row && !pairs; i++) {
             const int64_t at = in_place ? i - i % CHUNK + (i % 2) * (CHUNK / 2) + (i % CHUNK) / 2 : i;
             qs[at] = scale * element(q, s * row + i, bf16);
         }
@@ -254,7 +284,10 @@ static ALWAYS_INLINE void decode(const void *q, const char *keys, const char *va
         }                                                                                           \
     }
         /* scores[h][p - first] = q_h . k_p */
-        TILES(keys, dots_bf16(qs + h * head_dim, head_rows, token_bytes, n, head_dim, scores + h * n_keys + (p - first)),
+        TILES(keys, pairs ? dots_pairs((const uint16_t *)q + s * row + h * head_dim, head_rows, token_bytes, n,
+                                       head_dim, scale, scores + h * n_keys + (p - first))
+                          : dots_bf16(qs + h * head_dim, head_rows, token_bytes, n, head_dim,
+                                      scores + h * n_keys + (p - first)),
               dots(qs + h * head_dim, x, step, n, head_dim, scores + h * n_keys + (p - first)))
         /* unnormalised softmax weights; the output is divided by their sum at the end */
         for (int64_t h = 0; h < n_head; h++) {
