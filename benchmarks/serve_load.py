@@ -29,6 +29,7 @@ import httpx
 
 from benchmarks.metrics import format_table, percentile
 from benchmarks.workloads import BenchRequest, synthetic_requests
+from microvllm.cpu.threads import default_cpu_threads
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = str(REPO / "models" / "shakespeare-d4")
@@ -105,7 +106,7 @@ def offline_throughput(args, requests: list[BenchRequest]) -> tuple[float, float
 
 
 def engine_args(args) -> dict:
-    return {"max_num_seqs": args.max_num_seqs, "dtype": args.dtype}
+    return {"max_num_seqs": args.max_num_seqs, "dtype": args.dtype, "cpu_threads": args.cpu_threads}
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
@@ -197,11 +198,16 @@ def main(argv=None):
     parser.add_argument("--output-len", type=int, nargs=2, default=(64, 128), metavar=("MIN", "MAX"))
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--cpu-threads", type=int,
+                        help="the engine's threads on both sides (default: $OMP_NUM_THREADS, else the server's "
+                             "own choice, which leaves a core for its HTTP process)")
     parser.add_argument("--stream-interval", type=int, default=1, help="the server's --stream-interval")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1,
                         help="passes of each kind; the fastest counts (on a busy machine, the least disturbed)")
     args = parser.parse_args(argv)
+    if args.cpu_threads is None:  # the offline engine runs with the server's count: the ratio is serving's cost
+        args.cpu_threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, default_cpu_threads() - 1))
 
     from microvllm.tokenizer import Tokenizer
     tokenizer = Tokenizer.find(args.model)
@@ -216,7 +222,7 @@ def main(argv=None):
             server.wait()
     records, wall_s, cpu = min(runs, key=lambda run: run[1])
     offline = None if args.url else offline_throughput(args, requests)
-    print(f"{args.num_requests} requests at {args.rate} req/s | OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
+    print(f"{args.num_requests} requests at {args.rate} req/s | engine threads {args.cpu_threads} on both sides"
           f" | best of {args.repeats}")
     print(report(records, wall_s, cpu, offline))
 

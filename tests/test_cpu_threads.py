@@ -14,9 +14,10 @@ def restore_threads():
     torch.set_num_threads(before)
 
 
-def pick(monkeypatch, cores, load):
+def pick(monkeypatch, cores, load, runnable):
     monkeypatch.setattr(cpu_threads, "usable_cores", lambda: cores)
     monkeypatch.setattr(cpu_threads.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(cpu_threads, "runnable_elsewhere", lambda: runnable)
     cpu_threads.default_cpu_threads.cache_clear()
     try:
         return cpu_threads.default_cpu_threads()
@@ -24,12 +25,23 @@ def pick(monkeypatch, cores, load):
         cpu_threads.default_cpu_threads.cache_clear()
 
 
-def test_default_leaves_a_core_for_the_host_loop_and_the_busy_cores_to_others(monkeypatch):
-    assert pick(monkeypatch, cores=16, load=0.1) == 15
-    assert pick(monkeypatch, cores=16, load=10.2) == 6
-    assert pick(monkeypatch, cores=2, load=1.0) == 1     # a busy neighbour on two cores
-    assert pick(monkeypatch, cores=1, load=0.0) == 1
-    assert pick(monkeypatch, cores=4, load=30.0) == 1
+def test_default_takes_the_cores_that_others_do_not_keep_busy(monkeypatch):
+    assert pick(monkeypatch, cores=16, load=0.1, runnable=0) == 16
+    assert pick(monkeypatch, cores=2, load=0.2, runnable=0) == 2     # a quiet two-core machine
+    assert pick(monkeypatch, cores=16, load=10.2, runnable=12) == 6
+    assert pick(monkeypatch, cores=2, load=1.0, runnable=1) == 1     # a busy neighbour on two cores
+    assert pick(monkeypatch, cores=1, load=0.0, runnable=0) == 1
+    assert pick(monkeypatch, cores=4, load=30.0, runnable=29) == 1
+
+
+def test_a_job_that_just_ended_or_a_passing_task_does_not_count_as_a_busy_core(monkeypatch):
+    assert pick(monkeypatch, cores=2, load=1.1, runnable=0) == 2     # still in the 1-minute average
+    assert pick(monkeypatch, cores=2, load=0.1, runnable=1) == 2     # runnable for a moment
+    assert pick(monkeypatch, cores=2, load=1.0, runnable=None) == 1  # no /proc: the average alone
+
+
+def test_other_processes_runnable_now_leave_out_this_ones_threads():
+    assert cpu_threads.runnable_elsewhere() in range(0, 1024)
 
 
 def test_explicit_cpu_threads_is_applied_when_the_engine_is_built(checkpoint_dir, restore_threads):

@@ -5,8 +5,14 @@ on an idle machine and a disastrous one on a busy machine: the kernels of a smal
 are short, and each one waits for its slowest thread, so a single thread descheduled by
 a neighbour stalls every matmul (tens of times slower on two shared cores). The default
 here is the number of cores this process may actually run on (its CPU affinity and any
-cgroup CPU quota), minus one left for the Python host loop, minus the cores other
-processes keep busy (the 1-minute load average), and never less than one.
+cgroup CPU quota) minus the cores other processes keep busy, and never less than one.
+The engine's Python host loop needs no core of its own: it runs in the thread that
+launches the kernels, between them. (The server's HTTP process does need one; the
+server leaves it.)
+
+A core counts as kept busy by others when the 1-minute load average says so and tasks of
+other processes are runnable now: the average alone still counts a job that ended a
+minute ago, and a task runnable at this instant may be a blip.
 
 An explicit choice always wins: `cpu_threads=` first, then an `OMP_NUM_THREADS` the
 user set (torch already read it at import), then the default. The setting is
@@ -38,12 +44,29 @@ def usable_cores() -> int:
 
 @functools.cache  # once per process: later, the load average counts our own threads too
 def default_cpu_threads() -> int:
-    cores = usable_cores()
+    return max(1, usable_cores() - busy_cores_elsewhere())
+
+
+def busy_cores_elsewhere() -> int:
+    """Cores other processes keep busy: the fewer of the 1-minute load average (rounded)
+    and the tasks of other processes runnable now, where that is known."""
     try:
-        busy_elsewhere = round(os.getloadavg()[0])
+        average = round(os.getloadavg()[0])
     except OSError:
-        busy_elsewhere = 0
-    return max(1, min(cores - 1, cores - busy_elsewhere))
+        return 0
+    now = runnable_elsewhere()
+    return average if now is None else min(average, now)
+
+
+def runnable_elsewhere() -> int | None:
+    """Tasks of other processes runnable at this instant (Linux's /proc), or None."""
+    try:
+        runnable = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+        ours = sum(Path(f"/proc/self/task/{task}/stat").read_text().rsplit(")", 1)[1].split()[0] == "R"
+                   for task in os.listdir("/proc/self/task"))
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0, runnable - ours)
 
 
 def apply_cpu_threads(cpu_threads: int | None) -> int:

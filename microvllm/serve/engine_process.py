@@ -12,12 +12,14 @@ joins the batch at the next step.
 """
 
 import multiprocessing
+import os
 import queue
 import signal
 import threading
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 
+from ..cpu.threads import default_cpu_threads
 from ..engine.llm_engine import LLMEngine
 from ..engine.stats import EngineStats
 from ..llm import LLM
@@ -97,6 +99,10 @@ class EngineProcess:
 def _serve_engine(llm_args: dict, stream_interval: int, commands: Connection, results: Connection) -> None:
     # Ctrl-C reaches the whole process group; the server stops this process by a command
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if llm_args.get("cpu_threads") is None and llm_args.get("data_parallel_size", 1) == 1 \
+            and not os.environ.get("OMP_NUM_THREADS"):
+        # a core for the server's HTTP process, whose work would otherwise stall the kernels
+        llm_args = {**llm_args, "cpu_threads": max(1, default_cpu_threads() - 1)}
     try:
         llm = LLM(**llm_args)
     except Exception as e:  # the server raises it as its own start-up error
