@@ -207,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = str(EngineConfig(model=args.model_dir, device=args.device).resolve_device())
         if device == "cpu":  # the no-cache mode builds no engine: it gets the engines' threads here
-            args.cpu_threads = apply_cpu_threads(args.cpu_threads)
+            threads = apply_cpu_threads(args.cpu_threads)
+            if args.data_parallel_size == 1:  # else it is per replica, and None shares the cores out
+                args.cpu_threads = threads
         setup, skipped = prepare(args)
         warm_up(setup)
         summaries, ratios = EXPERIMENTS[experiment](setup)
