@@ -62,9 +62,9 @@ async def one_client(url: urllib.parse.SplitResult, model: str, request: BenchRe
             pass
         while size := int((await reader.readline()).split(b";")[0], 16):
             chunk = await reader.readexactly(size + 2)  # the chunk and its CRLF: one or more events
-            if b'"usage":{' in chunk or b'"usage": {' in chunk:  # the last chunk: the token count
-                usage = chunk[chunk.index(b"data: ") + 6:].split(b"\n\n")[0]
-                record.completion_tokens = json.loads(usage)["usage"]["completion_tokens"]
+            if b'"usage":{' in chunk or b'"usage": {' in chunk:  # the last event but [DONE]: the token count
+                usage = next(e for e in chunk.split(b"\n\n") if b'"usage":{' in e or b'"usage": {' in e)
+                record.completion_tokens = json.loads(usage.removeprefix(b"data: "))["usage"]["completion_tokens"]
             elif b"[DONE]" not in chunk:
                 record.chunk_times.append(time.perf_counter())
     finally:
