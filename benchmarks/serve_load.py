@@ -29,7 +29,7 @@ import httpx
 
 from benchmarks.metrics import format_table, percentile
 from benchmarks.workloads import BenchRequest, synthetic_requests
-from microvllm.cpu.threads import default_cpu_threads
+from microvllm.serve.engine_process import default_engine_threads
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = str(REPO / "models" / "shakespeare-d4")
@@ -207,7 +207,7 @@ def main(argv=None):
                         help="passes of each kind; the fastest counts (on a busy machine, the least disturbed)")
     args = parser.parse_args(argv)
     if args.cpu_threads is None:  # the offline engine runs with the server's count: the ratio is serving's cost
-        args.cpu_threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, default_cpu_threads() - 1))
+        args.cpu_threads = int(os.environ.get("OMP_NUM_THREADS") or default_engine_threads())
 
     from microvllm.tokenizer import Tokenizer
     tokenizer = Tokenizer.find(args.model)

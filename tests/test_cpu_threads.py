@@ -40,7 +40,7 @@ def test_a_job_that_just_ended_or_a_passing_task_does_not_count_as_a_busy_core(m
     assert pick(monkeypatch, cores=2, load=1.0, runnable=None) == 1  # no /proc: the average alone
 
 
-def test_other_processes_runnable_now_leave_out_this_ones_threads():
+def test_tasks_runnable_elsewhere_are_read_from_proc_on_linux():
     assert cpu_threads.runnable_elsewhere() in range(0, 1024)
 
 

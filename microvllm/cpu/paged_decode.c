@@ -153,29 +153,6 @@ static ALWAYS_INLINE void dots_bf16(const float *q, const char *rows, size_t str
     _mm512_mask_storeu_ps(out, (__mmask16)((1u << n) - 1), lane_sums(acc));
 }
 
-#if defined(__AVX512BF16__)
-#define PAIR_DOTS 1
-/* out[t] = scale * (q . k_t) for the n <= TILE bfloat16 rows k_t = rows + t * stride (bytes),
-   with q in bfloat16 as it lies: VDPBF16PS multiplies 32 pairs of bfloat16 exactly and adds
-   them into 16 float32 sums, one instruction where widening the keys takes four. */
-static ALWAYS_INLINE void dots_pairs(const uint16_t *q, const char *rows, size_t stride, int64_t n,
-                                     int64_t head_dim, float scale, float *out) {
-    __m512 acc[TILE];
-    for (int64_t t = 0; t < TILE; t++) {
-        acc[t] = _mm512_setzero_ps();
-        if (t < n)
-            for (int64_t c = 0; c < head_dim; c += CHUNK)
-                acc[t] = _mm512_dpbf16_ps(acc[t], (__m512bh)_mm512_loadu_si512(q + c),
-                                          (__m512bh)_mm512_loadu_si512(rows + (size_t)t * stride + 2 * c));
-    }
-    _mm512_mask_storeu_ps(out, (__mmask16)((1u << n) - 1), _mm512_mul_ps(lane_sums(acc), _mm512_set1_ps(scale)));
-}
-#else
-#define PAIR_DOTS 0
-static inline void dots_pairs(const uint16_t *q, const char *rows, size_t stride, int64_t n,
-                              int64_t head_dim, float scale, float *out) {}
-#endif
-
 /* o += sum_t w[t] v_t for the n bfloat16 rows v_t = rows + t * stride (bytes), o split by
    parity as the query is. Even and odd t go to separate sums, two chains of additions
    rather than one. */
@@ -207,15 +184,35 @@ static ALWAYS_INLINE void unsplit(float *x, int64_t n) {
 }
 #else  /* never called: without AVX-512 every row goes through as_float */
 #define BF16_VECTORS 0
-#define PAIR_DOTS 0
 enum { CHUNK = 32 };
-static inline void dots_pairs(const uint16_t *q, const char *rows, size_t stride, int64_t n,
-                              int64_t head_dim, float scale, float *out) {}
 static inline void dots_bf16(const float *q, const char *rows, size_t stride, int64_t n, int64_t head_dim,
                              float *out) {}
 static inline void add_weighted_bf16(float *o, const char *rows, size_t stride, const float *w, int64_t n,
                                      int64_t head_dim) {}
 static inline void unsplit(float *x, int64_t n) {}
+#endif
+
+#if defined(__AVX512BF16__)  /* which comes with AVX-512F, whose lane_sums it uses */
+#define PAIR_DOTS 1
+/* out[t] = scale * (q . k_t) for the n <= TILE bfloat16 rows k_t = rows + t * stride (bytes),
+   with q in bfloat16 as it lies: VDPBF16PS multiplies 32 pairs of bfloat16 exactly and adds
+   them into 16 float32 sums, one instruction where widening the keys takes four. */
+static ALWAYS_INLINE void dots_pairs(const uint16_t *q, const char *rows, size_t stride, int64_t n,
+                                     int64_t head_dim, float scale, float *out) {
+    __m512 acc[TILE];
+    for (int64_t t = 0; t < TILE; t++) {
+        acc[t] = _mm512_setzero_ps();
+        if (t < n)
+            for (int64_t c = 0; c < head_dim; c += CHUNK)
+                acc[t] = _mm512_dpbf16_ps(acc[t], (__m512bh)_mm512_loadu_si512(q + c),
+                                          (__m512bh)_mm512_loadu_si512(rows + (size_t)t * stride + 2 * c));
+    }
+    _mm512_mask_storeu_ps(out, (__mmask16)((1u << n) - 1), _mm512_mul_ps(lane_sums(acc), _mm512_set1_ps(scale)));
+}
+#else
+#define PAIR_DOTS 0
+static inline void dots_pairs(const uint16_t *q, const char *rows, size_t stride, int64_t n,
+                              int64_t head_dim, float scale, float *out) {}
 #endif
 
 /* The tile that starts at position p: its rows in the pool, and in *n how many (up to
@@ -261,10 +258,11 @@ static ALWAYS_INLINE void decode(const void *q, const char *keys, const char *va
         /* scaled once here rather than every score; where rows are read in place, split by
            parity as the keys arrive: per chunk, even elements first, then odd ones (pair
            products read the query as it lies and scale the scores) */
-        for (int64_t i = 0; i < row && !pairs; i++) {
-            const int64_t at = in_place ? i - i % CHUNK + (i % 2) * (CHUNK / 2) + (i % CHUNK) / 2 : i;
-            qs[at] = scale * element(q, s * row + i, bf16);
-        }
+        if (!pairs)
+            for (int64_t i = 0; i < row; i++) {
+                const int64_t at = in_place ? i - i % CHUNK + (i % 2) * (CHUNK / 2) + (i % CHUNK) / 2 : i;
+                qs[at] = scale * element(q, s * row + i, bf16);
+            }
 
         /* Both passes visit positions p .. p + n - 1, up to TILE of them within one block,
            and in that run each kv head's rows serve all query heads of its group. */

@@ -226,31 +226,31 @@ class OutputProcessor:
             max(request.sequences[0].num_cached_tokens, 0))
 
     def _text(self, seq: Sequence) -> str:
-        if self._cut_at_stop_string(seq):
-            return seq.text
-        return self.tokenizer.decode(seq.output_token_ids, seq.params.skip_special_tokens) \
-            if seq.params.detokenize else ""
+        return seq.text if self._cut_at_stop_string(seq) else self._decoded(seq, seq.output_token_ids)
+
+    def _decoded(self, seq: Sequence, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, seq.params.skip_special_tokens) if seq.params.detokenize else ""
 
     def _delta(self, seq: Sequence) -> tuple:
         """What a DELTA stream has not sent of `seq` yet (text, token ids, log-probs, masks);
         marks it sent. A trailing partial UTF-8 character waits until it is whole, unless
         the sequence has finished. Only the tokens after the settled ones are decoded, so a
         stream's text costs time linear in its length, not quadratic."""
-        output, sent_tokens = seq.output_token_ids, seq.num_streamed_tokens
+        tokens, start, sent_tokens = seq.token_ids, seq.num_prompt_tokens, seq.num_streamed_tokens
         if self._cut_at_stop_string(seq):
             offset, text = 0, seq.text  # the whole text
         else:  # the text after the settled characters
             offset = seq.num_settled_chars
-            text = self.tokenizer.decode(output[seq.num_settled_tokens:], seq.params.skip_special_tokens) \
-                if seq.params.detokenize else ""
+            text = self._decoded(seq, tokens[start + seq.num_settled_tokens:])
             if not seq.is_finished and text.endswith("\ufffd"):
                 text = text.rstrip("\ufffd")
             else:  # all of it goes out now
-                seq.num_settled_tokens, seq.num_settled_chars = len(output), offset + len(text)
+                seq.num_settled_tokens, seq.num_settled_chars = len(tokens) - start, offset + len(text)
         new_text = text[seq.num_streamed_chars - offset:]
-        seq.num_streamed_tokens, seq.num_streamed_chars = len(output), max(offset + len(text), seq.num_streamed_chars)
+        seq.num_streamed_tokens = len(tokens) - start
+        seq.num_streamed_chars = max(offset + len(text), seq.num_streamed_chars)
         logprobs = seq.logprobs
-        return (new_text, output[sent_tokens:], None if logprobs is None else logprobs[sent_tokens:],
+        return (new_text, tokens[start + sent_tokens:], None if logprobs is None else logprobs[sent_tokens:],
                 seq.output_token_masks(sent_tokens))
 
     @staticmethod

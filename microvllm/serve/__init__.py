@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP server over the engine: `python -m microvllm.serve MODEL`.
 
-async_engine.py steps the engine in a background thread and streams each request's
-outputs to its caller; protocol.py reads request bodies into SamplingParams;
+engine_process.py runs the engine in a process of its own, its outputs crossing the pipe
+as wire.py's tuples; async_engine.py hands each request's outputs to its caller (deltas.py
+joins those that queue up); protocol.py reads request bodies into SamplingParams;
 responses.py builds OpenAI's bodies and stream chunks; api.py holds the routes;
 metrics.py the Prometheus text; cli.py the command line.
 """

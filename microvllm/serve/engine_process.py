@@ -96,13 +96,18 @@ class EngineProcess:
         return self.process.is_alive()
 
 
+def default_engine_threads() -> int:
+    """The engine's CPU threads where none are asked for: LLM's default less a core for the
+    server's HTTP process, whose work would otherwise stall the kernels."""
+    return max(1, default_cpu_threads() - 1)
+
+
 def _serve_engine(llm_args: dict, stream_interval: int, commands: Connection, results: Connection) -> None:
     # Ctrl-C reaches the whole process group; the server stops this process by a command
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if llm_args.get("cpu_threads") is None and llm_args.get("data_parallel_size", 1) == 1 \
             and not os.environ.get("OMP_NUM_THREADS"):
-        # a core for the server's HTTP process, whose work would otherwise stall the kernels
-        llm_args = {**llm_args, "cpu_threads": max(1, default_cpu_threads() - 1)}
+        llm_args = {**llm_args, "cpu_threads": default_engine_threads()}
     try:
         llm = LLM(**llm_args)
     except Exception as e:  # the server raises it as its own start-up error
