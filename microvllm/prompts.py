@@ -2,11 +2,24 @@
 facade, against the engine's limits (the engine trusts what it is given)."""
 
 import numbers
+from typing import TypedDict
 
 from .sampling_params import SamplingParams
 from .structured import grammars
 from .tokenizer import Tokenizer
 from .validation import check_type
+
+
+
+class TextPrompt(TypedDict):
+    """A text prompt, as vLLM's: {"prompt": str}; tokenized with <|bos|> first."""
+    prompt: str
+
+
+class TokensPrompt(TypedDict):
+    """A prompt of token ids, as vLLM's: {"prompt_token_ids": [int, ...]}; run as given."""
+    prompt_token_ids: list[int]
+
 
 PROMPT_FORMS = "a str, a {'prompt': str} or {'prompt_token_ids': [int, ...]} dict, or a list of token ids"
 

@@ -96,10 +96,16 @@ def write_tokenizer_json(encoding: tiktoken.Encoding, directory: str | Path) -> 
         if tokenizer.token_to_id(token) != special[token]:
             raise ValueError(f"special token {token} has id {special[token]}, which tokenizer.json "
                              "cannot give it: special tokens must follow the other tokens")
+    if "<|bos|>" in special:  # every text starts a document, as microvllm's text prompts do
+        tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
+            single="<|bos|> $A", pair="<|bos|> $A <|bos|>:1 $B:1", special_tokens=[("<|bos|>", special["<|bos|>"])])
     directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(directory / "tokenizer.json"))
-    # enough for transformers' AutoTokenizer to open the dir
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    # enough for transformers' AutoTokenizer to open the dir; special-token text in a
+    # user's string stays text there too (split_special_tokens), as nanochat encodes it
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+              "split_special_tokens": True}
     if "<|bos|>" in special:
         config["bos_token"] = "<|bos|>"
     if "<|assistant_end|>" in special:
