@@ -279,6 +279,19 @@ def test_tokens_and_text_prompts_generate_as_ids_and_text_do(llm):
     assert [o.outputs[0].token_ids for o in typed] == [o.outputs[0].token_ids for o in plain]
 
 
+def test_a_tokens_prompts_text_is_reported_while_its_ids_run(llm):
+    out = llm.generate(TokensPrompt(prompt_token_ids=PROMPT, prompt="five ids"), SamplingParams(**GREEDY),
+                       use_tqdm=False)[0]
+    assert out.prompt == "five ids" and out.prompt_token_ids == PROMPT
+    assert out.outputs[0].token_ids == greedy(llm).outputs[0].token_ids
+
+
+@pytest.mark.parametrize("key", ["multi_modal_data", "cache_salt", "mm_processor_kwargs"])
+def test_prompt_dict_keys_microvllm_lacks_are_refused_by_name(llm, key):
+    with pytest.raises(ValueError, match=rf"prompt dict keys \['{key}'\] are not supported"):
+        llm.generate({"prompt": "hi", key: {}}, SamplingParams(**GREEDY), use_tqdm=False)
+
+
 def test_llm_takes_the_arguments_lm_evals_vllm_backend_passes(checkpoint_dir):
     llm = LLM(model=checkpoint_dir, revision=None, dtype="auto", tokenizer=None, tokenizer_mode="auto",
               tokenizer_revision=None, trust_remote_code=False, tensor_parallel_size=1, max_model_len=None,
