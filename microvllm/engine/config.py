@@ -30,7 +30,7 @@ class EngineConfig:
     num_blocks: int | None = None           # None = sized from the memory budget
     kv_cache_memory: int | None = None      # bytes for the KV cache
     gpu_memory_utilization: float = 0.9     # on cuda without kv_cache_memory
-    max_num_seqs: int | None = None         # None = DEFAULT_MAX_NUM_SEQS
+    max_num_seqs: int | None = DEFAULT_MAX_NUM_SEQS  # None (vLLM's "the default") = the same
     max_num_batched_tokens: int = 4096
     max_model_len: int | None = None        # None = the model's sequence_len
     enable_prefix_caching: bool = True
