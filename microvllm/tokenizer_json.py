@@ -3,9 +3,9 @@
 A transformers nanochat model ships its tokenizer as a byte-level BPE in
 `tokenizer.json`: the split regex as a pre-tokenizer, each token written as a string
 of stand-in characters (one per byte, GPT-2's byte alphabet), merges in rank order,
-and the special tokens as added tokens. `TokenizerJson` reads one through the
-`tokenizers` library and offers the slice of `tiktoken.Encoding` that `Tokenizer`
-uses; `write_tokenizer_json` and `encoding_from_tokenizer_json` convert between it and
+the special tokens as added tokens, and (as we write it) a post-processor that puts
+<|bos|> first. `TokenizerJson` reads one through the `tokenizers` library and offers
+the slice of `tiktoken.Encoding` that `Tokenizer` uses; `write_tokenizer_json` and `encoding_from_tokenizer_json` convert between it and
 nanochat's tiktoken `Encoding` (ids are tiktoken ranks, so both forms encode alike).
 """
 
@@ -73,7 +73,11 @@ def _token_string(token: bytes) -> str:
 
 
 def write_tokenizer_json(encoding: tiktoken.Encoding, directory: str | Path) -> None:
-    """Write `encoding` as tokenizer.json and tokenizer_config.json in `directory`."""
+    """Write `encoding` as tokenizer.json and tokenizer_config.json in `directory` (made if missing).
+
+    A transformers tokenizer opened from the dir encodes text as microvllm's text prompts
+    are encoded: <|bos|> first (add_special_tokens=False leaves it out), special-token
+    text kept as text."""
     tokenizers = import_hf("tokenizers")
     special = {t: encoding.encode_single_token(t) for t in encoding.special_tokens_set}
     special_ids = set(special.values())

@@ -45,6 +45,7 @@ SAMPLING_ARGS = {
     "early_stopping": ((False,), "SamplingParams has no beam search"),
     "guided_decoding": ((None,), "use structured_outputs=StructuredOutputsParams(...)"),
     "logit_bias": ((None,), "add the biases in a logits_processors function"),
+    # vLLM's default True puts spaces between special tokens that are kept in the text
     "spaces_between_special_tokens": ((False,), "special tokens decode side by side, with no spaces "
                                                 "between them: pass False or leave the argument out"),
     "extra_args": ((None,), "drop the argument"),
