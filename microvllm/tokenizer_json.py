@@ -5,8 +5,9 @@ A transformers nanochat model ships its tokenizer as a byte-level BPE in
 of stand-in characters (one per byte, GPT-2's byte alphabet), merges in rank order,
 the special tokens as added tokens, and (as we write it) a post-processor that puts
 <|bos|> first. `TokenizerJson` reads one through the `tokenizers` library and offers
-the slice of `tiktoken.Encoding` that `Tokenizer` uses; `write_tokenizer_json` and `encoding_from_tokenizer_json` convert between it and
-nanochat's tiktoken `Encoding` (ids are tiktoken ranks, so both forms encode alike).
+the slice of `tiktoken.Encoding` that `Tokenizer` uses; `write_tokenizer_json` and
+`encoding_from_tokenizer_json` convert between it and nanochat's tiktoken `Encoding`
+(ids are tiktoken ranks, so both forms encode alike).
 """
 
 import json
