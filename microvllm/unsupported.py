@@ -27,6 +27,8 @@ LLM_ARGS = {
     "max_seq_len_to_capture": ((8192,), "decode CUDA graphs cover every length; enforce_eager=True turns them off"),
     "compilation_config": ((None, 0), "use enforce_eager=True to turn CUDA graphs off"),
     "enable_lora": ((False,), "LoRA adapters are not supported"),
+    "max_lora_rank": ((16,), "LoRA adapters are not supported"),
+    "max_loras": ((1,), "LoRA adapters are not supported"),
     "speculative_config": ((None,), "speculative decoding is not supported"),
     "distributed_executor_backend": ((None,), _ONE_DEVICE),
     "disable_log_stats": ((True, False), ""),
@@ -43,7 +45,9 @@ SAMPLING_ARGS = {
     "early_stopping": ((False,), "SamplingParams has no beam search"),
     "guided_decoding": ((None,), "use structured_outputs=StructuredOutputsParams(...)"),
     "logit_bias": ((None,), "add the biases in a logits_processors function"),
-    "spaces_between_special_tokens": ((True,), "special tokens decode as they are"),
+    # vLLM's default True puts spaces between special tokens that are kept in the text
+    "spaces_between_special_tokens": ((False,), "special tokens decode side by side, with no spaces "
+                                                "between them: pass False or leave the argument out"),
     "extra_args": ((None,), "drop the argument"),
 }
 

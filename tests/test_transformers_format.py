@@ -123,6 +123,38 @@ def test_written_tokenizer_json_matches_transformers_and_tiktoken(tmp_path):
     assert back._mergeable_ranks == encoding._mergeable_ranks and back._special_tokens == encoding._special_tokens
 
 
+BOS_TEXTS = TEXTS + ["na\u00efve caf\u00e9 \u65e5\u672c\u8a9e \U0001F600\U0001F30D", "<|bos|> in the middle <|bos|>"]
+
+
+def test_written_tokenizer_dir_encodes_text_as_microvllm_does_bos_first(tmp_path):
+    encoding = tokenizer_with_vocab(VOCAB)
+    write_tokenizer_json(encoding, tmp_path)
+    ours, theirs = Tokenizer(encoding), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in BOS_TEXTS:
+        assert theirs(text).input_ids == theirs.encode(text) == ours.encode(text)
+        assert theirs.encode(text)[0] == theirs.bos_token_id == ours.bos_id
+
+
+def test_written_tokenizer_json_file_alone_prepends_bos(tmp_path):
+    import tokenizers
+    encoding = tokenizer_with_vocab(VOCAB)
+    write_tokenizer_json(encoding, tmp_path)
+    ours = Tokenizer(encoding)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"),
+                                                split_special_tokens=True)
+    raw = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    raw.encode_special_tokens = True  # what split_special_tokens sets: special-token text stays text
+    for text in BOS_TEXTS:
+        assert fast.encode(text) == raw.encode(text).ids == ours.encode(text)
+
+
+def test_write_tokenizer_json_creates_its_missing_dir(tmp_path):
+    directory = tmp_path / "not" / "yet"
+    write_tokenizer_json(tokenizer_with_vocab(VOCAB), directory)
+    assert transformers.AutoTokenizer.from_pretrained(directory).encode("hi") == \
+        Tokenizer(tokenizer_with_vocab(VOCAB)).encode("hi")
+
+
 def test_tokenizer_json_from_transformers_converts_back_to_the_same_tiktoken(tmp_path):
     encoding = tokenizer_with_vocab(VOCAB)
     write_transformers_tokenizer(encoding, tmp_path)
