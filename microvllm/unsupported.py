@@ -18,8 +18,9 @@ LLM_ARGS = {
     "tokenizer_mode": (("auto",), "the tokenizer is nanochat's tokenizer.pkl; pass tokenizer=DIR"),
     "skip_tokenizer_init": ((False,), "the tokenizer is always loaded"),
     "tokenizer_revision": ((None,), "tokenizer= is a local dir holding tokenizer.pkl"),
-    "download_dir": ((None,), "model= is a local nanochat checkpoint dir"),
-    "kv_cache_dtype": (("auto",), "the KV cache uses dtype="),
+    "download_dir": ((None,), "hub models download to huggingface_hub's cache; set HF_HUB_CACHE "
+                              "(or HF_HOME) to move it, or pass a local dir as model="),
+    "kv_cache_dtype": (("auto",), "the KV cache holds the model's dtype: choose it with dtype="),
     "swap_space": ((4,), "preempted sequences are recomputed, never swapped; drop the argument"),
     "cpu_offload_gb": ((0,), "the model must fit on its device"),
     "enable_chunked_prefill": ((True, None), "prefill is always chunked; size steps with max_num_batched_tokens"),
