@@ -261,6 +261,12 @@ def test_command_prints_each_task_and_core(checkpoint_dir, bundle, capsys):
     assert float(printed[-1].split()[-1]) == pytest.approx(out["core_metric"], abs=1e-6)
 
 
+def test_command_refuses_a_bad_bundle_before_loading_the_model(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path / "no-model"), "--bundle", str(tmp_path)])
+    assert "core.yaml not found" in capsys.readouterr().err
+
+
 # -- nanochat's own ------------------------------------------------------------------------
 
 def test_verdicts_and_accuracies_equal_nanochats_core_eval(llm, bundle, checkpoint_dir):

@@ -12,6 +12,6 @@ float32; all tasks' prompts run as one batch. From the command line:
 """
 
 from .bundle import Task, read_bundle
-from .evaluate import evaluate_core, evaluate_tasks
+from .evaluate import core_results, evaluate_core, evaluate_tasks
 
-__all__ = ["evaluate_core", "evaluate_tasks", "read_bundle", "Task"]
+__all__ = ["evaluate_core", "evaluate_tasks", "core_results", "read_bundle", "Task"]

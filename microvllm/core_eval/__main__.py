@@ -4,7 +4,8 @@ bar, then the per-task table (accuracy, centered accuracy) and the CORE metric."
 import argparse
 
 from ..llm import LLM
-from .evaluate import evaluate_core
+from .bundle import read_bundle
+from .evaluate import core_results, evaluate_tasks
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -17,8 +18,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--tokenizer", default=None, help="the tokenizer dir, if not found beside the model")
     args = parser.parse_args(argv)
+    try:  # before the model loads: a bad bundle fails fast
+        tasks = read_bundle(args.bundle, args.max_per_task)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        parser.error(str(e))
     llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device)
-    out = evaluate_core(llm, args.bundle, args.max_per_task)
+    out = core_results(tasks, evaluate_tasks(llm, tasks, use_tqdm=True))
     print(f"{'Task':<35} {'Accuracy':>10} {'Centered':>10}")
     for label, result in out["results"].items():
         print(f"{label:<35} {result:>10.6f} {out['centered_results'][label]:>10.6f}")

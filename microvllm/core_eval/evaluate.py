@@ -34,7 +34,11 @@ def evaluate_core(llm: LLM, bundle_dir: str | PathLike, max_per_task: int = -1,
     it: {"results": {label: accuracy}, "centered_results": {label: centered accuracy},
     "core_metric": the mean of the centered accuracies}."""
     tasks = read_bundle(bundle_dir, max_per_task)
-    verdicts = evaluate_tasks(llm, tasks, use_tqdm)
+    return core_results(tasks, evaluate_tasks(llm, tasks, use_tqdm))
+
+
+def core_results(tasks: list[Task], verdicts: list[list[bool]]) -> dict:
+    """base_eval's dict from each task's verdicts."""
     results = {task.label: accuracy(v) for task, v in zip(tasks, verdicts)}
     centered = {task.label: centered_accuracy(results[task.label], task.random_baseline) for task in tasks}
     return {"results": results, "centered_results": centered,
