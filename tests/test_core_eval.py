@@ -253,6 +253,27 @@ def test_every_prompt_of_every_task_goes_to_one_generate_call(llm, bundle, monke
     assert calls == [sum(len(scored_prompts(t, i, llm.tokenizer, 63)) for t in tasks for i in range(len(t.data)))]
 
 
+def test_the_choices_of_an_example_compute_their_shared_context_once(checkpoint_dir, bundle, monkeypatch):
+    # a cache that keeps freed prefixes until it is full, as on CUDA (the CPU platform
+    # reuses freed blocks first, which may evict a context before its later choices come)
+    monkeypatch.setattr("microvllm.platform.cpu.CpuPlatform.reuse_freed_blocks_first", False)
+    llm = LLM(checkpoint_dir, block_size=16)
+    outputs = []
+    generate = llm.generate
+    monkeypatch.setattr(llm, "generate", lambda *args, **kwargs: outputs.extend(generate(*args, **kwargs))
+                        or outputs)
+    (mc,) = [t for t in read_bundle(bundle) if t.task_type == "multiple_choice"]
+    evaluate_tasks(llm, [mc])
+    block_size = llm.engine.block_size
+    choices = iter(outputs)
+    for i in range(len(mc.data)):
+        first, *others = [(p, next(choices)) for p in scored_prompts(mc, i, llm.tokenizer, 63)]
+        # full blocks before the continuation are the context; the first choice computes them
+        context_blocks = (first[0].start - 1) // block_size
+        assert context_blocks >= 1
+        assert all(out.num_cached_tokens >= context_blocks * block_size for _, out in others)
+
+
 def test_command_prints_each_task_and_core(checkpoint_dir, bundle, capsys):
     out = main(["--model", str(checkpoint_dir), "--bundle", str(bundle), "--max-per-task", "4",
                 "--dtype", "float32"])

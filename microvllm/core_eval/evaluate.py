@@ -3,7 +3,10 @@ the verdicts, accuracies and the CORE metric as nanochat's `core_eval.py` and
 `scripts/base_eval.py` compute them.
 
 A prompt is scored through its prompt log-probs (`SamplingParams(prompt_logprobs=0)`):
-entry i holds token i's log-prob given the tokens before it, and its rank.
+entry i holds token i's log-prob given the tokens before it, and its rank. Only the
+continuation's entries are asked for (`prompt_logprobs_start`), so the context costs no
+logits, and the choices of an example, which share their context, compute it once
+through the prefix cache.
 - multiple_choice and schema: the prediction is the prompt whose continuation has the
   lowest mean loss (minus log-prob); correct when it is the gold one;
 - language_modeling: correct when every continuation token is the most likely one
@@ -61,9 +64,11 @@ def evaluate_tasks(llm: LLM, tasks: list[Task], use_tqdm: bool | Callable = Fals
 
 @lru_cache(maxsize=None)
 def scoring_params(start: int) -> SamplingParams:
-    """One prompt's scoring: its prompt log-probs (rank included), and one greedy token
-    that nobody reads (the engine generates at least one)."""
-    return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False, tools=None)
+    """One prompt's scoring: the log-probs (rank included) of its tokens from `start` on,
+    the continuation (no logits are computed for the context, which the prefix cache may
+    share), and one greedy token that nobody reads (the engine generates at least one)."""
+    return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, prompt_logprobs_start=start,
+                          detokenize=False, tools=None)
 
 
 def is_correct(task: Task, item: dict, scored: list[Scored], outputs: list[RequestOutput]) -> bool:
