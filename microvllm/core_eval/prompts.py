@@ -68,8 +68,10 @@ def rendered(task: Task, index: int) -> list[str]:
 def fewshot_examples(task: Task, index: int) -> list[dict]:
     if task.num_fewshot == 0:
         return []
-    others = [i for i in range(len(task.data)) if i != index]
-    return [task.data[i] for i in random.Random(FEWSHOT_SEED + index).sample(others, task.num_fewshot)]
+    # sample() draws positions in the list of the other examples from its length alone:
+    # position j of that list is example j, or j + 1 from `index` on
+    picks = random.Random(FEWSHOT_SEED + index).sample(range(len(task.data) - 1), task.num_fewshot)
+    return [task.data[j + (j >= index)] for j in picks]
 
 
 def shots(pairs: list[tuple], delimiter: str) -> str:
