@@ -10,17 +10,17 @@ import sys
 
 import pytest
 
-from test_serve import AUTH, MODEL, httpx, llm, llm_args, serving  # noqa: F401 (fixtures)
+from test_serve import AUTH, MODEL, httpx, llm, llm_args, serving  # noqa: F401 (llm, llm_args: its fixtures)
 
-from microvllm import SamplingParams  # noqa: E402
-from microvllm.serve.tokenization import TokenCodec  # noqa: E402
+from microvllm import SamplingParams
+from microvllm.serve.tokenization import TokenCodec
 
-# token-id prompts as lm-eval sends them: no <|bos|> unless it put one there
-TOKEN_PROMPTS = [[72, 101, 108, 108, 111, 44, 32, 119], [264, 84, 111, 32, 98, 101], [65, 66]]
+# token-id prompts as lm-eval sends them: <|bos|> (id 256) only where it put one, as in rolling windows
+TOKEN_PROMPTS = [[72, 101, 108, 108, 111, 44, 32, 119], [256, 84, 111, 32, 98, 101], [65, 66]]
 
 
 @pytest.fixture(scope="module")
-def server(llm_args):  # noqa: F811
+def server(llm_args):
     with serving(llm_args, max_body_bytes=1 << 22) as url:
         yield url
 
@@ -31,7 +31,7 @@ def complete(url: str, **body) -> dict:
     return response.json()
 
 
-def offline_prompt_logprobs(llm, prompt_token_ids: list[int], k: int = 1) -> list[dict | None]:  # noqa: F811
+def offline_prompt_logprobs(llm, prompt_token_ids: list[int], k: int = 1) -> list[dict | None]:
     params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=k)
     return llm.generate([{"prompt_token_ids": prompt_token_ids}], params, use_tqdm=False)[0].prompt_logprobs
 
@@ -44,14 +44,15 @@ def assert_close(got: list[float | None], expected: list[float | None]) -> None:
 
 # -- lm-eval's requests ------------------------------------------------------------------
 
-def test_loglikelihood_request_echoes_a_batch_of_token_prompts_with_the_offline_prompt_logprobs(server, llm):  # noqa: F811
+def test_loglikelihood_request_echoes_a_batch_of_token_prompts_with_the_offline_prompt_logprobs(server, llm):
     reply = complete(server, prompt=TOKEN_PROMPTS, temperature=0, max_tokens=1, logprobs=1, seed=1234, echo=True)
     assert [c["index"] for c in reply["choices"]] == [0, 1, 2]
     for prompt, choice in zip(TOKEN_PROMPTS, reply["choices"]):
         logprobs = choice["logprobs"]
         expected = offline_prompt_logprobs(llm, prompt)
         assert len(logprobs["tokens"]) == len(prompt) + 1  # the prompt, then the one token generated
-        assert_close(logprobs["token_logprobs"][:-1], [None] + [e[t].logprob for t, e in zip(prompt[1:], expected[1:])])
+        assert_close(logprobs["token_logprobs"][:-1],
+                     [None] + [e[t].logprob for t, e in zip(prompt[1:], expected[1:])])
         assert logprobs["top_logprobs"][0] is None
         for t, top, e in zip(prompt[1:], logprobs["top_logprobs"][1:], expected[1:]):
             best = min(e.values(), key=lambda lp: lp.rank)
@@ -60,7 +61,7 @@ def test_loglikelihood_request_echoes_a_batch_of_token_prompts_with_the_offline_
         assert choice["text"].startswith(llm.get_tokenizer().decode(prompt, skip_special_tokens=False))
 
 
-def test_lm_evals_parser_reads_the_continuations_log_likelihood(server, llm):  # noqa: F811
+def test_lm_evals_parser_reads_the_continuations_log_likelihood(server, llm):
     openai_completions = pytest.importorskip("lm_eval.models.openai_completions")
     prompt, context_len = TOKEN_PROMPTS[0], 5
     reply = complete(server, prompt=[prompt], temperature=0, max_tokens=1, logprobs=1, seed=1234, echo=True)
@@ -70,7 +71,7 @@ def test_lm_evals_parser_reads_the_continuations_log_likelihood(server, llm):  #
                                   abs=1e-4)
 
 
-def test_echo_with_max_tokens_0_answers_with_the_prompt_alone(server, llm):  # noqa: F811
+def test_echo_with_max_tokens_0_answers_with_the_prompt_alone(server, llm):
     reply = complete(server, prompt="ROMEO:", max_tokens=0, echo=True, logprobs=0)
     choice = reply["choices"][0]
     ids = llm.get_tokenizer().encode("ROMEO:")
@@ -103,7 +104,7 @@ def test_a_streamed_echo_sends_the_prompt_once_then_the_completion(server):
 
 # -- prompt_logprobs and fields not acted on ----------------------------------------------
 
-def test_prompt_logprobs_come_per_choice_in_vllms_form(server, llm):  # noqa: F811
+def test_prompt_logprobs_come_per_choice_in_vllms_form(server, llm):
     prompt = TOKEN_PROMPTS[0]
     choice = complete(server, prompt=prompt, max_tokens=1, prompt_logprobs=2)["choices"][0]
     expected = offline_prompt_logprobs(llm, prompt, 2)
@@ -143,7 +144,7 @@ def test_a_body_nested_100000_deep_gets_a_400(server):
 
 # -- token names ---------------------------------------------------------------------------
 
-def test_every_token_has_a_name_of_its_own(llm):  # noqa: F811
+def test_every_token_has_a_name_of_its_own(llm):
     codec = TokenCodec(llm.get_tokenizer())
     names = [codec.token_text(t) for t in range(llm.get_tokenizer().vocab_size)]
     assert len(set(names)) == len(names)
@@ -170,7 +171,7 @@ def test_completions_top_logprobs_hold_the_sampled_token_even_outside_the_top_k(
     assert any(len(top) == 2 for top in logprobs["top_logprobs"])  # some sampled token was not the most likely
 
 
-def test_return_tokens_as_token_ids_names_tokens_by_id(server, llm):  # noqa: F811
+def test_return_tokens_as_token_ids_names_tokens_by_id(server, llm):
     prompt = TOKEN_PROMPTS[1]
     reply = complete(server, prompt=prompt, max_tokens=3, temperature=0, logprobs=1, echo=True,
                      return_tokens_as_token_ids=True)
@@ -181,7 +182,7 @@ def test_return_tokens_as_token_ids_names_tokens_by_id(server, llm):  # noqa: F8
 
 # -- the tokenizer routes --------------------------------------------------------------------
 
-def test_tokenize_gives_the_token_ids_a_text_prompt_runs_as(server, llm):  # noqa: F811
+def test_tokenize_gives_the_token_ids_a_text_prompt_runs_as(server, llm):
     tokenizer = llm.get_tokenizer()
     tokens = httpx.post(server + "/tokenize", json={"prompt": "ROMEO:"}).json()
     assert tokens["tokens"] == tokenizer.encode("ROMEO:") and tokens["count"] == len(tokens["tokens"])
@@ -191,26 +192,26 @@ def test_tokenize_gives_the_token_ids_a_text_prompt_runs_as(server, llm):  # noq
     assert bare["tokens"] == tokenizer.encode("ROMEO:", prepend_bos=False)
 
 
-def test_tokenize_reads_special_token_names_as_those_tokens(server, llm):  # noqa: F811
+def test_tokenize_reads_special_token_names_as_those_tokens(server, llm):
     tokenizer = llm.get_tokenizer()
     tokens = httpx.post(server + "/tokenize", json={"prompt": "<|bos|>a<|user_start|>", "add_special_tokens": False})
     assert tokens.json()["tokens"] == [tokenizer.bos_id, ord("a"), tokenizer.special["<|user_start|>"]]
 
 
-def test_tokenize_renders_a_conversation_as_chat_completions_do(server, llm):  # noqa: F811
+def test_tokenize_renders_a_conversation_as_chat_completions_do(server, llm):
     messages = [{"role": "user", "content": "hi"}]
     tokens = httpx.post(server + "/tokenize", json={"messages": messages}).json()["tokens"]
     assert tokens == llm.get_tokenizer().render_chat(messages)
 
 
-def test_detokenize_gives_the_text_with_special_tokens(server, llm):  # noqa: F811
+def test_detokenize_gives_the_text_with_special_tokens(server, llm):
     ids = llm.get_tokenizer().encode("ROMEO:")
     assert httpx.post(server + "/detokenize", json={"tokens": ids}).json() == {"prompt": "<|bos|>ROMEO:"}
     response = httpx.post(server + "/detokenize", json={"tokens": [0, 10**6]})
     assert response.status_code == 400 and response.json()["error"]["param"] == "tokens"
 
 
-def test_lm_evals_remote_tokenizer_probe_finds_the_routes(server, llm):  # noqa: F811
+def test_lm_evals_remote_tokenizer_probe_finds_the_routes(server, llm):
     lm_eval_utils = pytest.importorskip("lm_eval.utils")
     assert lm_eval_utils.check_remote_tokenizer_support(server + "/v1/completions")
     remote = lm_eval_utils.RemoteTokenizer(server + "/v1/completions")
@@ -238,20 +239,22 @@ DOCS = [{"question": "To be, or not to", "choices": [" be", " go", " see"], "ans
 def write_tasks(directory) -> None:
     (directory / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS))
     for name, config in TASKS.items():
-        task = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(directory / "docs.jsonl")}},
+        data_files = {"test": str(directory / "docs.jsonl")}
+        task = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": data_files},
                 "test_split": "test", **config}
         (directory / f"{name}.yaml").write_text(json.dumps(task))  # JSON is YAML
 
 
 @pytest.mark.slow
-def test_lm_eval_scores_through_the_server_as_the_offline_engine_does(server, llm, tmp_path):  # noqa: F811
-    pytest.importorskip("lm_eval")
+def test_lm_eval_scores_through_the_server_as_the_offline_engine_does(server, llm, tmp_path):
+    for module in ("lm_eval", "aiohttp", "tenacity"):  # lm-eval[api]
+        pytest.importorskip(module)
     write_tasks(tmp_path)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
                f"base_url={server}/v1/completions,model={MODEL},tokenizer_backend=remote,num_concurrent=1,"
                f"max_retries=1", "--tasks", ",".join(TASKS), "--include_path", str(tmp_path),
-               "--output_path", str(out), "--log_samples"]
+               "--batch_size", "4", "--output_path", str(out), "--log_samples"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OPENAI_API_KEY": AUTH["Authorization"][7:],
                                  "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
@@ -273,7 +276,7 @@ def test_lm_eval_scores_through_the_server_as_the_offline_engine_does(server, ll
         expected = offline_prompt_logprobs(llm, prompt)
         assert float(sample["resps"][0][0]) == pytest.approx(
             sum(e[t].logprob for t, e in zip(prompt[1:], expected[1:])), abs=1e-3)
-    for sample in samples["tiny_generate"]:
-        offline = llm.generate(sample["doc"]["question"], SamplingParams(temperature=0, max_tokens=6, stop=["\n"]),
-                               use_tqdm=False)[0].outputs[0].text
-        assert sample["resps"][0][0] == offline
+    for sample in samples["tiny_generate"]:  # sent as token ids, without <|bos|>, as lm-eval sends them
+        params = SamplingParams(temperature=0, max_tokens=6, stop=["\n"])
+        offline = llm.generate({"prompt_token_ids": encode(sample["doc"]["question"])}, params, use_tqdm=False)
+        assert sample["resps"][0][0] == offline[0].outputs[0].text

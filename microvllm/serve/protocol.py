@@ -27,18 +27,20 @@ SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "stop"
 # fields this server does not offer, and the values that ask for nothing: OpenAI's, then vLLM's
 COMPLETION_DEFAULTS_ONLY = {"suffix": (None, ""), "logit_bias": (None, {}), "best_of": (None, 1)}
 CHAT_DEFAULTS_ONLY = {"logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),
-                      "tool_choice": (None, "none", "auto"), "echo": (None, False), "prompt_logprobs": (None,)}
-VLLM_DEFAULTS_ONLY = {"use_beam_search": (None, False), "length_penalty": (None, 1, 1.0), "logprob_token_ids": (None,),
+                      "tool_choice": (None, "none", "auto"), "echo": (None, False), "prompt_logprobs": (None,),
+                      "add_special_tokens": (None, False)}
+VLLM_DEFAULTS_ONLY = {"use_beam_search": (None, False), "length_penalty": (None, 1), "logprob_token_ids": (None,),
                       "prompt_embeds": (None,), "priority": (None, 0), "return_token_ids": (None, False),
                       "truncation_side": (None, "left"), "cache_salt": (None,), "kv_transfer_params": (None,),
                       "vllm_xargs": (None,), "repetition_detection": (None,), "thinking_token_budget": (None, -1),
-                      "watermarking": (None, False), "stream_interval": (None, 1), "guided_decoding_backend": (None,),
-                      "guided_whitespace_pattern": (None,), "chat_template": (None,), "chat_template_kwargs": (None, {}),
-                      "mm_processor_kwargs": (None, {})}
+                      "watermarking": (None, False), "stream_interval": (None, 1),
+                      "guided_decoding_backend": (None,), "guided_whitespace_pattern": (None,),
+                      "chat_template": (None,), "chat_template_kwargs": (None, {}), "mm_processor_kwargs": (None, {})}
 # vLLM's older names for structured_outputs' kinds
 GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
                  "guided_grammar": "grammar"}
-RESPONSE_FORMATS = "{'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', 'json_schema': {'schema': {...}}}"
+RESPONSE_FORMATS = ("{'type': 'text'}, {'type': 'json_object'} or "
+                    "{'type': 'json_schema', 'json_schema': {'schema': {...}}}")
 PROMPT_FORMS = "a str, a list of str, a list of token ids, or a list of lists of token ids"
 
 
@@ -209,10 +211,10 @@ def _generation_request(body: dict, prompts: list[list[int]], limits: ServerLimi
         raise ApiError(f"model must be a str, got {type(model).__name__}", param="model")
     longest = max(map(len, prompts))
     if params.max_tokens is not None and longest + params.max_tokens > limits.max_model_len:
-        field = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         raise ApiError(f"this model's maximum context length is {limits.max_model_len} tokens, but "
-                       f"{longest} prompt tokens and {field}={params.max_tokens} ask for "
-                       f"{longest + params.max_tokens}: lower {field} or shorten the prompt", param=field)
+                       f"{longest} prompt tokens and {name}={params.max_tokens} ask for "
+                       f"{longest + params.max_tokens}: lower {name} or shorten the prompt", param=name)
     return GenerationRequest(prompts, params, stream, include_usage, model, shape)
 
 
