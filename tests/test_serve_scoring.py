@@ -10,10 +10,13 @@ import sys
 
 import pytest
 
+from checkpoints import byte_tokenizer
 from test_serve import AUTH, MODEL, httpx, llm, llm_args, serving  # noqa: F401 (llm, llm_args: its fixtures)
 
 from microvllm import SamplingParams
 from microvllm.serve.tokenization import TokenCodec
+from microvllm.tokenizer import Tokenizer
+from microvllm.tokenizer_json import write_tokenizer_json
 
 # token-id prompts as lm-eval sends them: <|bos|> (id 256) only where it put one, as in rolling windows
 TOKEN_PROMPTS = [[72, 101, 108, 108, 111, 44, 32, 119], [256, 84, 111, 32, 98, 101], [65, 66]]
@@ -149,6 +152,15 @@ def test_every_token_has_a_name_of_its_own(llm):
     names = [codec.token_text(t) for t in range(llm.get_tokenizer().vocab_size)]
     assert len(set(names)) == len(names)
     assert names[0xC3] == "bytes:\\xc3" and names[ord("a")] == "a"  # half a character: its byte, as vLLM writes it
+
+
+def test_a_tokenizer_json_names_and_encodes_as_the_tiktoken_tokenizer_does(tmp_path):
+    pytest.importorskip("tokenizers")
+    write_tokenizer_json(byte_tokenizer(), tmp_path)
+    pkl, json_ = TokenCodec(Tokenizer(byte_tokenizer())), TokenCodec(Tokenizer.from_dir(tmp_path))
+    assert [pkl.token_text(t) for t in range(265)] == [json_.token_text(t) for t in range(265)]
+    text = "h\u00e9llo <|bos|>w\u00f6rld<|user_start|>"
+    assert pkl.encode(text) == json_.encode(text)
 
 
 def test_top_logprobs_keep_partial_byte_tokens_apart(server):

@@ -1,4 +1,4 @@
-"""The FastAPI app: OpenAI's routes over an AsyncEngine.
+"""The FastAPI app: OpenAI's routes, and vLLM's tokenizer routes, over an AsyncEngine.
 
 Every error goes back as OpenAI's error JSON ({"error": {"message", "type", "param",
 "code"}}), never as a stack trace, and the server carries on. Bodies are read and
