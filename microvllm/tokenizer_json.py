@@ -107,10 +107,9 @@ def write_tokenizer_json(encoding: tiktoken.Encoding, directory: str | Path) -> 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(directory / "tokenizer.json"))
-    # enough for transformers' AutoTokenizer to open the dir; special-token text in a
-    # user's string stays text there too (split_special_tokens), as nanochat encodes it
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-              "split_special_tokens": True}
+    # enough for transformers' AutoTokenizer to open the dir; it reads special-token names
+    # in text as those tokens, as the server does with text prompts (vLLM's rule)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
     if "<|bos|>" in special:
         config["bos_token"] = "<|bos|>"
     if "<|assistant_end|>" in special:

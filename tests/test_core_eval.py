@@ -254,9 +254,6 @@ def test_every_prompt_of_every_task_goes_to_one_generate_call(llm, bundle, monke
 
 
 def test_the_choices_of_an_example_compute_their_shared_context_once(checkpoint_dir, bundle, monkeypatch):
-    # a cache that keeps freed prefixes until it is full, as on CUDA (the CPU platform
-    # reuses freed blocks first, which may evict a context before its later choices come)
-    monkeypatch.setattr("microvllm.platform.cpu.CpuPlatform.reuse_freed_blocks_first", False)
     llm = LLM(checkpoint_dir, block_size=16)
     outputs = []
     generate = llm.generate

@@ -107,3 +107,12 @@ def test_prompt_logprobs_start_needs_prompt_logprobs():
         SamplingParams(prompt_logprobs_start=3)
     with pytest.raises(ValueError, match="prompt_logprobs_start"):
         SamplingParams(prompt_logprobs=1, prompt_logprobs_start=-1)
+
+
+def test_many_contexts_scored_together_each_compute_once(checkpoint_dir):
+    # freed blocks are reused first on the CPU: a context its later choices wait for must
+    # outlast the other contexts' blocks, freed in the same step
+    contexts = [[256] + [(11 * c + 5 * i) % 256 for i in range(44)] for c in range(6)]
+    prompts = [context + choice for context in contexts for choice in CHOICES]
+    outs = scored(LLM(checkpoint_dir), prompts, k=0, start=len(CONTEXT))
+    assert [o.num_cached_tokens for o in outs] == [0, 32, 32, 32] * len(contexts)

@@ -21,7 +21,8 @@ not computed) predicted.
 
 A sequence whose next block is being computed by another one this step (two prompts
 with the same context, admitted together) waits for it instead of computing it again:
-`cached_prefix` answers None until that block is cached.
+`cached_prefix` answers None until that block is cached, and the block, once freed,
+outlives never-used ones until the waiting sequence takes it.
 
 Which free block a new allocation takes: by default a never-used block first, so cached
 prefixes are evicted only once the whole cache is in use. With `reuse_freed_first` (the
@@ -77,6 +78,9 @@ class BlockManager:
         self.cached_block_by_hash: dict[int, int] = {}
         # full blocks allocated but not computed yet: hash -> the sequence computing it
         self.computing_by_hash: dict[int, Sequence] = {}
+        # of those, the ones a waiting sequence waits for: once computed and freed, they
+        # are evicted after never-used blocks, even where freed ones are reused first
+        self.awaited_hashes: set[int] = set()
 
     @property
     def num_blocks(self) -> int:
@@ -125,6 +129,8 @@ class BlockManager:
                 break  # a hash collision: the tokens differ
             hits.append(block_id)
         if len(hits) < max_blocks and seq.block_hashes[len(hits)] in self.computing_by_hash:
+            self.awaited_hashes.update(h for h in seq.block_hashes[len(hits):max_blocks]
+                                       if h in self.computing_by_hash)
             return None
         entries = seq.request.prompt_logprobs
         if entries is not None and len(entries) < seq.num_prompt_tokens:
@@ -213,7 +219,9 @@ class BlockManager:
         return parent.block_table[num_full], child.block_table[-1]
 
     def free(self, seq: Sequence) -> None:
-        self._done_computing(seq, seq.block_hashes[seq.num_registered_blocks:])
+        never_computed = seq.block_hashes[seq.num_registered_blocks:]
+        self._done_computing(seq, never_computed)
+        self.awaited_hashes.difference_update(never_computed)
         # tail blocks first: they are the least likely to be shared, so evict them first
         for block_id in reversed(seq.block_table):
             block = self.blocks[block_id]
@@ -227,10 +235,13 @@ class BlockManager:
         block = self.blocks[block_id]
         if block.ref_count == 0:
             del self.free_block_queue[block_id]
+            self.awaited_hashes.discard(block.hash)
         block.ref_count += 1
 
     def _take_free_block(self) -> int:
-        if self.untouched_blocks and not (self.reuse_freed_first and self.free_block_queue):
+        queue = self.free_block_queue
+        if self.untouched_blocks and not (self.reuse_freed_first and queue
+                                          and self.blocks[next(iter(queue))].hash not in self.awaited_hashes):
             block_id = self.untouched_blocks.pop()
             self.blocks[block_id].ref_count = 1
             return block_id
@@ -239,6 +250,7 @@ class BlockManager:
         if block.hash is not None:  # evict the least recently freed cached prefix
             if self.cached_block_by_hash.get(block.hash) == block_id:
                 del self.cached_block_by_hash[block.hash]
+            self.awaited_hashes.discard(block.hash)
             block.forget()
         block.ref_count = 1
         return block_id
@@ -278,6 +290,7 @@ class BlockManager:
         by running sequences stay theirs, but no later sequence can hit them."""
         self.cached_block_by_hash.clear()
         self.computing_by_hash.clear()
+        self.awaited_hashes.clear()
         for block in self.blocks:
             block.forget()
         return True
