@@ -14,7 +14,7 @@ from microvllm.platform import cpu as platform_cpu
 from microvllm.engine.config import EngineConfig
 from microvllm.engine.kv_cache import PagedKVCache
 from microvllm.engine.memory import gpu_bytes_for_kv_cache
-from microvllm.engine.sampler import PROMPT_LOGPROBS_CHUNK
+from microvllm.engine.logprobs import PROMPT_LOGPROBS_CHUNK
 from microvllm.model.attention import AttentionBackend, SdpaDecodeAttention
 
 # the default test checkpoint: 4 layers, 2 KV heads of 8 dims, float32 on CPU

@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from microvllm import LLM, SamplingParams
 from microvllm.cpu.kernels import load_library
 from microvllm.cpu.sampling import uniform_noise as c_uniform_noise
-from microvllm.engine import model_runner, sampler
+from microvllm.engine import logprobs, sampler
 from microvllm.engine.sampler import Sampler
 from microvllm.engine.sequence import Request, Sequence
 
@@ -125,7 +125,7 @@ def test_prompt_logprobs_in_chunks_match_one_pass(checkpoint_dir, monkeypatch):
     prompt = [(5 * i) % 250 for i in range(40)]
     params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=3)
     whole = llm.generate([prompt], params, use_tqdm=False)[0].prompt_logprobs
-    monkeypatch.setattr(model_runner, "PROMPT_LOGPROBS_CHUNK", 7)
+    monkeypatch.setattr(logprobs, "PROMPT_LOGPROBS_CHUNK", 7)
     llm = LLM(checkpoint_dir, enable_prefix_caching=False)
     chunked = llm.generate([prompt], params, use_tqdm=False)[0].prompt_logprobs
     assert len(chunked) == len(prompt)

@@ -13,11 +13,8 @@ it instead of recomputing. A freed block keeps its hash and waits in the LRU fre
 until a new allocation evicts it, so a prefix outlives the request that computed it.
 
 Prompt log-probs ride along: a cached block also keeps the prompt log-prob entries of
-its tokens (each a function of the tokens up to it, so of the block's hash), once a
-request has computed them all. A request that asks for prompt log-probs reuses cached
-KV only as far as the entries it still lacks can be read off cached blocks: up to and
-including the first token it computes, whose entry the position before it (reused,
-not computed) predicted.
+its tokens, and a request that still lacks some reuses cached KV only as far as
+logprobs.py can read them off cached blocks.
 
 A sequence whose next block is being computed by another one this step (two prompts
 with the same context, admitted together) waits for it instead of computing it again:
@@ -36,6 +33,7 @@ from dataclasses import dataclass
 
 import xxhash
 
+from .logprobs import reusable_blocks
 from .sequence import Sequence, block_table_of
 
 
@@ -54,11 +52,6 @@ class Block:
         """Drop what identifies the block's content: it is no longer a cached prefix."""
         self.hash, self.parent_hash, self.token_ids = None, None, ()
         self.prompt_logprobs, self.prompt_logprobs_k = (), -1
-
-
-def top_k_entry(entry: dict, token: int, k: int) -> dict:
-    """A prompt log-prob entry kept with more top tokens, cut to the top `k` and `token`."""
-    return {t: logprob for t, logprob in entry.items() if logprob.rank <= k or t == token}
 
 
 def block_hash(parent_hash: int | None, token_ids) -> int:
@@ -132,37 +125,7 @@ class BlockManager:
             self.awaited_hashes.update(h for h in seq.block_hashes[len(hits):max_blocks]
                                        if h in self.computing_by_hash)
             return None
-        entries = seq.request.prompt_logprobs
-        if entries is not None and len(entries) < seq.num_prompt_tokens:
-            return hits[:self._fill_prompt_logprobs(seq, hits)]
-        return hits
-
-    def _fill_prompt_logprobs(self, seq: Sequence, hits: list[int]) -> int:
-        """How many of the blocks `hits` `seq` may reuse, as its request still lacks some
-        prompt log-prob entries: reusing j blocks, the entries of tokens up to j * bs must
-        come from cached blocks. Appends those entries to the request's."""
-        bs, k, entries = self.block_size, seq.params.prompt_logprobs, seq.request.prompt_logprobs
-        known = len(entries)
-        first_lacking = known // bs  # the first block whose entries are needed
-        while first_lacking < len(hits) and self.blocks[hits[first_lacking]].prompt_logprobs_k >= k:
-            first_lacking += 1
-        # j blocks need block j's entries (token j * bs) unless that token's entry is known
-        reuse = min(len(hits), max(first_lacking - 1, (known - 1) // bs))
-        for t in range(known, reuse * bs + 1):
-            block = self.blocks[hits[t // bs]]
-            entries.append(top_k_entry(block.prompt_logprobs[t % bs], seq.token_ids[t], k))
-        return reuse
-
-    def keep_prompt_logprobs(self, seq: Sequence) -> None:
-        """Keep, on `seq`'s cached full blocks, the prompt log-prob entries its request has
-        for all of their tokens."""
-        entries, k, bs = seq.request.prompt_logprobs, seq.params.prompt_logprobs, self.block_size
-        for i in range(min(len(entries) // bs, seq.num_registered_blocks)):
-            block = self.blocks[seq.block_table[i]]
-            block_entries = entries[i * bs:(i + 1) * bs]
-            if (block.hash == seq.block_hashes[i] and block.prompt_logprobs_k < k
-                    and all(block_entries[1 if i == 0 else 0:])):
-                block.prompt_logprobs, block.prompt_logprobs_k = tuple(block_entries), k
+        return hits[:reusable_blocks(seq, hits, self.blocks, self.block_size)]
 
     # -- allocation ---------------------------------------------------------------------
 

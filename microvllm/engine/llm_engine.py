@@ -29,11 +29,11 @@ from ..outputs import Logprob, RequestOutput
 from ..platform import platform_for
 from ..sampling_params import RequestOutputKind, SamplingParams
 from ..structured.grammars import Grammars
-from ..tools import ToolCalls
 from . import logits_processors
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
+from .features import request_features
 from .interrupts import interrupts_held
 from .kv_cache import PagedKVCache
 from .memory import describe_kv_cache, num_kv_blocks
@@ -117,12 +117,11 @@ class LLMEngine:
         request.output_kind = output_kind
         if params.bad_words:
             logits_processors.prepare(request, self.tokenizer)
-        request.tool_calls = ToolCalls.for_request(params.tools, self.tokenizer)
+        request.features = request_features(params, output_kind, self.tokenizer, self.grammars)
         base_seed = self._seed_rng.getrandbits(63) if params.seed is None else params.seed
         for index in range(params.n):
             seed = xxhash.xxh64_intdigest(f"{base_seed}:{index}".encode()) >> 1  # fits int64
             seq = Sequence(next(self._seq_counter), request, index, list(prompt_token_ids), seed)
-            seq.grammar = self.grammars.matcher(params.structured_outputs)  # compiled once, then cached
             request.sequences.append(seq)
             self.scheduler.add(seq)
         self.output_processor.add(request)

@@ -20,7 +20,8 @@ from ..model.gpt import GPT
 from ..sampling_params import MAX_LOGPROBS, SamplingParams
 from .config import MAX_DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
 from .kv_cache import DecodeKVView, PagedKVCache
-from .sampler import PROMPT_LOGPROBS_CHUNK, Sampler, logprob_table
+from .logprobs import PROMPT_LOGPROBS_CHUNK, logprob_table
+from .sampler import Sampler
 from .sequence import Request, Sequence
 
 GIB = 1024**3

@@ -3,8 +3,9 @@
 The flat batch puts single-token sequences (decodes) first, then fresh prompts' first
 chunks, then chunks that continue a computed prefix, each kind sorted by context
 length, so the attention backend can pad similar neighbours together. Index arrays are
-built with numpy from the sequences' block tables, then moved to the device in one copy. A step of single-token sequences replays a CUDA graph
-when the engine captured them (DecodeGraphs); any other step runs eagerly.
+built with numpy from the sequences' block tables, then moved to the device in one copy.
+A step of single-token sequences replays a CUDA graph when the engine captured them
+(DecodeGraphs); any other step runs eagerly.
 """
 
 import time
@@ -18,9 +19,10 @@ from ..model.attention import AttentionBackend
 from ..model.gpt import GPT
 from .cuda_graphs import DecodeGraphs
 from .kv_cache import PagedKVCache, SequenceKVView
-from .sampler import PROMPT_LOGPROBS_CHUNK, LogprobRows, SampledTokens, Sampler, distinct_params, logprob_table
+from .logprobs import PromptLogprobs, prompt_logprobs_of, wants_prompt_logprobs
+from .sampler import SampledTokens, Sampler, distinct_params
 from .scheduler import ScheduledSequence
-from .sequence import Request, Sequence
+from .sequence import Sequence
 from .stats import StepTimer
 from .transfer import to_device
 
@@ -42,20 +44,18 @@ EAGER_INPUTS = ("input_ids", "positions", "prev_ids", "slot_mapping", "block_tab
 
 
 @dataclass
-class PromptLogprobs:
-    """What one prefill chunk's positions say of the prompt tokens they predict."""
-    request: Request
-    first_index: int                        # the prompt position of rows' first entry
-    rows: LogprobRows
-
-
-@dataclass
 class StepOutput:
     sampled_seqs: list[ScheduledSequence]   # in the order of `sampled` rows
     sampled: SampledTokens | None
     prompt_logprobs: list[PromptLogprobs]   # of the sequences computing them this step
     forward_seconds: float                  # model forward and logits (host side on CUDA)
     device_seconds: float | None = None     # the whole step's device work, when timed
+
+
+def check_finite(hidden: torch.Tensor) -> None:
+    if not bool(torch.isfinite(hidden).all()):
+        raise FloatingPointError("float16 overflowed in the model's activations; "
+                                 "run with dtype='bfloat16' or 'float32'")
 
 
 def int_array(values: list[int]) -> np.ndarray:
@@ -80,6 +80,10 @@ class ModelRunner:
         self.device = device
         self.decode_graphs = decode_graphs
         self.timer = timer
+        # nanochat trains in bf16; relu(x)^2 can pass float16's 65504 on long contexts,
+        # and the logit softcap would hide the damage, so a float16 engine looks before
+        # sampling (the KV cache holds the activations' dtype)
+        self.check_finite = kv_cache.k.dtype == torch.float16
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> StepOutput:
@@ -106,21 +110,17 @@ class ModelRunner:
         forward_seconds = time.perf_counter() - start
         sampled = None
         if sampled_seqs:
-            self._check_finite(last_hidden)
+            if self.check_finite:
+                check_finite(last_hidden)
             sampled = self.sampler(logits, seqs if every_token_samples else [s.seq for s in sampled_seqs])
         prompt_logprobs = []
         if any(p.prompt_logprobs is not None for p in distinct_params(seqs)):
-            prompt_logprobs = [self._prompt_logprobs(s, hidden, end - s.num_new_tokens)
-                               for s, end in zip(batch, ends.tolist()) if self._wants_prompt_logprobs(s)]
+            prompt_logprobs = [
+                prompt_logprobs_of(s.seq, s.num_new_tokens, hidden, end - s.num_new_tokens,
+                                   self.model.compute_logits, self.device)
+                for s, end in zip(batch, ends.tolist()) if wants_prompt_logprobs(s.seq)]
         return StepOutput(sampled_seqs, sampled, prompt_logprobs, forward_seconds,
                           self.timer.stop() if self.timer else None)
-
-    def _check_finite(self, hidden: torch.Tensor) -> None:
-        # nanochat trains in bf16; relu(x)^2 can pass float16's 65504 on long contexts,
-        # and the logit softcap would hide the damage, so look before sampling
-        if hidden.dtype == torch.float16 and not bool(torch.isfinite(hidden).all()):
-            raise FloatingPointError("float16 overflowed in the model's activations; "
-                                     "run with dtype='bfloat16' or 'float32'")
 
     def _prepare(self, batch: list[ScheduledSequence], seqs: list[Sequence]) -> dict[str, np.ndarray]:
         # per-sequence values are read in a few list comprehensions, the rest is numpy's C
@@ -160,25 +160,3 @@ class ModelRunner:
                               inputs["context_lens"].tolist(), t["cu_query_lens"], t["cu_context_lens"])
         hidden = self.model(t["input_ids"], t["positions"], t["prev_ids"], self.attention_backend.step(view))
         return hidden, t["last_rows"]
-
-    @staticmethod
-    def _wants_prompt_logprobs(s: ScheduledSequence) -> bool:
-        request = s.seq.request
-        return (request.prompt_logprobs is not None and s.seq.index == 0
-                and len(request.prompt_logprobs) < s.seq.num_prompt_tokens)
-
-    def _prompt_logprobs(self, s: ScheduledSequence, hidden, first_row: int) -> PromptLogprobs:
-        """Log-probs of the prompt tokens that this chunk's positions predict, but for those
-        known already (not asked for, or read from the prefix cache): no logits for them."""
-        seq, k = s.seq, s.seq.params.prompt_logprobs
-        # position p predicts prompt token p + 1
-        start = max(seq.num_computed_tokens, len(seq.request.prompt_logprobs) - 1)
-        end = min(seq.num_computed_tokens + s.num_new_tokens, seq.num_prompt_tokens - 1)
-        if end <= start:
-            return PromptLogprobs(seq.request, start + 1, LogprobRows([], [], [], [], []))
-        first_row += start - seq.num_computed_tokens
-        targets = to_device(dict(t=np.array(seq.token_ids[start + 1:end + 1])), self.device)["t"]
-        chunk_hidden = hidden[first_row:first_row + end - start].split(PROMPT_LOGPROBS_CHUNK)
-        tables = [logprob_table(self.model.compute_logits(h), t, k)
-                  for h, t in zip(chunk_hidden, targets.split(PROMPT_LOGPROBS_CHUNK))]
-        return PromptLogprobs(seq.request, start + 1, LogprobRows.read(torch.cat(tables), k))

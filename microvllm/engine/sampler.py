@@ -26,16 +26,15 @@ import torch
 
 from ..sampling_params import SamplingParams
 from ..structured.bitmasks import GrammarBitmasks
+from .features import logits_masks
 from .logits_processors import shape_logits
+from .logprobs import LogprobRows, logprob_table
 from .sequence import Sequence
 from .transfer import to_device
 
 _MASK32 = 0xFFFFFFFF
 # bounds one chunk of sampling noise ([rows, vocab] int64, then float64) at 32 MiB
 NOISE_CHUNK_ELEMENTS = 2**22
-# prompt log-probs are computed this many positions at a time, so a long prefill
-# chunk never holds [chunk, vocab] float32 logits at once
-PROMPT_LOGPROBS_CHUNK = 256
 
 
 def _hash32_(x: torch.Tensor) -> torch.Tensor:
@@ -83,34 +82,6 @@ def gumbel_argmax(x: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
     return columns
 
 
-def logprob_table(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> torch.Tensor:
-    """[rows, 3 + 2k] float64: token id, its log-prob under softmax(logits), its rank,
-    then the top k ids and their log-probs; one table, so it is read back in one copy
-    (ids and ranks below 2^53 are exact)."""
-    logprobs = logits.log_softmax(dim=-1)
-    chosen = logprobs.gather(1, token_ids.unsqueeze(1))
-    ranks = (logprobs > chosen).sum(dim=-1, keepdim=True) + 1
-    top = logprobs.topk(k, dim=-1)
-    return torch.cat([token_ids.unsqueeze(1).double(), chosen.double(), ranks.double(),
-                      top.indices.double(), top.values.double()], dim=1)
-
-
-@dataclass
-class LogprobRows:
-    """logprob_table read back, per row: the token, its log-prob and rank, and the top k."""
-    token_ids: list[int]
-    logprobs: list[float]
-    ranks: list[int]                    # 1 = the most likely token
-    top_ids: list[list[int]]            # k per row (empty lists for k = 0)
-    top_logprobs: list[list[float]]
-
-    @classmethod
-    def read(cls, table: torch.Tensor, k: int) -> "LogprobRows":
-        rows = table.tolist()
-        return cls([int(r[0]) for r in rows], [r[1] for r in rows], [int(r[2]) for r in rows],
-                   [[int(t) for t in r[3:3 + k]] for r in rows], [r[3 + k:] for r in rows])
-
-
 @dataclass
 class SampledTokens:
     token_ids: list[int]
@@ -129,37 +100,45 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledTokens:
         # the step's distinct SamplingParams say which of the passes below it needs; a
         # greedy step of plain requests is an argmax
-        kinds = distinct_params(seqs)
+        step_params = distinct_params(seqs)
         raw_logits = logits
-        k = max((p.logprobs for p in kinds if p.logprobs is not None), default=None)
-        if any(p.shapes_logits for p in kinds):  # allowed_token_ids, bad_words, logits_processors
+        k = max((p.logprobs for p in step_params if p.logprobs is not None), default=None)
+        if any(p.shapes_logits for p in step_params):  # allowed_token_ids, bad_words, logits_processors
             logits = shape_logits(logits, seqs)
-        if any(p.structured_outputs is not None for p in kinds):
+        if any(p.structured_outputs is not None for p in step_params):
             # masked in place: on a copy where the raw logits give log-probs
             logits = self.grammar_bitmasks.apply(logits.clone() if logits is raw_logits and k is not None
-                                                 else logits, [seq.grammar for seq in seqs])
-        if any(p.has_penalties for p in kinds):
+                                                 else logits, logits_masks(seqs))
+        if any(p.has_penalties for p in step_params):
             logits = self._apply_penalties(logits, seqs)
-        blocked = self._blocked_tokens(seqs) if any(p.min_tokens for p in kinds) else []
-        if blocked:
-            index = to_device(dict(rows=np.array([r for r, _ in blocked]),
-                                   tokens=np.array([t for _, t in blocked])), logits.device)
-            logits = logits.index_put((index["rows"], index["tokens"]),
-                                      torch.tensor(float("-inf"), device=logits.device))
+        if any(p.min_tokens for p in step_params):
+            logits = self._block_stops_before_min_tokens(logits, seqs)
         token_ids = self.argmax(logits)
-        if not all(p.greedy for p in kinds):
-            vocab, with_top_k, without = logits.shape[1], [], []
-            for row, seq in enumerate(seqs):
-                if not seq.params.greedy:
-                    (with_top_k if 0 < seq.params.top_k < vocab else without).append(row)
-            for sampling_rows, sample in ((with_top_k, self._sample_top_k), (without, self._sample)):
-                if sampling_rows:
-                    rows, sampled = sample(logits, [seqs[r] for r in sampling_rows], sampling_rows)
-                    token_ids.index_copy_(0, rows, sampled)
+        if not all(p.greedy for p in step_params):
+            self._sample_rows(logits, seqs, token_ids)
         if k is None:
             return SampledTokens(token_ids.tolist())
         rows = LogprobRows.read(logprob_table(raw_logits, token_ids, k), k)
         return SampledTokens(rows.token_ids, rows)
+
+    def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence], token_ids: torch.Tensor) -> None:
+        """Replace, in `token_ids`, the argmax of each row that samples with its draw."""
+        vocab, with_top_k, without = logits.shape[1], [], []
+        for row, seq in enumerate(seqs):
+            if not seq.params.greedy:
+                (with_top_k if 0 < seq.params.top_k < vocab else without).append(row)
+        for sampling_rows, sample in ((with_top_k, self._sample_top_k), (without, self._sample)):
+            if sampling_rows:
+                rows, sampled = sample(logits, [seqs[r] for r in sampling_rows], sampling_rows)
+                token_ids.index_copy_(0, rows, sampled)
+
+    def _block_stops_before_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        blocked = self._blocked_tokens(seqs)
+        if not blocked:
+            return logits
+        index = to_device(dict(rows=np.array([r for r, _ in blocked]),
+                               tokens=np.array([t for _, t in blocked])), logits.device)
+        return logits.index_put((index["rows"], index["tokens"]), torch.tensor(float("-inf"), device=logits.device))
 
     def _blocked_tokens(self, seqs) -> list[tuple[int, int]]:
         """(row, token) pairs that may not be sampled: EOS and stop ids before min_tokens."""

@@ -11,7 +11,7 @@ import time
 from array import array
 from dataclasses import dataclass, field
 
-from ..sampling_params import SamplingParams
+from ..sampling_params import RequestOutputKind, SamplingParams
 from ..validation import check_type
 
 
@@ -40,23 +40,12 @@ class Sequence:
     block_table: array = field(default_factory=block_table_of)  # see block_table_of
     block_hashes: list[int] = field(default_factory=list)  # of full blocks, chained, as computed
     num_registered_blocks: int = 0      # leading full blocks already offered to the prefix cache
-    logprobs: list[dict] | None = None
+    # where the request asked for log-probs: an entry per output token (None for one a
+    # tool forced) and the sum of the sampled ones' (see logprobs.py)
+    logprobs: list[dict | None] | None = None
     cumulative_logprob: float | None = None
     finish_reason: str | None = None    # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
-    text: str = ""
-    # output index ranges [start, end) of tokens a tool forced
-    forced_spans: list[tuple[int, int]] = field(default_factory=list)
-    num_streamed_tokens: int = 0        # of the output, sent by a DELTA stream so far
-    num_streamed_chars: int = 0
-    # a DELTA stream's leading output tokens whose text ends on a whole character and has
-    # all been sent, and that text's length: each step decodes only the tokens after them
-    num_settled_tokens: int = 0
-    num_settled_chars: int = 0
-    # where the request has structured_outputs: an xgrammar GrammarMatcher that has
-    # accepted every output token so far (advanced as tokens are committed, so a
-    # recompute after preemption leaves it where it is)
-    grammar: object = None
     params: SamplingParams = field(init=False, repr=False)  # the request's; read on every step
 
     def __post_init__(self):
@@ -85,15 +74,6 @@ class Sequence:
     def prompt_is_computed(self) -> bool:
         return self.num_computed_tokens >= self.num_prompt_tokens
 
-    def output_token_masks(self, start: int = 0) -> list[int]:
-        """1 for each output token from `start` on that was sampled, 0 for one a tool forced."""
-        masks = [1] * (self.num_output_tokens - start)
-        for span_start, span_end in self.forced_spans:
-            if span_end > start:
-                span_start = max(span_start, start)
-                masks[span_start - start:span_end - start] = [0] * (span_end - span_start)
-        return masks
-
 
 @dataclass(eq=False)
 class Request:
@@ -107,8 +87,10 @@ class Request:
     sequences: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[dict | None] | None = None
     bad_word_ids: list[tuple[int, ...]] = field(default_factory=list)  # see logits_processors.py
-    output_kind: object = None          # a RequestOutputKind: what step() reports as it runs
-    tool_calls: object = None           # a tools.ToolCalls where the request uses tools
+    output_kind: RequestOutputKind = RequestOutputKind.FINAL_ONLY  # what step() reports as it runs
+    # a features.RequestFeatures where the request asks for tools, a structured output,
+    # stop strings, log-probs or a DELTA stream; None for a plain request
+    features: "RequestFeatures | None" = None
     # kept by Scheduler.finish, so that asking whether the request is done, once per
     # finished sample, costs O(1) and not O(n)
     num_finished_sequences: int = 0

@@ -4,7 +4,7 @@ Parsing needs no tokenizer, so the facade checks every request's constraint with
 before queuing any (`check`). Compiling builds, for the tokenizer's vocabulary, what a
 matcher needs to tell the allowed tokens quickly; the engine compiles when a request
 is added, so the step loop never waits on it, and 1,000 requests with one schema
-compile once. Each sequence gets its own matcher: its position in the grammar.
+compile once. Each sequence gets its own matcher (`new_matcher`): its position in the grammar.
 
 The vocabulary is our tiktoken ranks' bytes. Special tokens are given as empty, which
 xgrammar never allows; EOS is its stop token, allowed once the grammar is complete.
@@ -43,18 +43,12 @@ def check(constraint: StructuredOutputsParams) -> None:
 
 
 class Grammars:
-    """The engine's compiled grammars and the matchers it gives sequences."""
+    """The engine's compiled grammars: `compiled(constraint.key)`, cached by key."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self._compiler = None  # built at the first constrained request: unconstrained runs never import xgrammar
         self.compiled = functools.lru_cache(maxsize=GRAMMARS_KEPT)(self._compile)
-
-    def matcher(self, constraint: StructuredOutputsParams | None):
-        """A new xgrammar GrammarMatcher at the grammar's start, or None for no constraint."""
-        if constraint is None:
-            return None
-        return import_xgrammar().GrammarMatcher(self.compiled(constraint.key))
 
     def _compile(self, key: tuple[str, str]):
         if self._compiler is None:
@@ -66,3 +60,8 @@ class Grammars:
                                      stop_token_ids=sorted(tok.eos_token_ids))
             self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)  # cached here, by key
         return self._compiler.compile_grammar(parsed(key))
+
+
+def new_matcher(compiled_grammar):
+    """A new xgrammar GrammarMatcher at the start of a compiled grammar."""
+    return import_xgrammar().GrammarMatcher(compiled_grammar)
