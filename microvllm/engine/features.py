@@ -24,12 +24,27 @@ def _overriding(items: list[RequestFeature], hook: str) -> list[RequestFeature]:
     return [f for f in items if getattr(type(f), hook) is not getattr(RequestFeature, hook)]
 
 
+class EveryToken:
+    """The wake tokens of features that every token wakes."""
+
+    def __contains__(self, token: int) -> bool:
+        return True
+
+
+EVERY_TOKEN = EveryToken()
+# one object per distinct set: every row reads its set, and shared ones stay in cache
+_wake_token_sets: dict[frozenset[int], frozenset[int]] = {}
+
+
 class RequestFeatures:
     def __init__(self, items: list[RequestFeature]):
         self.items = items
-        # a row wakes the features when one wants every token, or its token is a wake token
-        self.every_token = any(f.every_token for f in items)
-        self.wake_tokens = frozenset(f.wake_token for f in items if f.wake_token is not None)
+        # the sampled tokens that wake the features (Sequence.wake_tokens): one membership test per row
+        if any(f.every_token for f in items):
+            self.wake_tokens = EVERY_TOKEN
+        else:
+            tokens = frozenset(f.wake_token for f in items if f.wake_token is not None)
+            self.wake_tokens = _wake_token_sets.setdefault(tokens, tokens)
         self.watches_text = any(f.watches_text for f in items)
         self.forcing = _overriding(items, "forced_tokens")
         self.stopping = _overriding(items, "stop")

@@ -102,7 +102,8 @@ class ModelRunner:
         if self.decode_graphs and max(inputs["query_lens"]) == 1:
             hidden = self.decode_graphs.run(inputs)
             # a decode-only step samples every row unless a prompt's last chunks are a token long
-            last_hidden = hidden if every_token_samples else hidden[to_device(dict(rows=last_rows), self.device)["rows"]]
+            last_hidden = hidden if every_token_samples else \
+                hidden[to_device(dict(rows=last_rows), self.device)["rows"]]
         else:
             hidden, rows = self._eager_forward(inputs, last_rows)
             last_hidden = hidden if every_token_samples else hidden[rows]

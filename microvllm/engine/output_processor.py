@@ -75,11 +75,10 @@ class OutputProcessor:
         stop = self._stop  # a local: this loop runs for every row
         for row, (item, token) in enumerate(zip(result.sampled_seqs, sampled.token_ids if sampled else ())):
             seq = item.seq
-            features = seq.request.features
-            if features is not None and (features.every_token or token in features.wake_tokens):
-                updates[row] = self._decide_with(features, seq, token, sampled.logprobs, row)
+            if token in seq.wake_tokens:
+                updates[row] = self._decide_with(seq.request.features, seq, token, sampled.logprobs, row)
             else:
-                finish, _ = stop(seq, token, None, 0, None)
+                finish = stop(seq, token)[0]
                 if finish is not None:
                     updates[row] = TokenUpdate(seq, finish=finish)
         tokenizer = self.tokenizer
@@ -135,8 +134,8 @@ class OutputProcessor:
 
     # -- the stop rules -----------------------------------------------------------------
 
-    def _stop(self, seq: Sequence, token: int, text: str | None, num_forced: int,
-              features: RequestFeatures | None) -> tuple[tuple | None, str | None]:
+    def _stop(self, seq: Sequence, token: int, text: str | None = None, num_forced: int = 0,
+              features: RequestFeatures | None = None) -> tuple[tuple | None, str | None]:
         """((finish_reason, stop_reason) if `token` (and the `num_forced` tokens a feature
         forces after it) end `seq`, else None; the output text, cut after a stop string).
         Called for every sampled row: the common case returns after a few comparisons."""

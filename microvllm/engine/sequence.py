@@ -21,6 +21,9 @@ def block_table_of(block_ids=()) -> array:
     return array("q", block_ids)
 
 
+NO_WAKE_TOKENS: frozenset[int] = frozenset()
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -47,9 +50,14 @@ class Sequence:
     finish_reason: str | None = None    # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     params: SamplingParams = field(init=False, repr=False)  # the request's; read on every step
+    # the sampled tokens that wake the request's features (RequestFeatures.wake_tokens),
+    # none for a plain request; read on every step
+    wake_tokens: "frozenset[int] | EveryToken" = field(init=False, repr=False)
 
     def __post_init__(self):
         self.params = self.request.params
+        features = self.request.features
+        self.wake_tokens = NO_WAKE_TOKENS if features is None else features.wake_tokens
         self.num_prompt_tokens = len(self.token_ids)
         if self.request.params.logprobs is not None:
             self.logprobs, self.cumulative_logprob = [], 0.0

@@ -3,9 +3,9 @@
 `params.py` states the constraint (vLLM's StructuredOutputsParams); `grammars.py`
 parses it, compiles it against the tokenizer once per distinct constraint and hands
 each sequence its matcher; `bitmasks.py` is the sampler's step: the constrained rows'
-allowed tokens, applied to the logits in one batched operation. The output processor
-advances a sequence's matcher as each token is committed. Built on xgrammar, the
-`structured` extra.
+allowed tokens, applied to the logits in one batched operation. The engine's
+StructuredOutput feature holds each sequence's matcher and advances it as each token
+is committed. Built on xgrammar, the `structured` extra.
 """
 
 from .params import StructuredOutputsParams

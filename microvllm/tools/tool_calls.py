@@ -1,4 +1,4 @@
-"""ToolCalls: nanochat's tool-call protocol, as the output processor applies it.
+"""ToolCalls: nanochat's tool-call protocol, which the engine's ToolUse feature applies.
 
 A call is the output tokens between `<|python_start|>` and the `<|python_end|>` just
 sampled; its expression is their text. When the tool answers with text, the engine
