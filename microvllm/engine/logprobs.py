@@ -76,9 +76,9 @@ class SampledLogprobs(RequestFeature):
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
 
-    def on_token(self, seq: Sequence, token: int, update: TokenUpdate, rows: LogprobRows, row: int) -> None:
-        update.logprob = rows.logprobs[row]
-        update.logprob_entry = logprob_entry(rows, row, token, self.tokenizer)
+    def on_token(self, seq: Sequence, token: int, update: TokenUpdate, logprobs: LogprobRows, row: int) -> None:
+        update.logprob = logprobs.logprobs[row]
+        update.logprob_entry = logprob_entry(logprobs, row, token, self.tokenizer)
 
     def commit(self, seq: Sequence, update: TokenUpdate) -> None:
         seq.cumulative_logprob += update.logprob

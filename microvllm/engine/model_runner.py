@@ -83,7 +83,7 @@ class ModelRunner:
         # nanochat trains in bf16; relu(x)^2 can pass float16's 65504 on long contexts,
         # and the logit softcap would hide the damage, so a float16 engine looks before
         # sampling (the KV cache holds the activations' dtype)
-        self.check_finite = kv_cache.k.dtype == torch.float16
+        self.checks_overflow = kv_cache.k.dtype == torch.float16
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> StepOutput:
@@ -111,7 +111,7 @@ class ModelRunner:
         forward_seconds = time.perf_counter() - start
         sampled = None
         if sampled_seqs:
-            if self.check_finite:
+            if self.checks_overflow:
                 check_finite(last_hidden)
             sampled = self.sampler(logits, seqs if every_token_samples else [s.seq for s in sampled_seqs])
         prompt_logprobs = []

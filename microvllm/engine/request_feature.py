@@ -7,18 +7,23 @@ the sampler and the output processor call it only through the hooks below, which
 nothing unless a feature overrides them. A request's features sit in one list
 (`features.RequestFeatures`); a request without any has none, and its rows skip them.
 
-A step calls the hooks in this order, for the rows a feature wakes (every row where
-`every_token`, else those that sampled its `wake_token`):
-1. `logits_mask` (the sampler): a grammar matcher whose allowed tokens mask the row;
+A step calls the hooks in this order:
+1. `logits_mask` (the sampler, in a step that holds a constrained request): a grammar
+   matcher whose allowed tokens mask the row;
+then, on the rows a feature wakes (every row where `every_token`, else those that
+sampled its `wake_token`; `Sequence.wake_tokens` holds the request's):
 2. `forced_tokens` (decide): tokens the feature forces after the sampled one;
 3. `stop` (decide, inside the stop rules): a stop string in the row's text;
 4. `on_token` (decide): the slow, read-only work of the row (log-prob entries);
-5. `commit` (commit): plain bookkeeping, with Ctrl-C held back; may end the sequence.
-Outputs then read `output_text` and `output_masks`.
+5. `commit` (commit, on every row the step decided something for): plain
+   bookkeeping, with Ctrl-C held back; may end the sequence.
+Outputs then read `output_text` and `output_masks` (and a DELTA stream's cursor,
+`StreamDeltas.take`).
 """
 
 from dataclasses import dataclass
 
+from ..outputs import Logprob
 from .sequence import Sequence
 
 
@@ -27,7 +32,7 @@ class TokenUpdate:
     """What a step decided for one sampled row beyond appending its token."""
     seq: Sequence
     logprob: float | None = None
-    logprob_entry: dict | None = None  # token -> outputs.Logprob
+    logprob_entry: dict[int, Logprob] | None = None
     text: str | None = None           # the output decoded so far, where stop strings are watched
     finish: tuple | None = None       # (finish_reason, stop_reason)
     forced: list[int] | None = None   # a tool's answer, appended after the sampled token
