@@ -95,7 +95,7 @@ def test_random_workloads_keep_invariants_and_finish(w):
                     scheduler.finish(seq, "abort")
         check(scheduler)
     assert bm.num_used_blocks == 0
-    assert all(r.is_finished for r in requests)
+    assert all(s.is_finished for r in requests for s in r.sequences)
     assert all(len(s.output_token_ids) == s.params.max_tokens
                for r in requests for s in r.sequences if s.finish_reason == "length")
 
