@@ -75,7 +75,7 @@ class LLMEngine(Engine):
         self.vocab_size = model_config.vocab_size
 
         graphs = platform.uses_decode_graphs(config.enforce_eager, attention_backend.name, self.max_model_len)
-        num_blocks = num_kv_blocks(config, self.model, self.device, self.dtype, self.max_model_len,
+        num_blocks = num_kv_blocks(config, self.model, platform, self.dtype, self.max_model_len,
                                    self.block_size, attention_backend.decode if graphs else None)
         capacity = num_blocks * self.block_size
         if capacity < self.max_model_len:
@@ -89,7 +89,7 @@ class LLMEngine(Engine):
             model_config.n_layer, self.block_size, model_config.n_kv_head, model_config.head_dim, self.dtype))
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching,
                                           reuse_freed_first=platform.reuse_freed_blocks_first)
-        logger.info(describe_kv_cache(self.kv_cache, self.device))
+        logger.info(describe_kv_cache(self.kv_cache, platform))
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         decode_graphs = None
         if graphs:
@@ -97,7 +97,7 @@ class LLMEngine(Engine):
                                          config.max_num_seqs, self.max_model_len, self.device)
         sampler = Sampler(self.tokenizer.eos_token_ids, platform.argmax, platform.sampling_noise)
         self.runner = ModelRunner(self.model, self.kv_cache, attention_backend, sampler, self.device, decode_graphs,
-                                  StepTimer(self.device) if config.step_timing else None)
+                                  StepTimer(platform.device_clock) if config.step_timing else None)
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler, self.max_model_len)
         self.grammars = Grammars(self.tokenizer)
         self.stats = EngineStats()
