@@ -1,0 +1,257 @@
+"""Scoring (prompt log-probs) on the CPU: microvllm against vLLM, served and offline, side by side.
+
+Evaluation harnesses score a model by the log-probs it gives to known continuations, not
+by generating. The workload: vLLM's random nanochat model of vs_vllm.py (6 layers x 384,
+era A; `--shape d20` for nanochat's d20), in float32 on every engine; 40 random contexts
+of 150..400 tokens, each with 4 continuations of 5..20 tokens: 160 prompts, each a
+context and one continuation. Each engine first scores a workload of the same shape
+with other tokens (a warm-up), then the timed one; the engines run one at a time.
+
+(a) served, as lm-eval's `local-completions` model sends loglikelihood requests: POST
+    /v1/completions with token-id prompts, `echo: true`, `logprobs: 1`, `max_tokens: 1`,
+    `temperature: 0`, --batch-size prompts a request, the longest first, --concurrency
+    requests in flight; microvllm's server against vLLM's, each at its defaults.
+(b) offline, as lm-eval's `vllm` model scores: `LLM.generate` on token prompts with
+    `SamplingParams(prompt_logprobs=1, max_tokens=1, temperature=0, detokenize=False)`.
+
+Prints prompt tokens scored a second, the ratios, the CPU (model, vector extensions) and
+the threads each engine computed on (those busy for at least a quarter of the timed
+pass). It checks that microvllm's served log-probs equal its offline ones exactly, and
+prints the largest difference from vLLM's; it exits 1 if the two of microvllm differ.
+
+    python -m benchmarks.scoring --vllm-python /path/to/vllm-venv/bin/python
+    python -m benchmarks.scoring --quick     # 4 contexts, for a smoke run
+
+vLLM lives in a virtualenv of its own (see docs/benchmarks.md); without --vllm-python
+only microvllm runs.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SERVED_NAME = "scoring"
+# (contexts, continuations per context, context lengths, continuation lengths)
+WORKLOAD = (40, 4, (150, 400), (5, 20))
+QUICK_WORKLOAD = (4, 4, (150, 400), (5, 20))
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "4"}  # GiB; vLLM's CPU KV cache is sized by this alone
+SERVER_START_S = 600  # vLLM compiles its model at start-up
+
+
+def scoring_prompts(contexts: int, per_context: int, context_lens: tuple[int, int],
+                    continuation_lens: tuple[int, int], vocab_size: int, seed: int) -> list[list[int]]:
+    """`contexts` random contexts, each followed by `per_context` random continuations."""
+    rng = random.Random(seed)
+    tokens = lambda lens: [rng.randrange(vocab_size) for _ in range(rng.randint(*lens))]
+    prompts = []
+    for _ in range(contexts):
+        context = tokens(context_lens)
+        prompts += [context + tokens(continuation_lens) for _ in range(per_context)]
+    return prompts
+
+
+# -- offline: one engine in a process of its own (python -m benchmarks.scoring --worker) --
+
+def offline_ours(model_dir: str, workload: dict, dtype: str) -> dict:
+    import torch
+    from microvllm import LLM, SamplingParams
+    llm = LLM(model_dir, dtype=dtype)
+    params = SamplingParams(prompt_logprobs=1, max_tokens=1, temperature=0, detokenize=False)
+
+    def score(prompts):
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [[entry[token].logprob for entry, token in zip(o.prompt_logprobs[1:], p[1:])]
+                for o, p in zip(outputs, prompts)]
+    return dict(timed_offline(score, workload), dtype=str(llm.engine.dtype).removeprefix("torch."),
+                torch_threads=torch.get_num_threads())
+
+
+def offline_vllm(model_dir: str, workload: dict, dtype: str) -> dict:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
+    for name, value in VLLM_ENV.items():
+        os.environ.setdefault(name, value)
+    import torch
+    from vllm import LLM, SamplingParams
+    llm = LLM(model=model_dir, skip_tokenizer_init=True, seed=0, dtype=dtype)
+    params = SamplingParams(prompt_logprobs=1, max_tokens=1, temperature=0, detokenize=False)
+
+    def score(prompts):
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [[entry[token].logprob for entry, token in zip(o.prompt_logprobs[1:], p[1:])]
+                for o, p in zip(outputs, prompts)]
+    return dict(timed_offline(score, workload), dtype=str(llm.llm_engine.model_config.dtype).removeprefix("torch."),
+                torch_threads=torch.get_num_threads())
+
+
+def timed_offline(score, workload: dict) -> dict:
+    from .local_server import busy_threads, thread_cpu_seconds
+    score(workload["warmup_prompts"])
+    before, start = thread_cpu_seconds(os.getpid()), time.perf_counter()
+    logprobs = score(workload["prompts"])
+    wall = time.perf_counter() - start
+    return dict(tok_s=sum(map(len, workload["prompts"])) / wall, logprobs=logprobs,
+                threads=busy_threads(before, thread_cpu_seconds(os.getpid()), wall))
+
+
+# -- served: lm-eval's local-completions requests ----------------------------------------
+
+async def score_served(url: str, prompts: list[list[int]], batch_size: int, concurrency: int) -> list[list[float]]:
+    """Each prompt's token log-probs (from its second token on), through /v1/completions as
+    lm-eval's local-completions sends loglikelihood requests: longest prompts first, in
+    batches, a bounded number of requests in flight."""
+    import httpx
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    logprobs: list[list[float]] = [[] for _ in prompts]
+    in_flight = asyncio.Semaphore(concurrency)
+
+    async def one(client: httpx.AsyncClient, batch: list[int]) -> None:
+        body = {"model": SERVED_NAME, "prompt": [prompts[i] for i in batch], "temperature": 0, "max_tokens": 1,
+                "logprobs": 1, "seed": 1234, "echo": True}
+        async with in_flight:
+            response = await client.post("/v1/completions", json=body)
+        if response.status_code != 200:
+            raise RuntimeError(f"{url} answered {response.status_code}: {response.text[:500]}")
+        for choice in response.json()["choices"]:
+            # the echoed prompt's log-probs (None for its first token), then the generated token's
+            logprobs[batch[choice["index"]]] = choice["logprobs"]["token_logprobs"][1:-1]
+
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
+        await asyncio.gather(*(one(client, batch) for batch in batches))
+    return logprobs
+
+
+def run_served(command: list[str], port: int, env: dict, log_file: Path, workload: dict, args) -> dict:
+    """Start a server, score the warm-up workload and then the timed one through it."""
+    from .local_server import busy_threads, running, thread_cpu_seconds
+    with running(command, port, REPO, env, log_file, SERVER_START_S) as (server, url):
+        asyncio.run(score_served(url, workload["warmup_prompts"], args.batch_size, args.concurrency))
+        before, start = thread_cpu_seconds(server.pid), time.perf_counter()
+        logprobs = asyncio.run(score_served(url, workload["prompts"], args.batch_size, args.concurrency))
+        wall = time.perf_counter() - start
+        threads = busy_threads(before, thread_cpu_seconds(server.pid), wall)
+    return dict(tok_s=sum(map(len, workload["prompts"])) / wall, logprobs=logprobs, threads=threads,
+                dtype=args.dtype)
+
+
+def server_command(engine: str, port: int, nanochat_dir: Path, hf_dir: Path | None, args) -> tuple[list[str], dict]:
+    """The command that starts `engine`'s server at its defaults but the dtype, and its environment."""
+    if engine == "microvllm":
+        return [sys.executable, "-m", "microvllm.serve", str(nanochat_dir), "--dtype", args.dtype,
+                "--served-model-name", SERVED_NAME, "--log-level", "warning", "--port", str(port)], dict(os.environ)
+    return [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf_dir), "--dtype",
+            args.dtype, "--served-model-name", SERVED_NAME, "--port", str(port)], {**VLLM_ENV, **os.environ}
+
+
+# -- the report ---------------------------------------------------------------------------
+
+def max_difference(ours: list[list[float]], theirs: list[list[float]]) -> float:
+    return max(abs(a - b) for x, y in zip(ours, theirs, strict=True) for a, b in zip(x, y, strict=True))
+
+
+def cell(results: list[dict]) -> str:
+    tok_s = statistics.median(r["tok_s"] for r in results)
+    threads = results[0]["threads"]
+    told = f", torch {results[0]['torch_threads']}" if "torch_threads" in results[0] else ""
+    return f"{tok_s:,.0f} ({results[0]['dtype']}, {threads} thread{'s' * (threads != 1)} busy{told})"
+
+
+def report(served: dict[str, list[dict]], offline: dict[str, list[dict]], labels: tuple[str, str], args) -> bool:
+    """Print the table and the log-prob checks; whether microvllm's served and offline log-probs agree."""
+    from .vs_nanochat import cpu_name
+    engines = list(served)
+    print(f"\n{cpu_name()}; OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS', 'unset')}; "
+          f"prompt tokens scored a second, median of {args.rounds} round{'s' * (args.rounds != 1)}")
+    header = "| workload | " + " | ".join(engines) + (" | microvllm / vLLM |" if len(engines) > 1 else " |")
+    print(header + "\n|" + "---|" * (header.count("|") - 1))
+    for label, results in zip(labels, (served, offline)):
+        cells = [cell(results[e]) for e in engines]
+        if len(engines) > 1:
+            median = {e: statistics.median(r["tok_s"] for r in results[e]) for e in engines}
+            cells.append(f"{median['microvllm'] / median['vLLM']:.2f}x")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    ours_served, ours_offline = served["microvllm"][0]["logprobs"], offline["microvllm"][0]["logprobs"]
+    agree = ours_served == ours_offline
+    print(f"\nmicrovllm's served log-probs equal its offline ones: {'yes, exactly' if agree else 'NO'} "
+          f"(largest difference {max_difference(ours_served, ours_offline):.3g})")
+    if "vLLM" in engines:
+        for how, results in (("served", served), ("offline", offline)):
+            difference = max_difference(results["microvllm"][0]["logprobs"], results["vLLM"][0]["logprobs"])
+            print(f"largest |microvllm - vLLM| log-prob, {how}: {difference:.3g}")
+    return agree
+
+
+def main(argv=None):
+    from .vs_vllm import MODELS
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vllm-python", help="python of a virtualenv with vllm-cpu installed")
+    parser.add_argument("--shape", choices=("6x384", "d20"), default="6x384", help="the random model")
+    parser.add_argument("--dtype", default="float32", help="every engine's dtype")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts a served request (lm-eval's batch_size)")
+    parser.add_argument("--concurrency", type=int, default=4,
+                        help="served requests in flight (lm-eval's num_concurrent)")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each engine, the order alternating")
+    parser.add_argument("--quick", action="store_true", help="4 contexts (16 prompts): a smoke run")
+    parser.add_argument("--dir", help="where to write the checkpoints (default: a temporary dir)")
+    parser.add_argument("--worker", choices=("ours", "vllm"), help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--workload-file", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        run = offline_ours if args.worker == "ours" else offline_vllm
+        print(json.dumps(run(args.model_dir, json.loads(Path(args.workload_file).read_text()), args.dtype)))
+        return
+
+    from . import local_server
+    from .vs_vllm import both_formats, in_subprocess, write_nanochat
+    root = Path(args.dir or tempfile.mkdtemp(prefix="scoring_"))
+    if args.vllm_python:
+        nanochat_dir, hf_dir = both_formats(root / args.shape, args.shape, args.vllm_python)
+    else:
+        nanochat_dir, hf_dir = root / args.shape / "nanochat", None
+        if not (nanochat_dir / "meta_000000.json").exists():
+            write_nanochat(nanochat_dir, MODELS[args.shape])
+    contexts, per_context, context_lens, continuation_lens = QUICK_WORKLOAD if args.quick else WORKLOAD
+    vocab_size = MODELS[args.shape]["vocab_size"]
+    workload = {"prompts": scoring_prompts(contexts, per_context, context_lens, continuation_lens, vocab_size, 0),
+                "warmup_prompts": scoring_prompts(contexts, per_context, context_lens, continuation_lens,
+                                                  vocab_size, 1)}
+    workload_file = root / ("workload_quick.json" if args.quick else "workload.json")
+    workload_file.write_text(json.dumps(workload))
+    print(f"{len(workload['prompts'])} prompts, {sum(map(len, workload['prompts'])):,} tokens; "
+          f"served: {args.batch_size} prompts a request, {args.concurrency} requests in flight", flush=True)
+
+    labels = (f"(a) served, lm-eval local-completions ({args.batch_size} prompts a request, "
+              f"{args.concurrency} in flight)", "(b) offline, LLM.generate with prompt_logprobs=1")
+    pythons = {"microvllm": (sys.executable, "ours", nanochat_dir)}
+    if args.vllm_python:
+        pythons["vLLM"] = (args.vllm_python, "vllm", hf_dir)
+    served, offline = {e: [] for e in pythons}, {e: [] for e in pythons}
+    for r in range(args.rounds):
+        order = list(pythons) if r % 2 == 0 else list(pythons)[::-1]
+        for engine in order:
+            port = local_server.free_port()
+            command, env = server_command(engine, port, nanochat_dir, hf_dir, args)
+            served[engine].append(run_served(command, port, env, root / f"{engine}-server.log", workload, args))
+            print(f"  served  | {engine:9} round {r}: {served[engine][-1]['tok_s']:8,.0f} tok/s", flush=True)
+        for engine in order:
+            python, worker, model_dir = pythons[engine]
+            offline[engine].append(in_subprocess(python, worker, model_dir, workload_file, args.dtype,
+                                                 module="benchmarks.scoring"))
+            print(f"  offline | {engine:9} round {r}: {offline[engine][-1]['tok_s']:8,.0f} tok/s", flush=True)
+    if not report(served, offline, labels, args):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
