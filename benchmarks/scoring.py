@@ -58,19 +58,27 @@ def scoring_prompts(contexts: int, per_context: int, context_lens: tuple[int, in
     return prompts
 
 
+def request_batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
+    """The prompts' indices as lm-eval's local-completions groups them into requests: the
+    longest prompts first, `batch_size` to a request."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 # -- offline: one engine in a process of its own (python -m benchmarks.scoring --worker) --
 
 def offline_ours(model_dir: str, workload: dict, dtype: str) -> dict:
     import torch
     from microvllm import LLM, SamplingParams
     llm = LLM(model_dir, dtype=dtype)
-    params = SamplingParams(prompt_logprobs=1, max_tokens=1, temperature=0, detokenize=False)
-
-    def score(prompts):
-        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        return [[entry[token].logprob for entry, token in zip(o.prompt_logprobs[1:], p[1:])]
-                for o, p in zip(outputs, prompts)]
-    return dict(timed_offline(score, workload), dtype=str(llm.engine.dtype).removeprefix("torch."),
+    score = lambda prompts: prompt_logprobs(llm, SamplingParams, prompts)
+    result = timed_offline(score, workload)
+    # the served requests' batches, one generate each: the reference the server must equal
+    by_request = [None] * len(workload["prompts"])
+    for batch in workload["batches"]:
+        for i, logprobs in zip(batch, score([workload["prompts"][i] for i in batch])):
+            by_request[i] = logprobs
+    return dict(result, by_request=by_request, dtype=str(llm.engine.dtype).removeprefix("torch."),
                 torch_threads=torch.get_num_threads())
 
 
@@ -81,14 +89,18 @@ def offline_vllm(model_dir: str, workload: dict, dtype: str) -> dict:
     import torch
     from vllm import LLM, SamplingParams
     llm = LLM(model=model_dir, skip_tokenizer_init=True, seed=0, dtype=dtype)
-    params = SamplingParams(prompt_logprobs=1, max_tokens=1, temperature=0, detokenize=False)
-
-    def score(prompts):
-        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        return [[entry[token].logprob for entry, token in zip(o.prompt_logprobs[1:], p[1:])]
-                for o, p in zip(outputs, prompts)]
-    return dict(timed_offline(score, workload), dtype=str(llm.llm_engine.model_config.dtype).removeprefix("torch."),
+    result = timed_offline(lambda prompts: prompt_logprobs(llm, SamplingParams, prompts), workload)
+    return dict(result, dtype=str(llm.llm_engine.model_config.dtype).removeprefix("torch."),
                 torch_threads=torch.get_num_threads())
+
+
+def prompt_logprobs(llm, sampling_params: type, prompts: list[list[int]]) -> list[list[float]]:
+    """Each prompt's token log-probs from its second token on, scored as lm-eval's vllm model
+    scores (microvllm's LLM and SamplingParams, or vLLM's)."""
+    params = sampling_params(prompt_logprobs=1, max_tokens=1, temperature=0, detokenize=False)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [[entry[token].logprob for entry, token in zip(o.prompt_logprobs[1:], p[1:])]
+            for o, p in zip(outputs, prompts)]
 
 
 def timed_offline(score, workload: dict) -> dict:
@@ -103,13 +115,12 @@ def timed_offline(score, workload: dict) -> dict:
 
 # -- served: lm-eval's local-completions requests ----------------------------------------
 
-async def score_served(url: str, prompts: list[list[int]], batch_size: int, concurrency: int) -> list[list[float]]:
+async def score_served(url: str, prompts: list[list[int]], batches: list[list[int]],
+                       concurrency: int) -> list[list[float]]:
     """Each prompt's token log-probs (from its second token on), through /v1/completions as
-    lm-eval's local-completions sends loglikelihood requests: longest prompts first, in
-    batches, a bounded number of requests in flight."""
+    lm-eval's local-completions sends loglikelihood requests: a request per batch,
+    `concurrency` of them in flight."""
     import httpx
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     logprobs: list[list[float]] = [[] for _ in prompts]
     in_flight = asyncio.Semaphore(concurrency)
 
@@ -130,16 +141,22 @@ async def score_served(url: str, prompts: list[list[int]], batch_size: int, conc
     return logprobs
 
 
-def run_served(command: list[str], port: int, env: dict, log_file: Path, workload: dict, args) -> dict:
-    """Start a server, score the warm-up workload and then the timed one through it."""
+def run_served(command: list[str], port: int, env: dict, log_file: Path, workload: dict, args,
+               check: bool) -> dict:
+    """Start a server, score the warm-up workload and then the timed one through it; with
+    `check`, then the timed one again a request at a time (by_request), whose batches the
+    engine computes exactly as offline generate calls of the same prompts."""
     from .local_server import busy_threads, running, thread_cpu_seconds
+    prompts = workload["prompts"]
     with running(command, port, REPO, env, log_file, SERVER_START_S) as (server, url):
-        asyncio.run(score_served(url, workload["warmup_prompts"], args.batch_size, args.concurrency))
+        warmup = workload["warmup_prompts"]
+        asyncio.run(score_served(url, warmup, request_batches(warmup, args.batch_size), args.concurrency))
         before, start = thread_cpu_seconds(server.pid), time.perf_counter()
-        logprobs = asyncio.run(score_served(url, workload["prompts"], args.batch_size, args.concurrency))
+        logprobs = asyncio.run(score_served(url, prompts, workload["batches"], args.concurrency))
         wall = time.perf_counter() - start
         threads = busy_threads(before, thread_cpu_seconds(server.pid), wall)
-    return dict(tok_s=sum(map(len, workload["prompts"])) / wall, logprobs=logprobs, threads=threads,
+        by_request = asyncio.run(score_served(url, prompts, workload["batches"], 1)) if check else None
+    return dict(tok_s=sum(map(len, prompts)) / wall, logprobs=logprobs, by_request=by_request, threads=threads,
                 dtype=args.dtype)
 
 
@@ -166,7 +183,8 @@ def cell(results: list[dict]) -> str:
 
 
 def report(served: dict[str, list[dict]], offline: dict[str, list[dict]], labels: tuple[str, str], args) -> bool:
-    """Print the table and the log-prob checks; whether microvllm's served and offline log-probs agree."""
+    """Print the table and the log-prob checks; whether microvllm's served log-probs equal its offline
+    ones for the same batches (float32 sums, and so the last bits, change with a batch's makeup)."""
     from .vs_nanochat import cpu_name
     engines = list(served)
     print(f"\n{cpu_name()}; OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS', 'unset')}; "
@@ -179,10 +197,13 @@ def report(served: dict[str, list[dict]], offline: dict[str, list[dict]], labels
             median = {e: statistics.median(r["tok_s"] for r in results[e]) for e in engines}
             cells.append(f"{median['microvllm'] / median['vLLM']:.2f}x")
         print(f"| {label} | " + " | ".join(cells) + " |")
-    ours_served, ours_offline = served["microvllm"][0]["logprobs"], offline["microvllm"][0]["logprobs"]
-    agree = ours_served == ours_offline
-    print(f"\nmicrovllm's served log-probs equal its offline ones: {'yes, exactly' if agree else 'NO'} "
-          f"(largest difference {max_difference(ours_served, ours_offline):.3g})")
+    ours_served, ours_offline = served["microvllm"][0], offline["microvllm"][0]
+    agree = ours_served["by_request"] == ours_offline["by_request"]
+    print(f"\nmicrovllm's served log-probs, a request at a time, equal its offline ones for the same batches: "
+          f"{'yes, exactly' if agree else 'NO'} (largest difference "
+          f"{max_difference(ours_served['by_request'], ours_offline['by_request']):.3g})")
+    print(f"microvllm served under load against offline all at once, batches of another makeup: largest "
+          f"difference {max_difference(ours_served['logprobs'], ours_offline['logprobs']):.3g}")
     if "vLLM" in engines:
         for how, results in (("served", served), ("offline", offline)):
             difference = max_difference(results["microvllm"][0]["logprobs"], results["vLLM"][0]["logprobs"])
@@ -226,6 +247,7 @@ def main(argv=None):
     workload = {"prompts": scoring_prompts(contexts, per_context, context_lens, continuation_lens, vocab_size, 0),
                 "warmup_prompts": scoring_prompts(contexts, per_context, context_lens, continuation_lens,
                                                   vocab_size, 1)}
+    workload["batches"] = request_batches(workload["prompts"], args.batch_size)
     workload_file = root / ("workload_quick.json" if args.quick else "workload.json")
     workload_file.write_text(json.dumps(workload))
     print(f"{len(workload['prompts'])} prompts, {sum(map(len, workload['prompts'])):,} tokens; "
@@ -242,7 +264,8 @@ def main(argv=None):
         for engine in order:
             port = local_server.free_port()
             command, env = server_command(engine, port, nanochat_dir, hf_dir, args)
-            served[engine].append(run_served(command, port, env, root / f"{engine}-server.log", workload, args))
+            served[engine].append(run_served(command, port, env, root / f"{engine}-server.log", workload, args,
+                                             check=engine == "microvllm"))
             print(f"  served  | {engine:9} round {r}: {served[engine][-1]['tok_s']:8,.0f} tok/s", flush=True)
         for engine in order:
             python, worker, model_dir = pythons[engine]
