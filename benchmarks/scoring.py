@@ -71,15 +71,8 @@ def offline_ours(model_dir: str, workload: dict, dtype: str) -> dict:
     import torch
     from microvllm import LLM, SamplingParams
     llm = LLM(model_dir, dtype=dtype)
-    score = lambda prompts: prompt_logprobs(llm, SamplingParams, prompts)
-    result = timed_offline(score, workload)
-    # the served requests' batches, one generate each: the reference the server must equal
-    by_request = [None] * len(workload["prompts"])
-    for batch in workload["batches"]:
-        for i, logprobs in zip(batch, score([workload["prompts"][i] for i in batch])):
-            by_request[i] = logprobs
-    return dict(result, by_request=by_request, dtype=str(llm.engine.dtype).removeprefix("torch."),
-                torch_threads=torch.get_num_threads())
+    result = timed_offline(lambda prompts: prompt_logprobs(llm, SamplingParams, prompts), workload)
+    return dict(result, dtype=str(llm.engine.dtype).removeprefix("torch."), torch_threads=torch.get_num_threads())
 
 
 def offline_vllm(model_dir: str, workload: dict, dtype: str) -> dict:
@@ -104,12 +97,18 @@ def prompt_logprobs(llm, sampling_params: type, prompts: list[list[int]]) -> lis
 
 
 def timed_offline(score, workload: dict) -> dict:
+    """The warm-up, a generate call per served request's batch, one after another (its
+    log-probs are `check`); then the timed workload, all in one generate call."""
     from .local_server import busy_threads, thread_cpu_seconds
-    score(workload["warmup_prompts"])
+    warmup = workload["warmup_prompts"]
+    check = [[] for _ in warmup]
+    for batch in workload["warmup_batches"]:
+        for i, logprobs in zip(batch, score([warmup[i] for i in batch])):
+            check[i] = logprobs
     before, start = thread_cpu_seconds(os.getpid()), time.perf_counter()
     logprobs = score(workload["prompts"])
     wall = time.perf_counter() - start
-    return dict(tok_s=sum(map(len, workload["prompts"])) / wall, logprobs=logprobs,
+    return dict(tok_s=sum(map(len, workload["prompts"])) / wall, logprobs=logprobs, check=check,
                 threads=busy_threads(before, thread_cpu_seconds(os.getpid()), wall))
 
 
@@ -141,22 +140,19 @@ async def score_served(url: str, prompts: list[list[int]], batches: list[list[in
     return logprobs
 
 
-def run_served(command: list[str], port: int, env: dict, log_file: Path, workload: dict, args,
-               check: bool) -> dict:
-    """Start a server, score the warm-up workload and then the timed one through it; with
-    `check`, then the timed one again a request at a time (by_request), whose batches the
-    engine computes exactly as offline generate calls of the same prompts."""
+def run_served(command: list[str], port: int, env: dict, log_file: Path, workload: dict, args) -> dict:
+    """Start a server; the warm-up through it a request at a time (its log-probs are `check`:
+    a fresh engine given the same batches in the same order as offline, so the same sums);
+    then the timed workload, `args.concurrency` requests in flight."""
     from .local_server import busy_threads, running, thread_cpu_seconds
     prompts = workload["prompts"]
     with running(command, port, REPO, env, log_file, SERVER_START_S) as (server, url):
-        warmup = workload["warmup_prompts"]
-        asyncio.run(score_served(url, warmup, request_batches(warmup, args.batch_size), args.concurrency))
+        check = asyncio.run(score_served(url, workload["warmup_prompts"], workload["warmup_batches"], 1))
         before, start = thread_cpu_seconds(server.pid), time.perf_counter()
         logprobs = asyncio.run(score_served(url, prompts, workload["batches"], args.concurrency))
         wall = time.perf_counter() - start
         threads = busy_threads(before, thread_cpu_seconds(server.pid), wall)
-        by_request = asyncio.run(score_served(url, prompts, workload["batches"], 1)) if check else None
-    return dict(tok_s=sum(map(len, prompts)) / wall, logprobs=logprobs, by_request=by_request, threads=threads,
+    return dict(tok_s=sum(map(len, prompts)) / wall, logprobs=logprobs, check=check, threads=threads,
                 dtype=args.dtype)
 
 
@@ -198,10 +194,10 @@ def report(served: dict[str, list[dict]], offline: dict[str, list[dict]], labels
             cells.append(f"{median['microvllm'] / median['vLLM']:.2f}x")
         print(f"| {label} | " + " | ".join(cells) + " |")
     ours_served, ours_offline = served["microvllm"][0], offline["microvllm"][0]
-    agree = ours_served["by_request"] == ours_offline["by_request"]
-    print(f"\nmicrovllm's served log-probs, a request at a time, equal its offline ones for the same batches: "
-          f"{'yes, exactly' if agree else 'NO'} (largest difference "
-          f"{max_difference(ours_served['by_request'], ours_offline['by_request']):.3g})")
+    agree = ours_served["check"] == ours_offline["check"]
+    print(f"\nmicrovllm's served log-probs equal its offline ones, the same batches in the same order "
+          f"(the warm-up): {'yes, exactly' if agree else 'NO'} (largest difference "
+          f"{max_difference(ours_served['check'], ours_offline['check']):.3g})")
     print(f"microvllm served under load against offline all at once, batches of another makeup: largest "
           f"difference {max_difference(ours_served['logprobs'], ours_offline['logprobs']):.3g}")
     if "vLLM" in engines:
@@ -247,7 +243,8 @@ def main(argv=None):
     workload = {"prompts": scoring_prompts(contexts, per_context, context_lens, continuation_lens, vocab_size, 0),
                 "warmup_prompts": scoring_prompts(contexts, per_context, context_lens, continuation_lens,
                                                   vocab_size, 1)}
-    workload["batches"] = request_batches(workload["prompts"], args.batch_size)
+    workload |= {name: request_batches(workload[prompts], args.batch_size)
+                 for name, prompts in (("batches", "prompts"), ("warmup_batches", "warmup_prompts"))}
     workload_file = root / ("workload_quick.json" if args.quick else "workload.json")
     workload_file.write_text(json.dumps(workload))
     print(f"{len(workload['prompts'])} prompts, {sum(map(len, workload['prompts'])):,} tokens; "
@@ -264,8 +261,7 @@ def main(argv=None):
         for engine in order:
             port = local_server.free_port()
             command, env = server_command(engine, port, nanochat_dir, hf_dir, args)
-            served[engine].append(run_served(command, port, env, root / f"{engine}-server.log", workload, args,
-                                             check=engine == "microvllm"))
+            served[engine].append(run_served(command, port, env, root / f"{engine}-server.log", workload, args))
             print(f"  served  | {engine:9} round {r}: {served[engine][-1]['tok_s']:8,.0f} tok/s", flush=True)
         for engine in order:
             python, worker, model_dir = pythons[engine]

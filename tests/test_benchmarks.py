@@ -417,4 +417,4 @@ def test_scoring_quick_run_prints_both_workloads_and_the_exact_served_check(tmp_
     out = capsys.readouterr().out
     assert "16 prompts" in out and "CPUs (avx2" in out
     assert "| (a) served, lm-eval local-completions" in out and "| (b) offline, LLM.generate" in out
-    assert "equal its offline ones for the same batches: yes, exactly" in out
+    assert "equal its offline ones, the same batches in the same order (the warm-up): yes, exactly" in out
