@@ -1,11 +1,11 @@
-"""Scoring (prompt log-probs) on the CPU: microvllm against vLLM, served and offline, side by side.
+"""Scoring (prompt log-probs) on the CPU: microvllm against vLLM and nanochat, side by side.
 
 Evaluation harnesses score a model by the log-probs it gives to known continuations, not
-by generating. The workload: vLLM's random nanochat model of vs_vllm.py (6 layers x 384,
-era A; `--shape d20` for nanochat's d20), in float32 on every engine; 40 random contexts
-of 150..400 tokens, each with 4 continuations of 5..20 tokens: 160 prompts, each a
-context and one continuation. Each engine first scores a workload of the same shape
-with other tokens (a warm-up), then the timed one; the engines run one at a time.
+by generating. The workload: the random nanochat model of vs_vllm.py (6 layers x 384,
+era A; `--shape d20` for nanochat's d20), float32 on every engine; 40 random contexts of
+150..400 tokens, each with 4 continuations of 5..20 tokens: 160 prompts, each a context
+and one continuation. Each engine first scores a workload of the same shape with other
+tokens (a warm-up), then the timed one; the engines run one at a time.
 
 (a) served, as lm-eval's `local-completions` model sends loglikelihood requests: POST
     /v1/completions with token-id prompts, `echo: true`, `logprobs: 1`, `max_tokens: 1`,
@@ -13,17 +13,22 @@ with other tokens (a warm-up), then the timed one; the engines run one at a time
     requests in flight; microvllm's server against vLLM's, each at its defaults.
 (b) offline, as lm-eval's `vllm` model scores: `LLM.generate` on token prompts with
     `SamplingParams(prompt_logprobs=1, max_tokens=1, temperature=0, detokenize=False)`.
+(c) with --nanochat-src, CORE: microvllm's `evaluate_core` against nanochat's own
+    `evaluate_task` (imported from the checkout) on each task of a random bundle
+    (core_bundle.py), the same era-E checkpoint of the shape, both in float32.
 
 Prints prompt tokens scored a second, the ratios, the CPU (model, vector extensions) and
 the threads each engine computed on (those busy for at least a quarter of the timed
-pass). It checks that microvllm's served log-probs equal its offline ones exactly, and
-prints the largest difference from vLLM's; it exits 1 if the two of microvllm differ.
+pass). Checks: microvllm's served log-probs equal its offline ones bit for bit where
+both get the same batches in the same order (the warm-up, served a request at a time);
+microvllm's CORE accuracies equal nanochat's; it exits 1 if either fails. It prints the
+largest log-prob difference from vLLM's.
 
-    python -m benchmarks.scoring --vllm-python /path/to/vllm-venv/bin/python
-    python -m benchmarks.scoring --quick     # 4 contexts, for a smoke run
+    python -m benchmarks.scoring --vllm-python /path/to/vllm-venv/bin/python --nanochat-src ~/nanochat
+    python -m benchmarks.scoring --quick     # 16 prompts, 8 CORE examples a task: a smoke run
 
 vLLM lives in a virtualenv of its own (see docs/benchmarks.md); without --vllm-python
-only microvllm runs.
+only microvllm runs (a) and (b). nanochat's dependencies must import here.
 """
 
 import argparse
@@ -44,6 +49,7 @@ WORKLOAD = (40, 4, (150, 400), (5, 20))
 QUICK_WORKLOAD = (4, 4, (150, 400), (5, 20))
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "4"}  # GiB; vLLM's CPU KV cache is sized by this alone
 SERVER_START_S = 600  # vLLM compiles its model at start-up
+CORE_EXAMPLES, QUICK_CORE_EXAMPLES = 100, 8  # per task of core_bundle's four
 
 
 def scoring_prompts(contexts: int, per_context: int, context_lens: tuple[int, int],
@@ -165,6 +171,99 @@ def server_command(engine: str, port: int, nanochat_dir: Path, hf_dir: Path | No
             args.dtype, "--served-model-name", SERVED_NAME, "--port", str(port)], {**VLLM_ENV, **os.environ}
 
 
+# -- CORE: microvllm's evaluate_core against nanochat's evaluate_task ----------------------
+
+def core_ours(model_dir: str, workload: dict, dtype: str) -> dict:
+    import torch
+    from microvllm import LLM
+    from microvllm.core_eval import evaluate_core
+    llm = LLM(model_dir, dtype=dtype)
+    tokens, generate = [], llm.generate  # per evaluate_core call, the prompt tokens it scores
+
+    def counted(prompts, *rest, **kwargs):
+        tokens[-1] += sum(len(p["prompt_token_ids"]) for p in prompts)
+        return generate(prompts, *rest, **kwargs)
+    llm.generate = counted
+
+    def evaluate(bundle: str) -> dict[str, float]:
+        tokens.append(0)
+        return evaluate_core(llm, bundle)["results"]
+    result = timed_core(evaluate, workload)
+    return dict(result, tokens=tokens[-1], dtype=str(llm.engine.dtype).removeprefix("torch."),
+                torch_threads=torch.get_num_threads())
+
+
+def core_nanochat(model_dir: str, workload: dict, dtype: str) -> dict:
+    """nanochat's own evaluate_task on each task, as its base_eval runs CORE (its dtype is
+    its own: float32 on a CPU)."""
+    import torch
+    from microvllm.core_eval import read_bundle
+    from .nanochat_reference import nanochat_engine
+    engine = nanochat_engine(workload["nanochat_src"], model_dir)
+    from nanochat.common import COMPUTE_DTYPE
+    from nanochat.core_eval import evaluate_task
+
+    def evaluate(bundle: str) -> dict[str, float]:
+        return {task.label: evaluate_task(engine.model, engine.tokenizer, task.data, "cpu",
+                                          {"task_type": task.task_type, "num_fewshot": task.num_fewshot,
+                                           "continuation_delimiter": task.continuation_delimiter})
+                for task in read_bundle(bundle)}
+    return dict(timed_core(evaluate, workload), dtype=str(COMPUTE_DTYPE).removeprefix("torch."),
+                torch_threads=torch.get_num_threads())
+
+
+def timed_core(evaluate, workload: dict) -> dict:
+    """The warm-up bundle, then the timed one: each task's accuracy, the wall time, busy threads."""
+    from .local_server import busy_threads, thread_cpu_seconds
+    evaluate(workload["warmup_bundle"])
+    before, start = thread_cpu_seconds(os.getpid()), time.perf_counter()
+    results = evaluate(workload["bundle"])
+    wall = time.perf_counter() - start
+    return dict(wall=wall, results=results, threads=busy_threads(before, thread_cpu_seconds(os.getpid()), wall))
+
+
+def run_core(root: Path, args) -> dict[str, list[dict]]:
+    """(c): one era-E checkpoint of the shape (nanochat HEAD loads no era-A one) through
+    microvllm's evaluate_core and nanochat's evaluate_task, on a random bundle."""
+    from .core_bundle import write_bundle
+    from .vs_nanochat import MODEL, write_checkpoint
+    from .vs_vllm import MODELS, in_subprocess
+    shape = MODELS[args.shape]
+    checkpoint = write_checkpoint(root / args.shape / "nanochat-era-e",
+                                  {**MODEL, **shape, "n_kv_head": shape["n_head"]})
+    examples = QUICK_CORE_EXAMPLES if args.quick else CORE_EXAMPLES
+    workload = {"bundle": str(write_bundle(root / f"bundle-{examples}", examples, seed=0)),
+                "warmup_bundle": str(write_bundle(root / f"bundle-{examples}-warmup", examples, seed=1)),
+                "nanochat_src": str(Path(args.nanochat_src).expanduser().resolve())}
+    workload_file = root / f"core-{examples}.json"
+    workload_file.write_text(json.dumps(workload))
+    runs = {"microvllm": [], "nanochat": []}
+    for r in range(args.rounds):
+        for engine in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            worker = "core-ours" if engine == "microvllm" else "core-nanochat"
+            runs[engine].append(in_subprocess(sys.executable, worker, checkpoint, workload_file, args.dtype,
+                                              module="benchmarks.scoring"))
+            print(f"  CORE    | {engine:9} round {r}: {runs[engine][-1]['wall']:8.2f} s", flush=True)
+    tokens = runs["microvllm"][0]["tokens"]  # the same prompts on both sides
+    for run in runs["microvllm"] + runs["nanochat"]:
+        run["tok_s"] = tokens / run["wall"]
+    return runs
+
+
+def report_core(runs: dict[str, list[dict]], args) -> bool:
+    """Print (c)'s row; whether both engines give every task the same accuracy."""
+    examples = QUICK_CORE_EXAMPLES if args.quick else CORE_EXAMPLES
+    median = {e: statistics.median(r["tok_s"] for r in runs[e]) for e in runs}
+    print("\n| workload | microvllm | nanochat | microvllm / nanochat |\n|---|---|---|---|")
+    print(f"| (c) CORE, evaluate_core against nanochat's evaluate_task ({len(runs['microvllm'][0]['results'])} "
+          f"tasks x {examples} examples, {runs['microvllm'][0]['tokens']:,} prompt tokens) | {cell(runs['microvllm'])} "
+          f"| {cell(runs['nanochat'])} | {median['microvllm'] / median['nanochat']:.2f}x |")
+    ours, theirs = runs["microvllm"][0]["results"], runs["nanochat"][0]["results"]
+    print(f"\nCORE accuracies equal nanochat's on every task: {'yes' if ours == theirs else 'NO'} "
+          + ", ".join(f"{label} {ours[label]:.4f}/{theirs[label]:.4f}" for label in ours))
+    return ours == theirs
+
+
 # -- the report ---------------------------------------------------------------------------
 
 def max_difference(ours: list[list[float]], theirs: list[list[float]]) -> float:
@@ -219,13 +318,14 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=1, help="runs of each engine, the order alternating")
     parser.add_argument("--quick", action="store_true", help="4 contexts (16 prompts): a smoke run")
     parser.add_argument("--dir", help="where to write the checkpoints (default: a temporary dir)")
-    parser.add_argument("--worker", choices=("ours", "vllm"), help=argparse.SUPPRESS)
+    parser.add_argument("--nanochat-src", help="a nanochat checkout: adds CORE, microvllm against nanochat")
+    parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--workload-file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
-        run = offline_ours if args.worker == "ours" else offline_vllm
+        run = WORKERS[args.worker]
         print(json.dumps(run(args.model_dir, json.loads(Path(args.workload_file).read_text()), args.dtype)))
         return
 
@@ -268,9 +368,15 @@ def main(argv=None):
             offline[engine].append(in_subprocess(python, worker, model_dir, workload_file, args.dtype,
                                                  module="benchmarks.scoring"))
             print(f"  offline | {engine:9} round {r}: {offline[engine][-1]['tok_s']:8,.0f} tok/s", flush=True)
-    if not report(served, offline, labels, args):
+    core = run_core(root, args) if args.nanochat_src else None
+    agree = report(served, offline, labels, args)
+    if core is not None:
+        agree = report_core(core, args) and agree
+    if not agree:
         raise SystemExit(1)
 
+
+WORKERS = {"ours": offline_ours, "vllm": offline_vllm, "core-ours": core_ours, "core-nanochat": core_nanochat}
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import gpu_targets, local_server, scoring, vs_vllm, workloads
+from benchmarks import core_bundle, gpu_targets, local_server, scoring, vs_vllm, workloads
 from benchmarks.decode_bandwidth import kv_bytes_per_step, peak_bandwidth_gb_s, weight_bytes_per_step
 from benchmarks.kv_probe import KVUsageProbe
 from benchmarks.metrics import (RequestRecord, kv_utilisation, parse_size, percentile, summarize,
@@ -409,6 +409,22 @@ def test_thread_cpu_seconds_cover_this_process_and_its_children():
     finally:
         child.kill()
         child.wait()
+
+
+def test_core_bundle_has_a_task_of_each_kind_in_nanochats_layout(tmp_path):
+    import yaml
+    bundle = core_bundle.write_bundle(tmp_path / "bundle", examples_per_task=5)
+    tasks = yaml.safe_load((bundle / "core.yaml").read_text())["icl_tasks"]
+    assert sorted(t["icl_task_type"] for t in tasks) == ["language_modeling", "multiple_choice",
+                                                         "multiple_choice", "schema"]
+    fields = {"multiple_choice": {"query", "choices", "gold"}, "schema": {"context_options", "continuation", "gold"},
+              "language_modeling": {"context", "continuation"}}
+    for task in tasks:
+        lines = (bundle / "eval_data" / task["dataset_uri"]).read_text().splitlines()
+        assert len(lines) == 5 and all(json.loads(line).keys() == fields[task["icl_task_type"]] for line in lines)
+    with open(bundle / "eval_meta_data.csv", newline="") as f:
+        baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
+    assert baselines.keys() == {t["label"] for t in tasks}
 
 
 @pytest.mark.slow  # a server and a worker process
