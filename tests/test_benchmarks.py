@@ -427,6 +427,14 @@ def test_core_bundle_has_a_task_of_each_kind_in_nanochats_layout(tmp_path):
     assert baselines.keys() == {t["label"] for t in tasks}
 
 
+@pytest.mark.parametrize("flag", ["--batch-size", "--concurrency", "--rounds"])
+def test_scoring_counts_below_1_exit_2_before_writing_a_checkpoint(flag, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        scoring.main([flag, "0", "--dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and f"{flag} must be an int >= 1" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.slow  # a server and a worker process
 def test_scoring_quick_run_prints_both_workloads_and_the_exact_served_check(tmp_path, capsys):
     scoring.main(["--quick", "--dir", str(tmp_path)])
