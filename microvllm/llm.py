@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .engine.beam_search import BeamSearch
-from .engine.config import EngineConfig
+from .engine.config import EngineConfig, ServedModelConfig
 from .engine.interrupts import interrupts_held
 from .engine.llm_engine import LLMEngine
 from . import unsupported
@@ -53,6 +53,7 @@ class LLM:
             from .distributed.pool import ReplicaPool
             self.engine = ReplicaPool(config, data_parallel_size, cpu_threads_per_replica)
         self.tokenizer = self.engine.tokenizer
+        self.model_config = ServedModelConfig(config.model, self.engine.max_model_len)
         # outputs of add_request() requests that finished while generate() drove the engine
         self._unclaimed_outputs: list[RequestOutput] = []
         self._lock = threading.Lock()  # the engine's queues are not safe to share between threads
@@ -244,7 +245,8 @@ class LLM:
     @property
     def llm_engine(self) -> "EngineRequests":
         """vLLM's LLMEngine request loop: add_request(request_id, prompt, params),
-        abort_request(request_id), step() (streams by default), has_unfinished_requests()."""
+        abort_request(request_id), step() (streams by default), has_unfinished_requests();
+        and its model_config (max_model_len)."""
         return EngineRequests(self)
 
     # -- RL weight refresh --------------------------------------------------------------
@@ -267,7 +269,8 @@ class LLM:
 
 
 class EngineRequests:
-    """`llm.llm_engine`: the request-by-id loop vLLM's LLMEngine offers, over an LLM.
+    """`llm.llm_engine`: the request-by-id loop vLLM's LLMEngine offers, over an LLM,
+    and its model_config.
 
     As in vLLM, a request whose params leave output_kind unset is streamed: step()
     returns its output so far (finished=False) at every step that adds tokens, then the
@@ -296,3 +299,7 @@ class EngineRequests:
 
     def get_tokenizer(self):
         return self._llm.tokenizer
+
+    @property
+    def model_config(self) -> ServedModelConfig:
+        return self._llm.model_config

@@ -19,12 +19,16 @@ after `<|python_end|>`, masked 0, and counts toward max_tokens. Rows end at
 token for token on the same checkpoint in float32. Sampled rows follow microvllm's
 seeding: each row has its own noise, drawn from `seed` and the row's index, so the same
 seed gives the same rows, though not nanochat's (it shares one generator across rows).
+
+`evaluate_core(llm, bundle_dir)`, nanochat's base_eval CORE metric, lives in
+microvllm.core_eval and is importable from here under nanochat's name.
 """
 
 from collections import deque
 from collections.abc import Iterator, Sequence
 from os import PathLike
 
+from .core_eval import evaluate_core  # noqa: F401  (nanochat's name, where its users look)
 from .llm import LLM
 from .outputs import CompletionOutput, RequestOutput
 from .sampling_params import RequestOutputKind, SamplingParams

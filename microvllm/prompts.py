@@ -2,11 +2,25 @@
 facade, against the engine's limits (the engine trusts what it is given)."""
 
 import numbers
+from typing import Required, TypedDict
 
 from .sampling_params import SamplingParams
 from .structured import grammars
 from .tokenizer import Tokenizer
 from .validation import check_type
+
+
+class TextPrompt(TypedDict):
+    """A text prompt, as vLLM's: {"prompt": str}; tokenized with <|bos|> first."""
+    prompt: str
+
+
+class TokensPrompt(TypedDict, total=False):
+    """A prompt of token ids, as vLLM's: {"prompt_token_ids": [int, ...]}, run as given;
+    an optional "prompt" is their text, reported as the output's prompt."""
+    prompt_token_ids: Required[list[int]]
+    prompt: str
+
 
 PROMPT_FORMS = "a str, a {'prompt': str} or {'prompt_token_ids': [int, ...]} dict, or a list of token ids"
 
@@ -24,12 +38,22 @@ def parse_prompt(prompt, tokenizer: Tokenizer) -> tuple[str | None, list[int]]:
     if isinstance(prompt, str):
         return prompt, tokenizer.encode(prompt)
     if isinstance(prompt, dict):
-        if isinstance(prompt.get("prompt"), str):
-            return prompt["prompt"], tokenizer.encode(prompt["prompt"])
-        if isinstance(prompt.get("prompt_token_ids"), (list, tuple)):
-            return None, list(prompt["prompt_token_ids"])
-        raise ValueError(f"a prompt dict needs a str 'prompt' or a list 'prompt_token_ids'; "
-                         f"got {_short_repr(prompt)}")
+        if "prompt_token_ids" not in prompt and not isinstance(prompt.get("prompt"), str):
+            raise ValueError(f"a prompt dict needs a str 'prompt' or a list 'prompt_token_ids'; "
+                             f"got {_short_repr(prompt)}")
+        # vLLM's other keys (multi_modal_data, cache_salt, ...) would change the request: never dropped unread
+        unknown = sorted(set(prompt) - {"prompt", "prompt_token_ids"})
+        if unknown:
+            raise ValueError(f"prompt dict keys {unknown} are not supported: a prompt dict holds 'prompt' "
+                             "(text) and/or 'prompt_token_ids'; nanochat models take text only")
+        text = prompt.get("prompt")
+        if text is not None:
+            check_type("prompt", text, str, "a str")
+        if "prompt_token_ids" not in prompt:
+            return text, tokenizer.encode(text)
+        # as in vLLM, a TokensPrompt's 'prompt' is the text of its ids, which run as given
+        return text, list(check_type("prompt_token_ids", prompt["prompt_token_ids"], (list, tuple),
+                                     "a list of token ids"))
     if isinstance(prompt, (list, tuple)):
         return None, list(prompt)
     raise TypeError(f"a prompt must be {PROMPT_FORMS}; got {type(prompt).__name__}")

@@ -42,6 +42,9 @@ class _SamplingFields:
     frequency_penalty: float = 0.0      # ... in proportion to how often
     logprobs: int | None = None         # top log-probs returned per generated token
     prompt_logprobs: int | None = None  # top log-probs returned per prompt token
+    # the first prompt position whose log-prob is wanted: earlier entries are None, and
+    # their logits are never computed (a scoring request's context)
+    prompt_logprobs_start: int = 0
     skip_special_tokens: bool = True
     detokenize: bool = True             # False: no text (token ids only); stop strings need text
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens
@@ -102,6 +105,9 @@ class _SamplingFields:
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 setattr(self, name, check_int(name, getattr(self, name), 0, MAX_LOGPROBS))
+        self.prompt_logprobs_start = check_int("prompt_logprobs_start", self.prompt_logprobs_start, 0)
+        if self.prompt_logprobs_start and self.prompt_logprobs is None:
+            raise ValueError("prompt_logprobs_start needs prompt_logprobs (an int in [0, 20])")
         check_bool("detokenize", self.detokenize)
         if not self.detokenize and self.stop_strings:
             raise ValueError("stop strings need text: use detokenize=True, or stop_token_ids")

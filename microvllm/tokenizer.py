@@ -16,6 +16,7 @@ import tiktoken
 
 from . import unsupported
 from .tokenizer_json import TokenizerJson
+from .validation import check_bool
 
 SPECIAL_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>",
                   "<|assistant_end|>", "<|python_start|>", "<|python_end|>",
@@ -144,7 +145,14 @@ class Tokenizer:
             "no tokenizer.pkl or tokenizer.json found; looked in " + ", ".join(map(str, searched))
             + ". Pass tokenizer=DIR or set NANOCHAT_BASE_DIR.")
 
-    def encode(self, text: str, prepend_bos: bool = True) -> list[int]:
+    def encode(self, text: str, prepend_bos: bool = True, *, add_special_tokens: bool | None = None) -> list[int]:
+        """Token ids of text, <|bos|> first unless prepend_bos=False. add_special_tokens is
+        transformers' name for prepend_bos: <|bos|> is the only special token a text gets."""
+        if add_special_tokens is not None:
+            if check_bool("add_special_tokens", add_special_tokens) and not prepend_bos:
+                raise ValueError("prepend_bos=False and add_special_tokens=True disagree: add_special_tokens "
+                                 "is transformers' name for prepend_bos; pass one of them")
+            prepend_bos = add_special_tokens
         # special-token text inside user strings stays plain text, as in nanochat
         ids = self.encoding.encode_ordinary(text)
         return [self.bos_id] + ids if prepend_bos else ids

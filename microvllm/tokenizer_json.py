@@ -3,10 +3,11 @@
 A transformers nanochat model ships its tokenizer as a byte-level BPE in
 `tokenizer.json`: the split regex as a pre-tokenizer, each token written as a string
 of stand-in characters (one per byte, GPT-2's byte alphabet), merges in rank order,
-and the special tokens as added tokens. `TokenizerJson` reads one through the
-`tokenizers` library and offers the slice of `tiktoken.Encoding` that `Tokenizer`
-uses; `write_tokenizer_json` and `encoding_from_tokenizer_json` convert between it and
-nanochat's tiktoken `Encoding` (ids are tiktoken ranks, so both forms encode alike).
+the special tokens as added tokens, and (as we write it) a post-processor that puts
+<|bos|> first. `TokenizerJson` reads one through the `tokenizers` library and offers
+the slice of `tiktoken.Encoding` that `Tokenizer` uses; `write_tokenizer_json` and
+`encoding_from_tokenizer_json` convert between it and nanochat's tiktoken `Encoding`
+(ids are tiktoken ranks, so both forms encode alike).
 """
 
 import json
@@ -73,7 +74,11 @@ def _token_string(token: bytes) -> str:
 
 
 def write_tokenizer_json(encoding: tiktoken.Encoding, directory: str | Path) -> None:
-    """Write `encoding` as tokenizer.json and tokenizer_config.json in `directory`."""
+    """Write `encoding` as tokenizer.json and tokenizer_config.json in `directory` (made if missing).
+
+    A transformers tokenizer opened from the dir encodes text as microvllm's text prompts
+    are encoded: <|bos|> first (add_special_tokens=False leaves it out), special-token
+    text kept as text."""
     tokenizers = import_hf("tokenizers")
     special = {t: encoding.encode_single_token(t) for t in encoding.special_tokens_set}
     special_ids = set(special.values())
@@ -96,9 +101,14 @@ def write_tokenizer_json(encoding: tiktoken.Encoding, directory: str | Path) -> 
         if tokenizer.token_to_id(token) != special[token]:
             raise ValueError(f"special token {token} has id {special[token]}, which tokenizer.json "
                              "cannot give it: special tokens must follow the other tokens")
+    if "<|bos|>" in special:  # every text starts a document, as microvllm's text prompts do
+        tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
+            single="<|bos|> $A", pair="<|bos|> $A <|bos|>:1 $B:1", special_tokens=[("<|bos|>", special["<|bos|>"])])
     directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(directory / "tokenizer.json"))
-    # enough for transformers' AutoTokenizer to open the dir
+    # enough for transformers' AutoTokenizer to open the dir; it reads special-token names
+    # in text as those tokens, as the server does with text prompts (vLLM's rule)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
     if "<|bos|>" in special:
         config["bos_token"] = "<|bos|>"

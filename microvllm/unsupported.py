@@ -18,8 +18,9 @@ LLM_ARGS = {
     "tokenizer_mode": (("auto",), "the tokenizer is nanochat's tokenizer.pkl; pass tokenizer=DIR"),
     "skip_tokenizer_init": ((False,), "the tokenizer is always loaded"),
     "tokenizer_revision": ((None,), "tokenizer= is a local dir holding tokenizer.pkl"),
-    "download_dir": ((None,), "model= is a local nanochat checkpoint dir"),
-    "kv_cache_dtype": (("auto",), "the KV cache uses dtype="),
+    "download_dir": ((None,), "hub models download to huggingface_hub's cache; set HF_HUB_CACHE "
+                              "(or HF_HOME) to move it, or pass a local dir as model="),
+    "kv_cache_dtype": (("auto",), "the KV cache holds the model's dtype: choose it with dtype="),
     "swap_space": ((4,), "preempted sequences are recomputed, never swapped; drop the argument"),
     "cpu_offload_gb": ((0,), "the model must fit on its device"),
     "enable_chunked_prefill": ((True, None), "prefill is always chunked; size steps with max_num_batched_tokens"),
@@ -27,6 +28,8 @@ LLM_ARGS = {
     "max_seq_len_to_capture": ((8192,), "decode CUDA graphs cover every length; enforce_eager=True turns them off"),
     "compilation_config": ((None, 0), "use enforce_eager=True to turn CUDA graphs off"),
     "enable_lora": ((False,), "LoRA adapters are not supported"),
+    "max_lora_rank": ((16,), "LoRA adapters are not supported"),
+    "max_loras": ((1,), "LoRA adapters are not supported"),
     "speculative_config": ((None,), "speculative decoding is not supported"),
     "distributed_executor_backend": ((None,), _ONE_DEVICE),
     "disable_log_stats": ((True, False), ""),
@@ -43,7 +46,9 @@ SAMPLING_ARGS = {
     "early_stopping": ((False,), "SamplingParams has no beam search"),
     "guided_decoding": ((None,), "use structured_outputs=StructuredOutputsParams(...)"),
     "logit_bias": ((None,), "add the biases in a logits_processors function"),
-    "spaces_between_special_tokens": ((True,), "special tokens decode as they are"),
+    # vLLM's default True puts spaces between special tokens that are kept in the text
+    "spaces_between_special_tokens": ((False,), "special tokens decode side by side, with no spaces "
+                                                "between them: pass False or leave the argument out"),
     "extra_args": ((None,), "drop the argument"),
 }
 

@@ -17,7 +17,7 @@ LAYERS = [
     ("platform", ["platform"]),
     ("engine", ["engine"]),
     ("scale-out", ["distributed"]),
-    ("facade", ["llm", "prompts", "ray_data", "nanochat", "convert", "__init__"]),
+    ("facade", ["llm", "prompts", "inputs", "ray_data", "nanochat", "core_eval", "convert", "__init__"]),
     ("server", ["serve"]),
 ]
 

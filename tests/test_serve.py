@@ -169,8 +169,8 @@ def test_logprobs_come_in_the_legacy_completions_form(client):
     reply = client.completions.create(model=MODEL, prompt=PROMPTS[0], logprobs=2, **GREEDY)
     logprobs = reply.choices[0].logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.text_offset) == 12
-    # the 2 most likely tokens and the sampled one, by text (tokens that decode alike share one key)
-    assert all(1 <= len(top) <= 3 for top in logprobs.top_logprobs)
+    # the 2 most likely tokens, and the sampled one where it is not among them
+    assert all(2 <= len(top) <= 3 and token in top for token, top in zip(logprobs.tokens, logprobs.top_logprobs))
 
 
 def test_structured_outputs_hold_the_output_to_a_regex_or_a_choice(client):
@@ -272,7 +272,8 @@ def test_an_output_crosses_the_pipe_whole_but_for_the_prompt_text(llm):
     ({"prompt": "x", "n": 9}, "n"),                         # past the server's max_n
     ({"prompt": "x", "logprobs": 21}, "logprobs"),
     ({"prompt": "x", "stop": [""]}, "stop"),
-    ({"prompt": "x", "echo": True}, "echo"),
+    ({"prompt": "x", "echo": "yes"}, "echo"),
+    ({"prompt": "x", "suffix": "!"}, "suffix"),
     ({"prompt": [3.5]}, "prompt"),
     ({"prompt": []}, "prompt"),
     ({"max_tokens": 3}, "prompt"),

@@ -23,6 +23,7 @@ from microvllm.convert import main as convert_main  # noqa: E402
 from microvllm.convert import nanochat_to_transformers, transformers_to_nanochat  # noqa: E402
 from microvllm.tokenizer import Tokenizer  # noqa: E402
 from microvllm.tokenizer_json import TokenizerJson, encoding_from_tokenizer_json, write_tokenizer_json  # noqa: E402
+from microvllm.serve.tokenization import TokenCodec  # noqa: E402
 
 VOCAB = 400  # 256 bytes, 135 two-byte merges, 9 special tokens
 PROMPTS = ["hello world", "The quick brown fox jumps", "a", "1234 5678 90 <|bos|> tail"]
@@ -121,6 +122,36 @@ def test_written_tokenizer_json_matches_transformers_and_tiktoken(tmp_path):
     assert fast.convert_tokens_to_ids("<|assistant_end|>") == encoding.encode_single_token("<|assistant_end|>")
     back = encoding_from_tokenizer_json(tmp_path / "tokenizer.json")
     assert back._mergeable_ranks == encoding._mergeable_ranks and back._special_tokens == encoding._special_tokens
+
+
+BOS_TEXTS = TEXTS + ["na\u00efve caf\u00e9 \u65e5\u672c\u8a9e \U0001F600\U0001F30D", "<|bos|> in the middle <|bos|>"]
+
+
+def test_written_tokenizer_dir_encodes_text_as_the_server_does_bos_first(tmp_path):
+    encoding = tokenizer_with_vocab(VOCAB)
+    write_tokenizer_json(encoding, tmp_path)
+    server, theirs = TokenCodec(Tokenizer(encoding)), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in BOS_TEXTS:
+        assert theirs(text).input_ids == theirs.encode(text) == server.encode(text)
+        assert theirs.encode(text)[0] == theirs.bos_token_id == server.tokenizer.bos_id
+
+
+def test_written_tokenizer_json_file_alone_prepends_bos(tmp_path):
+    import tokenizers
+    encoding = tokenizer_with_vocab(VOCAB)
+    write_tokenizer_json(encoding, tmp_path)
+    server = TokenCodec(Tokenizer(encoding))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    raw = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    for text in BOS_TEXTS:
+        assert fast.encode(text) == raw.encode(text).ids == server.encode(text)
+
+
+def test_write_tokenizer_json_creates_its_missing_dir(tmp_path):
+    directory = tmp_path / "not" / "yet"
+    write_tokenizer_json(tokenizer_with_vocab(VOCAB), directory)
+    assert transformers.AutoTokenizer.from_pretrained(directory).encode("hi") == \
+        Tokenizer(tokenizer_with_vocab(VOCAB)).encode("hi")
 
 
 def test_tokenizer_json_from_transformers_converts_back_to_the_same_tiktoken(tmp_path):

@@ -1,11 +1,13 @@
 """The vLLM-shaped surface: llm_engine's request loop and streaming, get_tokenizer,
-chat prompts, vLLM-only arguments refused by name, and SamplingParams' token shaping."""
+chat prompts, vLLM-only arguments refused by name, SamplingParams' token shaping, and
+the names lm-eval's vllm backend uses (TokensPrompt, model_config, its LLM defaults)."""
 
 import pytest
 import torch
 
-from microvllm import LLM, RequestOutputKind, SamplingParams
-from microvllm.engine.config import EngineConfig
+import microvllm
+from microvllm import LLM, RequestOutputKind, SamplingParams, TextPrompt, TokensPrompt
+from microvllm.engine.config import DEFAULT_MAX_NUM_SEQS, EngineConfig
 
 PROMPT = [1, 2, 3, 4, 5]
 GREEDY = dict(temperature=0, max_tokens=12, ignore_eos=True)
@@ -258,3 +260,77 @@ def test_a_delta_stream_holds_a_cut_character_back_until_it_is_whole(llm):
         held_back += expected != whole
         assert texts[rid] == expected
     assert held_back and len(tokens) == 8
+
+
+# -- the names lm-eval's vllm backend uses ---------------------------------------------
+
+def test_prompt_types_import_where_vllm_code_imports_them():
+    from microvllm.inputs import TextPrompt as InputsTextPrompt, TokensPrompt as InputsTokensPrompt
+    assert (InputsTextPrompt, InputsTokensPrompt) == (microvllm.TextPrompt, microvllm.TokensPrompt)
+    assert TokensPrompt(prompt_token_ids=PROMPT) == {"prompt_token_ids": PROMPT}
+
+
+def test_tokens_and_text_prompts_generate_as_ids_and_text_do(llm):
+    params = SamplingParams(**GREEDY)
+    typed = llm.generate([TokensPrompt(prompt_token_ids=PROMPT), TextPrompt(prompt="hello")], params,
+                         use_tqdm=False, lora_request=None)
+    plain = llm.generate([PROMPT, "hello"], params, use_tqdm=False)
+    assert [o.prompt_token_ids for o in typed] == [PROMPT, llm.get_tokenizer().encode("hello")]
+    assert [o.outputs[0].token_ids for o in typed] == [o.outputs[0].token_ids for o in plain]
+
+
+def test_a_tokens_prompts_text_is_reported_while_its_ids_run(llm):
+    out = llm.generate(TokensPrompt(prompt_token_ids=PROMPT, prompt="five ids"), SamplingParams(**GREEDY),
+                       use_tqdm=False)[0]
+    assert out.prompt == "five ids" and out.prompt_token_ids == PROMPT
+    assert out.outputs[0].token_ids == greedy(llm).outputs[0].token_ids
+
+
+@pytest.mark.parametrize("key", ["multi_modal_data", "cache_salt", "mm_processor_kwargs"])
+def test_prompt_dict_keys_microvllm_lacks_are_refused_by_name(llm, key):
+    with pytest.raises(ValueError, match=rf"prompt dict keys \['{key}'\] are not supported"):
+        llm.generate({"prompt": "hi", key: {}}, SamplingParams(**GREEDY), use_tqdm=False)
+
+
+def test_llm_takes_the_arguments_lm_evals_vllm_backend_passes(checkpoint_dir):
+    llm = LLM(model=checkpoint_dir, revision=None, dtype="auto", tokenizer=None, tokenizer_mode="auto",
+              tokenizer_revision=None, trust_remote_code=False, tensor_parallel_size=1, max_model_len=None,
+              max_num_seqs=None, quantization=None, seed=1234, enable_lora=False, max_lora_rank=16, num_blocks=8)
+    assert llm.generate([PROMPT], SamplingParams(**GREEDY), use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_lora_settings_other_than_vllms_defaults_are_refused_by_name(checkpoint_dir):
+    with pytest.raises(ValueError, match=r"LLM\(max_lora_rank=8\) is not supported: LoRA"):
+        LLM(checkpoint_dir, max_lora_rank=8)
+
+
+def test_max_num_seqs_none_means_the_default():
+    assert EngineConfig(model="unused", max_num_seqs=None).max_num_seqs == DEFAULT_MAX_NUM_SEQS
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        EngineConfig(model="unused", max_num_seqs=0)
+
+
+def test_llm_engine_model_config_holds_the_resolved_max_model_len(llm, checkpoint_dir):
+    assert llm.llm_engine.model_config.max_model_len == 64  # the checkpoint's sequence_len
+    assert llm.llm_engine.model_config is llm.model_config
+    assert llm.model_config.model == str(checkpoint_dir)
+
+
+def test_spaces_between_special_tokens_false_is_accepted_and_true_refused_by_name(llm):
+    params = SamplingParams(**GREEDY, skip_special_tokens=False, spaces_between_special_tokens=False)
+    assert greedy(llm).outputs[0].token_ids == llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match=r"spaces_between_special_tokens=True\) is not supported: special "
+                                         r"tokens decode side by side"):
+        SamplingParams(spaces_between_special_tokens=True)
+
+
+def test_encode_takes_transformers_add_special_tokens_for_prepend_bos(llm):
+    tokenizer = llm.get_tokenizer()
+    assert tokenizer.encode("h\u00e9llo", add_special_tokens=False) == tokenizer.encode("h\u00e9llo", prepend_bos=False)
+    assert tokenizer.encode("h\u00e9llo", add_special_tokens=True) == tokenizer.encode("h\u00e9llo")
+    assert tokenizer.encode("hi")[0] == tokenizer.bos_token_id
+
+
+def test_encode_refuses_prepend_bos_and_add_special_tokens_that_disagree(llm):
+    with pytest.raises(ValueError, match="add_special_tokens is transformers' name for prepend_bos"):
+        llm.get_tokenizer().encode("hi", prepend_bos=False, add_special_tokens=True)

@@ -12,6 +12,18 @@ a later sequence whose tokens hash the same (and whose token ids compare equal) 
 it instead of recomputing. A freed block keeps its hash and waits in the LRU free queue
 until a new allocation evicts it, so a prefix outlives the request that computed it.
 
+Prompt log-probs ride along: a cached block also keeps the prompt log-prob entries of
+its tokens (each a function of the tokens up to it, so of the block's hash), once a
+request has computed them all. A request that asks for prompt log-probs reuses cached
+KV only as far as the entries it still lacks can be read off cached blocks: up to and
+including the first token it computes, whose entry the position before it (reused,
+not computed) predicted.
+
+A sequence whose next block is being computed by another one this step (two prompts
+with the same context, admitted together) waits for it instead of computing it again:
+`cached_prefix` answers None until that block is cached, and the block, once freed,
+outlives never-used ones until the waiting sequence takes it.
+
 Which free block a new allocation takes: by default a never-used block first, so cached
 prefixes are evicted only once the whole cache is in use. With `reuse_freed_first` (the
 platform's choice, where a block's first write is slow) the least recently freed block
@@ -34,6 +46,19 @@ class Block:
     hash: int | None = None
     parent_hash: int | None = None      # kept, with token_ids, to confirm a hash hit
     token_ids: tuple[int, ...] = ()
+    # the prompt log-prob entries of the block's tokens (top `prompt_logprobs_k` each)
+    prompt_logprobs: tuple[dict | None, ...] = ()
+    prompt_logprobs_k: int = -1
+
+    def forget(self) -> None:
+        """Drop what identifies the block's content: it is no longer a cached prefix."""
+        self.hash, self.parent_hash, self.token_ids = None, None, ()
+        self.prompt_logprobs, self.prompt_logprobs_k = (), -1
+
+
+def top_k_entry(entry: dict, token: int, k: int) -> dict:
+    """A prompt log-prob entry kept with more top tokens, cut to the top `k` and `token`."""
+    return {t: logprob for t, logprob in entry.items() if logprob.rank <= k or t == token}
 
 
 def block_hash(parent_hash: int | None, token_ids) -> int:
@@ -51,6 +76,11 @@ class BlockManager:
         self.free_block_queue: OrderedDict[int, None] = OrderedDict()  # freed ones, LRU first
         self.untouched_blocks = list(range(num_blocks - 1, -1, -1))  # popped lowest id first
         self.cached_block_by_hash: dict[int, int] = {}
+        # full blocks allocated but not computed yet: hash -> the sequence computing it
+        self.computing_by_hash: dict[int, Sequence] = {}
+        # of those, the ones a waiting sequence waits for: once computed and freed, they
+        # are evicted after never-used blocks, even where freed ones are reused first
+        self.awaited_hashes: set[int] = set()
 
     @property
     def num_blocks(self) -> int:
@@ -76,14 +106,15 @@ class BlockManager:
             parent = seq.block_hashes[-1] if i else None
             seq.block_hashes.append(block_hash(parent, seq.token_ids[i * bs:(i + 1) * bs]))
 
-    def cached_prefix(self, seq: Sequence) -> list[int]:
-        """Blocks holding the KV of `seq`'s leading full blocks, as far as cached.
+    def cached_prefix(self, seq: Sequence) -> list[int] | None:
+        """Blocks holding the KV of `seq`'s leading full blocks, as far as cached; None
+        while the next of them is being computed by another sequence.
 
         The last token is never covered, so the step that admits `seq` computes at least
         one token and produces its logits.
         """
-        if not self.enable_prefix_caching or seq.request.params.prompt_logprobs is not None:
-            return []  # prompt log-probs need every prompt position computed
+        if not self.enable_prefix_caching:
+            return []
         bs = self.block_size
         max_blocks = (seq.num_tokens - 1) // bs
         self._extend_hashes(seq, max_blocks)
@@ -97,7 +128,41 @@ class BlockManager:
             if block.parent_hash != parent or block.token_ids != tuple(seq.token_ids[i * bs:(i + 1) * bs]):
                 break  # a hash collision: the tokens differ
             hits.append(block_id)
+        if len(hits) < max_blocks and seq.block_hashes[len(hits)] in self.computing_by_hash:
+            self.awaited_hashes.update(h for h in seq.block_hashes[len(hits):max_blocks]
+                                       if h in self.computing_by_hash)
+            return None
+        entries = seq.request.prompt_logprobs
+        if entries is not None and len(entries) < seq.num_prompt_tokens:
+            return hits[:self._fill_prompt_logprobs(seq, hits)]
         return hits
+
+    def _fill_prompt_logprobs(self, seq: Sequence, hits: list[int]) -> int:
+        """How many of the blocks `hits` `seq` may reuse, as its request still lacks some
+        prompt log-prob entries: reusing j blocks, the entries of tokens up to j * bs must
+        come from cached blocks. Appends those entries to the request's."""
+        bs, k, entries = self.block_size, seq.params.prompt_logprobs, seq.request.prompt_logprobs
+        known = len(entries)
+        first_lacking = known // bs  # the first block whose entries are needed
+        while first_lacking < len(hits) and self.blocks[hits[first_lacking]].prompt_logprobs_k >= k:
+            first_lacking += 1
+        # j blocks need block j's entries (token j * bs) unless that token's entry is known
+        reuse = min(len(hits), max(first_lacking - 1, (known - 1) // bs))
+        for t in range(known, reuse * bs + 1):
+            block = self.blocks[hits[t // bs]]
+            entries.append(top_k_entry(block.prompt_logprobs[t % bs], seq.token_ids[t], k))
+        return reuse
+
+    def keep_prompt_logprobs(self, seq: Sequence) -> None:
+        """Keep, on `seq`'s cached full blocks, the prompt log-prob entries its request has
+        for all of their tokens."""
+        entries, k, bs = seq.request.prompt_logprobs, seq.params.prompt_logprobs, self.block_size
+        for i in range(min(len(entries) // bs, seq.num_registered_blocks)):
+            block = self.blocks[seq.block_table[i]]
+            block_entries = entries[i * bs:(i + 1) * bs]
+            if (block.hash == seq.block_hashes[i] and block.prompt_logprobs_k < k
+                    and all(block_entries[1 if i == 0 else 0:])):
+                block.prompt_logprobs, block.prompt_logprobs_k = tuple(block_entries), k
 
     # -- allocation ---------------------------------------------------------------------
 
@@ -115,6 +180,8 @@ class BlockManager:
         seq.block_table = block_table_of(prefix_blocks)
         seq.num_computed_tokens = len(prefix_blocks) * self.block_size
         self.append_slots(seq, num_new_tokens)
+        for h in seq.block_hashes[len(prefix_blocks):]:
+            self.computing_by_hash.setdefault(h, seq)
 
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Give `seq` the blocks its next `num_new_tokens` tokens need; False, taking
@@ -152,6 +219,9 @@ class BlockManager:
         return parent.block_table[num_full], child.block_table[-1]
 
     def free(self, seq: Sequence) -> None:
+        never_computed = seq.block_hashes[seq.num_registered_blocks:]
+        self._done_computing(seq, never_computed)
+        self.awaited_hashes.difference_update(never_computed)
         # tail blocks first: they are the least likely to be shared, so evict them first
         for block_id in reversed(seq.block_table):
             block = self.blocks[block_id]
@@ -165,10 +235,13 @@ class BlockManager:
         block = self.blocks[block_id]
         if block.ref_count == 0:
             del self.free_block_queue[block_id]
+            self.awaited_hashes.discard(block.hash)
         block.ref_count += 1
 
     def _take_free_block(self) -> int:
-        if self.untouched_blocks and not (self.reuse_freed_first and self.free_block_queue):
+        queue = self.free_block_queue
+        if self.untouched_blocks and not (self.reuse_freed_first and queue
+                                          and self.blocks[next(iter(queue))].hash not in self.awaited_hashes):
             block_id = self.untouched_blocks.pop()
             self.blocks[block_id].ref_count = 1
             return block_id
@@ -177,7 +250,8 @@ class BlockManager:
         if block.hash is not None:  # evict the least recently freed cached prefix
             if self.cached_block_by_hash.get(block.hash) == block_id:
                 del self.cached_block_by_hash[block.hash]
-            block.hash, block.parent_hash, block.token_ids = None, None, ()
+            self.awaited_hashes.discard(block.hash)
+            block.forget()
         block.ref_count = 1
         return block_id
 
@@ -203,14 +277,22 @@ class BlockManager:
                 block.hash, block.parent_hash = h, (seq.block_hashes[i - 1] if i else None)
                 block.token_ids = tuple(seq.token_ids[i * bs:(i + 1) * bs])
                 self.cached_block_by_hash[h] = block.block_id
+        self._done_computing(seq, seq.block_hashes[seq.num_registered_blocks:num_full])
         seq.num_registered_blocks = num_full
+
+    def _done_computing(self, seq: Sequence, hashes: list[int]) -> None:
+        for h in hashes:
+            if self.computing_by_hash.get(h) is seq:
+                del self.computing_by_hash[h]
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix (after a weight update its KV is stale). Blocks held
         by running sequences stay theirs, but no later sequence can hit them."""
         self.cached_block_by_hash.clear()
+        self.computing_by_hash.clear()
+        self.awaited_hashes.clear()
         for block in self.blocks:
-            block.hash, block.parent_hash, block.token_ids = None, None, ()
+            block.forget()
         return True
 
     def check_invariants(self, block_tables: list[list[int]]) -> None:

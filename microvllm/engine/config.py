@@ -14,6 +14,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}
 # on CPU, by default: room for max_num_seqs full-length sequences, at most this much
 MAX_DEFAULT_CPU_KV_CACHE_MEMORY = 1024**3
+DEFAULT_MAX_NUM_SEQS = 256
 
 
 @dataclass
@@ -29,7 +30,7 @@ class EngineConfig:
     num_blocks: int | None = None           # None = sized from the memory budget
     kv_cache_memory: int | None = None      # bytes for the KV cache
     gpu_memory_utilization: float = 0.9     # on cuda without kv_cache_memory
-    max_num_seqs: int = 256
+    max_num_seqs: int | None = DEFAULT_MAX_NUM_SEQS  # None (vLLM's "the default") = the same
     max_num_batched_tokens: int = 4096
     max_model_len: int | None = None        # None = the model's sequence_len
     enable_prefix_caching: bool = True
@@ -64,7 +65,8 @@ class EngineConfig:
                                                   "a finite number of bytes >= 1", lambda x: x >= 1))
         self.gpu_memory_utilization = check_real("gpu_memory_utilization", self.gpu_memory_utilization,
                                                  "a number in (0, 1]", lambda x: 0 < x <= 1)
-        self.max_num_seqs = check_int("max_num_seqs", self.max_num_seqs, 1)
+        self.max_num_seqs = (DEFAULT_MAX_NUM_SEQS if self.max_num_seqs is None
+                             else check_int("max_num_seqs", self.max_num_seqs, 1))
         self.max_num_batched_tokens = check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
         if self.max_model_len is not None:
             self.max_model_len = check_int("max_model_len", self.max_model_len, 2)
@@ -106,6 +108,14 @@ class EngineConfig:
         if name in DTYPES or name in DTYPE_ALIASES:
             return DTYPES[DTYPE_ALIASES.get(name, name)]
         raise ValueError(f"unknown dtype {self.dtype!r}; use one of {_dtype_names()}")
+
+
+@dataclass(frozen=True)
+class ServedModelConfig:
+    """vLLM's `llm.llm_engine.model_config`, with the fields microvllm has: the model
+    as the engine runs it, defaults resolved."""
+    model: str
+    max_model_len: int  # prompt and output together
 
 
 def _dtype_names() -> str:

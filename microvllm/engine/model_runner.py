@@ -168,13 +168,15 @@ class ModelRunner:
                 and len(request.prompt_logprobs) < s.seq.num_prompt_tokens)
 
     def _prompt_logprobs(self, s: ScheduledSequence, hidden, first_row: int) -> PromptLogprobs:
-        """Log-probs of the prompt tokens that this chunk's positions predict."""
+        """Log-probs of the prompt tokens that this chunk's positions predict, but for those
+        known already (not asked for, or read from the prefix cache): no logits for them."""
         seq, k = s.seq, s.seq.params.prompt_logprobs
-        start = seq.num_computed_tokens
         # position p predicts prompt token p + 1
-        end = min(start + s.num_new_tokens, seq.num_prompt_tokens - 1)
+        start = max(seq.num_computed_tokens, len(seq.request.prompt_logprobs) - 1)
+        end = min(seq.num_computed_tokens + s.num_new_tokens, seq.num_prompt_tokens - 1)
         if end <= start:
             return PromptLogprobs(seq.request, start + 1, LogprobRows([], [], [], [], []))
+        first_row += start - seq.num_computed_tokens
         targets = to_device(dict(t=np.array(seq.token_ids[start + 1:end + 1])), self.device)["t"]
         chunk_hidden = hidden[first_row:first_row + end - start].split(PROMPT_LOGPROBS_CHUNK)
         tables = [logprob_table(self.model.compute_logits(h), t, k)

@@ -54,7 +54,9 @@ class OutputProcessor:
 
     def add(self, request: Request) -> None:
         if request.params.prompt_logprobs is not None:
-            request.prompt_logprobs = [None]  # the first token has no predecessor
+            # the first token has no predecessor; tokens before the start are not asked for
+            request.prompt_logprobs = [None] * max(1, min(request.params.prompt_logprobs_start,
+                                                          len(request.prompt_token_ids)))
         self.requests[request.request_id] = request
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -103,6 +105,7 @@ class OutputProcessor:
         """Apply what the step decided: plain bookkeeping, nothing that decodes or computes."""
         for request, entries in decisions.prompt_logprobs:
             request.prompt_logprobs += entries
+            self.scheduler.block_manager.keep_prompt_logprobs(request.sequences[0])
         now, final_only = time.time(), RequestOutputKind.FINAL_ONLY  # a local: enum lookups are slow
         tokens = result.sampled.token_ids if result.sampled else ()
         for item, token, update in zip(result.sampled_seqs, tokens, decisions.updates):
@@ -194,6 +197,7 @@ class OutputProcessor:
         # prompt positions are computed in order; a recomputed chunk repeats what is known
         request, rows = chunk.request, chunk.rows
         known = len(request.prompt_logprobs)
+        assert known >= chunk.first_index, "the block manager reuses cached KV only where the entries are known"
         return [self._logprob_entry(rows, i, request.prompt_token_ids[chunk.first_index + i])
                 for i in range(known - chunk.first_index, len(rows.logprobs))]
 

@@ -63,11 +63,13 @@ class Scheduler:
             i += 1
         preempted = self.num_preemptions > num_preemptions
         # a step that had to preempt has no room to admit anyone
+        deferred = []
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             prefix = self._shared_prefix(seq)
-            if prefix is None:
-                break  # a sibling waits until its first sample's prompt is computed
+            if prefix is None:  # it waits for KV another sequence is computing: admit the next
+                deferred.append(self.waiting.popleft())
+                continue
             num_new = min(seq.num_tokens - len(prefix) * self.block_manager.block_size, budget)
             if not self.block_manager.can_allocate(seq, prefix, num_new):
                 break
@@ -81,6 +83,7 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
+        self.waiting.extendleft(reversed(deferred))
         return scheduled
 
     def _append_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
@@ -94,7 +97,8 @@ class Scheduler:
         return True
 
     def _shared_prefix(self, seq: Sequence) -> list[int] | None:
-        """Blocks `seq` can start from: its first sibling's prompt blocks, or cached ones."""
+        """Blocks `seq` can start from: its first sibling's prompt blocks, or cached ones;
+        None while it waits for them to be computed."""
         first = seq.request.sequences[0]
         if first is seq or seq.num_output_tokens or first.status is not SequenceStatus.RUNNING:
             return self.block_manager.cached_prefix(seq)

@@ -3,6 +3,7 @@
 engine_process.py runs the engine in a process of its own, its outputs crossing the pipe
 as wire.py's tuples; async_engine.py hands each request's outputs to its caller (deltas.py
 joins those that queue up); protocol.py reads request bodies into SamplingParams;
+tokenization.py encodes text prompts and names tokens as the server does;
 responses.py builds OpenAI's bodies and stream chunks; api.py holds the routes;
 metrics.py the Prometheus text; cli.py the command line.
 """

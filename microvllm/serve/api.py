@@ -1,4 +1,4 @@
-"""The FastAPI app: OpenAI's routes over an AsyncEngine.
+"""The FastAPI app: OpenAI's routes, and vLLM's tokenizer routes, over an AsyncEngine.
 
 Every error goes back as OpenAI's error JSON ({"error": {"message", "type", "param",
 "code"}}), never as a stack trace, and the server carries on. Bodies are read and
@@ -20,8 +20,10 @@ from ..outputs import RequestOutput
 from .async_engine import AsyncEngine, Call, RequestTimeout, ServerBusy
 from .engine_process import RequestRefused
 from .metrics import prometheus_text
-from .protocol import ApiError, GenerationRequest, ServerLimits, chat_request, completion_request
+from .protocol import (ApiError, GenerationRequest, ServerLimits, chat_request, completion_request,
+                       detokenize_request, tokenize_request)
 from .responses import ChatResponses, CompletionResponses, Responses
+from .tokenization import TokenCodec, tokenizer_info
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ class ServerSettings:
 
 
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
-    tokenizer = engine.info.tokenizer
+    codec = TokenCodec(engine.info.tokenizer)
     limits = ServerLimits(engine.info.max_model_len, engine.info.vocab_size, settings.max_n)
 
     @asynccontextmanager
@@ -60,15 +62,15 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
     @v1.post("/completions")
     async def completions(request: Request):
-        generation = completion_request(await _read_json(request, settings.max_body_bytes), tokenizer, limits)
+        generation = completion_request(await _read_json(request, settings.max_body_bytes), codec, limits)
         return await generate(request, generation, CompletionResponses(
-            settings.model_name, generation.params.n, generation.params.logprobs, tokenizer))
+            settings.model_name, generation.params.n, generation.shape, codec, generation.prompt_texts))
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
-        generation = chat_request(await _read_json(request, settings.max_body_bytes), tokenizer, limits)
+        generation = chat_request(await _read_json(request, settings.max_body_bytes), codec.tokenizer, limits)
         return await generate(request, generation, ChatResponses(
-            settings.model_name, generation.params.n, generation.params.logprobs, tokenizer))
+            settings.model_name, generation.params.n, generation.shape, codec))
 
     async def generate(request: Request, generation: GenerationRequest, responses: Responses):
         if generation.model is not None and generation.model != settings.model_name:
@@ -89,6 +91,21 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         return responses.body(outputs)
 
     app.include_router(v1)
+
+    # vLLM's tokenizer routes, outside /v1 and open as its are: lm-evaluation-harness finds them from the URL
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        tokens = tokenize_request(await _read_json(request, settings.max_body_bytes), codec)
+        return {"count": len(tokens), "max_model_len": limits.max_model_len, "tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        tokens = detokenize_request(await _read_json(request, settings.max_body_bytes), limits)
+        return {"prompt": codec.tokenizer.decode(tokens, skip_special_tokens=False)}
+
+    @app.get("/tokenizer_info")
+    async def get_tokenizer_info():
+        return tokenizer_info(codec, limits.max_model_len)
 
     @app.get("/health")
     async def health():
@@ -149,6 +166,8 @@ async def _read_json(request: Request, max_bytes: int) -> dict:
         parsed = json.loads(body)
     except ValueError as e:
         raise ApiError(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:  # the parser's depth is Python's recursion limit
+        raise ApiError("the request body is nested too deeply to read") from None
     if not isinstance(parsed, dict):
         raise ApiError(f"the request body must be a JSON object, got a {type(parsed).__name__}")
     return parsed

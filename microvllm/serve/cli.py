@@ -23,7 +23,8 @@ ENGINE_FLAG_TYPES = (bool, int, float, str)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="microvllm-serve", description="An OpenAI-compatible server "
-                                     "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics).")
+                                     "(/v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize, "
+                                     "/tokenizer_info, /health, /metrics).")
     parser.add_argument("model", help="a checkpoint dir, a nanochat SOURCE[:TAG] or a hub id, as LLM(model=...)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
