@@ -55,6 +55,7 @@ class OutputProcessor:
         for seq in request.sequences:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
+                request.num_finished_sequences += 1
         request.finished_time = time.time()
         return self.make_output(request)
 
@@ -127,6 +128,7 @@ class OutputProcessor:
             seq.token_ids += update.forced
         if update.finish is not None:
             self.scheduler.finish(seq, *update.finish)
+            request.num_finished_sequences += 1
             if request.is_finished:
                 request.finished_time = now
                 del self.requests[request.request_id]

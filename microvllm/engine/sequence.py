@@ -99,7 +99,7 @@ class Request:
     # a features.RequestFeatures where the request asks for tools, a structured output,
     # stop strings, log-probs or a DELTA stream; None for a plain request
     features: "RequestFeatures | None" = None
-    # kept by Scheduler.finish, so that asking whether the request is done, once per
+    # kept by the output processor, so that asking whether the request is done, once per
     # finished sample, costs O(1) and not O(n)
     num_finished_sequences: int = 0
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 
 from ..cpu.threads import default_cpu_threads
-from ..engine.llm_engine import LLMEngine
 from ..engine.stats import EngineStats
 from ..llm import LLM
 from ..tokenizer import Tokenizer
@@ -114,7 +113,7 @@ def _serve_engine(llm_args: dict, stream_interval: int, commands: Connection, re
         results.send(("failed", e))
         return
     results.send(("ready", EngineInfo(llm.tokenizer, llm.engine.max_model_len, llm.engine.vocab_size,
-                                      isinstance(llm.engine, LLMEngine))))
+                                      llm.engine.streams)))
     inbox = queue.SimpleQueue()
     threading.Thread(target=_read_commands, args=(commands, inbox), daemon=True).start()
     _EngineLoop(llm, inbox, results, stream_interval).run()
