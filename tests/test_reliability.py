@@ -79,7 +79,9 @@ def test_half_precision_long_context_gives_finite_logprobs(checkpoint_dir, dtype
     assert all(torch.isfinite(torch.tensor(e[t].logprob)) for e, t in zip(out.logprobs, out.token_ids))
 
 
-def test_float16_overflow_is_explained(checkpoint_dir):
+def test_float16_overflow_is_explained(checkpoint_dir, monkeypatch):
+    # float16 runs on CUDA; on a CPU it would run as bfloat16, unless kept as here
+    monkeypatch.setattr("microvllm.platform.cpu.runnable_cpu_dtype", lambda dtype: dtype)
     llm = LLM(checkpoint_dir, dtype="float16")
     fc = llm.engine.model.transformer.h[0].mlp.c_fc.weight
     original = fc.clone()

@@ -2,6 +2,8 @@
 chat prompts, vLLM-only arguments refused by name, SamplingParams' token shaping, and
 the names lm-eval's vllm backend uses (TokensPrompt, model_config, its LLM defaults)."""
 
+import logging
+
 import pytest
 import torch
 
@@ -142,7 +144,16 @@ def test_chat_and_generate_take_vllms_defaults_and_refuse_the_rest(llm):
                                          ("FLOAT32", torch.float32), ("bfloat16", torch.bfloat16),
                                          (torch.float16, torch.float16)])
 def test_vllm_dtype_names_are_accepted(dtype, want):
-    assert EngineConfig(model="unused", dtype=dtype).resolve_dtype(torch.float32) is want
+    assert EngineConfig(model="unused", dtype=dtype).named_dtype() is want
+
+
+@pytest.mark.parametrize("dtype", ["half", "float16", torch.float16])
+def test_float16_on_cpu_runs_as_bfloat16_as_in_vllm_and_says_so_once(checkpoint_dir, dtype, caplog):
+    with caplog.at_level(logging.WARNING, logger="microvllm"):
+        llm = LLM(checkpoint_dir, dtype=dtype, num_blocks=8)
+    assert llm.engine.dtype is torch.bfloat16 and next(llm.engine.model.parameters()).dtype is torch.bfloat16
+    said = [r.getMessage() for r in caplog.records if "float16 is not supported on CPU" in r.getMessage()]
+    assert len(said) == 1 and "running bfloat16 instead" in said[0]
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -7,6 +7,7 @@ import torch
 
 from ..model.attention import ATTENTION_BACKENDS
 from ..model.quantization import QUANTIZATIONS
+from ..platform import cpu as cpu_platform
 from ..validation import check_bool, check_choice, check_int, check_real, check_type
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -24,7 +25,8 @@ class EngineConfig:
     step: int | None = None                 # checkpoint step; None = the largest
     revision: str | None = None             # of a hub id: a branch, tag or commit; None = main
     device: str | None = None               # None = cuda if available, else cpu
-    # None = bfloat16 on CUDA and on CPUs with bfloat16 instructions, float32 on other CPUs
+    # None = bfloat16 on CUDA and on CPUs with bfloat16 instructions, float32 on other CPUs;
+    # float16 on a CPU runs as bfloat16
     dtype: str | torch.dtype | None = None
     block_size: int | None = None           # None = the attention backend's default
     num_blocks: int | None = None           # None = sized from the memory budget
@@ -99,9 +101,15 @@ class EngineConfig:
         return device
 
     def resolve_dtype(self, default: torch.dtype) -> torch.dtype:
-        """The dtype asked for; `default` (the platform's) for None or "auto"."""
+        """The dtype the engine runs: the one asked for (float16 on a CPU runs as bfloat16,
+        see platform/cpu.py); `default` (the platform's) for None or "auto"."""
         if self.dtype is None or (isinstance(self.dtype, str) and self.dtype.lower() == "auto"):
             return default
+        dtype = self.named_dtype()
+        return cpu_platform.runnable_cpu_dtype(dtype) if self.resolve_device().type == "cpu" else dtype
+
+    def named_dtype(self) -> torch.dtype:
+        """The torch dtype that `dtype` (not None or "auto") names, in vLLM's names too."""
         if isinstance(self.dtype, torch.dtype) and self.dtype in DTYPES.values():
             return self.dtype
         name = self.dtype.lower() if isinstance(self.dtype, str) else self.dtype  # as vLLM: any case
