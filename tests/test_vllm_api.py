@@ -160,6 +160,10 @@ def test_float16_on_cpu_runs_as_bfloat16_as_in_vllm_and_says_so_once(checkpoint_
     (dict(tensor_parallel_size=2), r"LLM\(tensor_parallel_size=2\) is not supported: microvllm runs"),
     (dict(trust_remote_code=True), "hold no code"),
     (dict(quantization="awq"), "is not one of .int8., .fp8., None"),
+    (dict(kv_cache_dtype="fp8"), r"LLM\(kv_cache_dtype='fp8'\) is not supported: the KV cache holds the model's "
+                                 r"dtype: choose it with dtype=$"),
+    (dict(download_dir="/tmp/x"), r"not supported: hub models download to huggingface_hub's cache; set "
+                                  r"HF_HUB_CACHE \(or HF_HOME\) to move it, or pass a local dir as model=$"),
 ])
 def test_vllm_only_llm_arguments_are_refused_by_name(checkpoint_dir, kwargs, message):
     with pytest.raises(ValueError, match=message):
