@@ -1,6 +1,8 @@
 """`python -m microvllm.serve --help` says what every flag does and what leaving it out
 means: no flag without help, no bare "default: None"."""
 
+import logging
+
 import pytest
 
 pytest.importorskip("uvicorn")
@@ -23,3 +25,33 @@ def test_every_flag_says_what_it_does(action):
 def test_engine_flags_whose_default_is_none_say_what_none_means(flag, says):
     action = next(a for a in FLAGS if flag in a.option_strings)
     assert action.default is None and says in " ".join(action.help.split())
+
+
+@pytest.fixture(scope="module")
+def started(checkpoint_dir):
+    """The app `python -m microvllm.serve` builds, and what it logged while starting."""
+    from microvllm.serve import cli
+    apps, records = [], []
+    handler = logging.Handler()
+    handler.emit = records.append
+    cli.logger.addHandler(handler)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cli.logger, "level", logging.INFO)
+        patch.setattr(cli.uvicorn, "run", lambda app, **settings: apps.append(app))
+        cli.main([str(checkpoint_dir), "--device", "cpu", "--dtype", "float32", "--num-blocks", "40",
+                  "--block-size", "16", "--cpu-threads", "1"])
+    cli.logger.removeHandler(handler)
+    return apps[0], [r.getMessage() for r in records]
+
+
+def test_the_start_up_log_names_the_model_dtype_device_threads_and_kv_cache(started, checkpoint_dir):
+    _, logged = started
+    assert f"loaded model {checkpoint_dir}: float32 on cpu, 1 CPU thread; KV cache: 40 blocks of 16 tokens " \
+           "(640 tokens" in " ".join(logged)
+
+
+def test_metrics_count_every_kv_block_before_the_first_request(started):
+    from fastapi.testclient import TestClient
+    with TestClient(started[0]) as client:
+        text = client.get("/metrics").text
+    assert "microvllm_kv_cache_blocks_total 40\n" in text and "microvllm_kv_cache_blocks_used 0\n" in text

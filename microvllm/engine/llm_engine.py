@@ -98,6 +98,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler, self.max_model_len)
         self.grammars = Grammars(self.tokenizer)
         self.stats = EngineStats()
+        self.stats.record_load(self.scheduler)  # the KV blocks in all, before the first step
         self._request_ids = RequestIds()
         self._forked_block_copies: list[tuple[int, int]] = []
         self._seq_counter = itertools.count()

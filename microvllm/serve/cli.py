@@ -20,6 +20,8 @@ from .api import ServerSettings, build_app
 from .async_engine import AsyncEngine
 from .engine_process import EngineProcess
 
+logger = logging.getLogger(__name__)
+
 ENGINE_FLAG_TYPES = (bool, int, float, str)
 # what each engine flag does, and what leaving it out means where its default is None
 ENGINE_FLAG_HELP = {
@@ -76,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="engine steps whose outputs reach clients together: fewer, larger stream "
                              "chunks, at up to this many steps of extra latency (default 1)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-                        help="the server's and the engine's logging (default info)")
+                        help="the server's logging, uvicorn's included (default info)")
     engine = parser.add_argument_group("engine settings (as LLM's keyword arguments)")
     for field in fields(EngineConfig):
         if field.name != "model":
@@ -110,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                                 args.stream_interval)
     except (TypeError, ValueError, FileNotFoundError) as e:  # a bad model or setting: said as a flag error
         parser.error(str(e))
+    logger.info(f"loaded {process.info.summary}")
     max_running = args.max_num_seqs * args.data_parallel_size
     engine = AsyncEngine(process, max_running + args.max_waiting_seqs, args.request_timeout or None)
     app = build_app(engine, ServerSettings(args.served_model_name or args.model, args.api_key,

@@ -19,8 +19,11 @@ import threading
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 
+import torch
+
 from ..cpu.threads import default_cpu_threads
 from ..engine.llm_engine import LLMEngine
+from ..engine.memory import describe_kv_cache
 from ..engine.stats import EngineStats
 from ..llm import LLM
 from ..tokenizer import Tokenizer
@@ -45,6 +48,8 @@ class EngineInfo:
     max_model_len: int
     vocab_size: int
     streams: bool    # one engine streams outputs; data-parallel replicas return finished ones only
+    stats: EngineStats  # as loaded: the KV blocks in all, before any request
+    summary: str     # the model and how it runs, for the server's start-up log
 
 
 class EngineProcess:
@@ -114,10 +119,21 @@ def _serve_engine(llm_args: dict, stream_interval: int, commands: Connection, re
         results.send(("failed", e))
         return
     results.send(("ready", EngineInfo(llm.tokenizer, llm.engine.max_model_len, llm.engine.vocab_size,
-                                      isinstance(llm.engine, LLMEngine))))
+                                      isinstance(llm.engine, LLMEngine), replace(llm.engine.stats),
+                                      _summary(llm, llm_args["model"]))))
     inbox = queue.SimpleQueue()
     threading.Thread(target=_read_commands, args=(commands, inbox), daemon=True).start()
     _EngineLoop(llm, inbox, results, stream_interval).run()
+
+
+def _summary(llm: LLM, model: str) -> str:
+    engine = llm.engine
+    if not isinstance(engine, LLMEngine):
+        return f"model {model} on {len(engine.replicas)} data-parallel replicas"
+    num_threads = torch.get_num_threads()
+    threads = f", {num_threads} CPU thread{'s' * (num_threads > 1)}" if engine.device.type == "cpu" else ""
+    dtype = str(engine.dtype).removeprefix("torch.")
+    return f"model {model}: {dtype} on {engine.device}{threads}; {describe_kv_cache(engine.kv_cache, engine.device)}"
 
 
 def _read_commands(commands: Connection, inbox: queue.SimpleQueue) -> None:
