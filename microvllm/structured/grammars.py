@@ -44,7 +44,6 @@ class InvalidConstraint(ValueError):
     time and C++ source line it puts in front of them."""
 
     def __init__(self, kind: str, xgrammar_error: str):
-        self.kind = kind
         self.reason = XGRAMMAR_PREFIX.sub("", xgrammar_error.strip().splitlines()[-1])
         super().__init__(f"structured_outputs.{kind} is not valid: {self.reason}")
 
