@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -25,8 +24,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
+from benchmarks import local_server
 from benchmarks.metrics import format_table, percentile
 from benchmarks.workloads import BenchRequest, synthetic_requests
 from microvllm.serve.engine_process import default_engine_threads
@@ -110,39 +108,20 @@ def engine_args(args) -> dict:
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = local_server.free_port()
     command = [sys.executable, "-m", "microvllm.serve", args.model, "--port", str(port), "--log-level", "warning",
                "--served-model-name", args.served_model_name, "--stream-interval", str(args.stream_interval)]
     for name, value in engine_args(args).items():
         command += [f"--{name.replace('_', '-')}", str(value)]
-    server = subprocess.Popen(command, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError("the server exited before it answered /health")
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                return server, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    server.kill()
-    raise TimeoutError("the server did not answer /health within 120 s")
+    return local_server.start(command, port, REPO)
 
 
 def server_cpu_seconds(pid: int) -> dict[str, float]:
     """User and system CPU time of the server's HTTP process and of its engine process (its
     child), all their threads (Linux)."""
     children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    return {"server http": _cpu_seconds(pid), "server engine": sum(_cpu_seconds(c) for c in children)}
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return {"server http": local_server.cpu_seconds(f"/proc/{pid}/stat"),
+            "server engine": sum(local_server.cpu_seconds(f"/proc/{c}/stat") for c in children)}
 
 
 def report(records: list[ClientRecord], wall_s: float, cpu: dict[str, float], offline: tuple | None) -> str:

@@ -39,12 +39,13 @@ Rows = list[list[int]]
 Batches = list[tuple[Rows, Rows]]
 
 
-def write_checkpoint(directory: Path) -> Path:
+def write_checkpoint(directory: Path, model: dict = MODEL) -> Path:
+    """A random era-E (nanochat HEAD) checkpoint of `model`'s config, unless one is there."""
     from microvllm.model.config import ModelConfig
     from .random_checkpoint import random_state_dict, save_checkpoint, tokenizer_with_vocab
     if not (directory / "meta_000000.json").exists():
-        state = random_state_dict(ModelConfig(**MODEL, era="E"), seed=0)
-        save_checkpoint(directory, 0, MODEL, state, tokenizer_with_vocab(MODEL["vocab_size"]))
+        state = random_state_dict(ModelConfig(**model, era="E"), seed=0)
+        save_checkpoint(directory, 0, model, state, tokenizer_with_vocab(model["vocab_size"]))
     return directory
 
 

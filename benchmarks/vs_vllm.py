@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 MODELS = {  # era A, sequence_len 1024
     "6x384": dict(n_layer=6, n_embd=384, n_head=6, vocab_size=512),
     "12x768": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=4096),
+    "d20": dict(n_layer=20, n_embd=1280, n_head=10, vocab_size=65536),  # nanochat's d20, about 560M
 }
 # name: (model, requests, prompt lengths, output lengths)
 WORKLOADS = {
@@ -90,6 +91,24 @@ def check_export(nanochat_dir: Path, hf_dir: Path) -> float:
     return float((ours - check["logits"][:, :ours.shape[1]]).abs().max())
 
 
+def both_formats(directory: Path, name: str, export_python: str) -> tuple[Path, Path]:
+    """The random model `name` of MODELS in `directory`/nanochat and, converted, `directory`/hf
+    (each written unless there already), after checking that transformers' logits, computed
+    by `export_python`, match microvllm's."""
+    nanochat_dir, hf_dir = directory / "nanochat", directory / "hf"
+    if not (nanochat_dir / "meta_000000.json").exists():
+        write_nanochat(nanochat_dir, MODELS[name])
+    if not (hf_dir / CHECK_FILE).exists():
+        from microvllm.convert import nanochat_to_transformers
+        nanochat_to_transformers(nanochat_dir, hf_dir)
+        subprocess.run([export_python, "-m", "benchmarks.vs_vllm", "--worker", "logits",
+                        "--model-dir", str(hf_dir), "--workload-file", str(hf_dir / CHECK_FILE)],
+                       cwd=REPO, check=True)
+    print(f"{name}: transformers export matches microvllm's logits within "
+          f"{check_export(nanochat_dir, hf_dir):.2e}")
+    return nanochat_dir, hf_dir
+
+
 # -- one engine, one process --------------------------------------------------------------
 
 def run_ours(model_dir: str, workload: dict, dtype: str | None) -> dict:
@@ -136,8 +155,10 @@ def _timed(generate, workload: dict) -> dict:
 
 
 def in_subprocess(python: str, engine: str, model_dir: Path, workload_file: Path,
-                  dtype: str | None, repo: Path = REPO) -> dict:
-    command = [python, "-m", "benchmarks.vs_vllm", "--worker", engine, "--model-dir", str(model_dir),
+                  dtype: str | None, repo: Path = REPO, module: str = "benchmarks.vs_vllm") -> dict:
+    """The last JSON line `python -m module --worker engine ...` prints: one engine's run in a
+    process of its own (`module` takes the same worker flags as this one)."""
+    command = [python, "-m", module, "--worker", engine, "--model-dir", str(model_dir),
                "--workload-file", str(workload_file)] + (["--dtype", dtype] if dtype else [])
     # the worker imports microvllm from its repo (the current directory comes first on sys.path)
     done = subprocess.run(command, cwd=repo, capture_output=True, text=True)
@@ -193,19 +214,8 @@ def main(argv=None):
     root = Path(args.dir or tempfile.mkdtemp(prefix="vs_vllm_"))
     chosen = [list(WORKLOADS)[i] for i in (args.workloads if args.workloads is not None else range(len(WORKLOADS)))]
     models = {WORKLOADS[name][0] for name in chosen}
-    export_python = args.vllm_python or sys.executable
     for name in sorted(models):
-        nanochat_dir, hf_dir = root / name / "nanochat", root / name / "hf"
-        if not (nanochat_dir / "meta_000000.json").exists():
-            write_nanochat(nanochat_dir, MODELS[name])
-        if not (hf_dir / CHECK_FILE).exists():
-            from microvllm.convert import nanochat_to_transformers
-            nanochat_to_transformers(nanochat_dir, hf_dir)
-            subprocess.run([export_python, "-m", "benchmarks.vs_vllm", "--worker", "logits",
-                            "--model-dir", str(hf_dir), "--workload-file", str(hf_dir / CHECK_FILE)],
-                           cwd=REPO, check=True)
-        print(f"{name}: transformers export matches microvllm's logits within "
-              f"{check_export(nanochat_dir, hf_dir):.2e}")
+        both_formats(root / name, name, args.vllm_python or sys.executable)
 
     engines = {"microvllm": (sys.executable, "ours", "nanochat", args.dtype, REPO)}
     if args.baseline_repo:

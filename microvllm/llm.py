@@ -1,5 +1,6 @@
 """LLM: the user-facing facade, shaped like vLLM's offline `LLM` class."""
 
+import copy
 import threading
 import time
 from collections.abc import Mapping
@@ -10,6 +11,7 @@ from tqdm.auto import tqdm
 
 from .engine.beam_search import BeamSearch
 from .engine.config import EngineConfig, ServedModelConfig
+from .engine.interface import Engine
 from .engine.interrupts import interrupts_held
 from .engine.llm_engine import LLMEngine
 from . import unsupported
@@ -47,6 +49,7 @@ class LLM:
                  cpu_threads_per_replica: int | None = None, **engine_args):
         engine_args = check_arguments("LLM", engine_args, ENGINE_SETTINGS, unsupported.LLM_ARGS)
         config = EngineConfig(model=model, tokenizer=tokenizer, **engine_args)
+        self.engine: Engine
         if check_int("data_parallel_size", data_parallel_size, 1) == 1:
             self.engine = LLMEngine(config)
         else:  # replicas that look like one engine from here
@@ -54,7 +57,8 @@ class LLM:
             self.engine = ReplicaPool(config, data_parallel_size, cpu_threads_per_replica)
         self.tokenizer = self.engine.tokenizer
         self.model_config = ServedModelConfig(config.model, self.engine.max_model_len)
-        # outputs of add_request() requests that finished while generate() drove the engine
+        # outputs of add_request() requests that came while generate(), beam_search() or
+        # step_request() drove the engine, for the next step()
         self._unclaimed_outputs: list[RequestOutput] = []
         self._lock = threading.Lock()  # the engine's queues are not safe to share between threads
 
@@ -116,9 +120,6 @@ class LLM:
         """
         check_type("params", params, BeamSearchParams, "a BeamSearchParams")
         check_bool("use_tqdm", use_tqdm)
-        if not isinstance(self.engine, LLMEngine):
-            raise ValueError("beam search forks sequences inside one engine, and replicas cannot "
-                             "share them: use data_parallel_size=1 for LLM.beam_search")
         search = BeamSearch(self.engine, params)
         # all checked before any is queued: all or nothing
         parsed = [(text, self._checked(token_ids, search.sampling_params))
@@ -194,21 +195,16 @@ class LLM:
     def add_request(self, prompt, sampling_params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         """Queue one request for step() to run; its output comes back once, finished,
-        unless sampling_params.output_kind asks for a stream."""
-        return self._add_request(prompt, sampling_params, request_id, RequestOutputKind.FINAL_ONLY)
-
-    def _add_request(self, prompt, params: SamplingParams | None, request_id: str | None,
-                     default_kind: RequestOutputKind) -> str:
-        """The one way a single request reaches the engine (LLM.add_request and
-        llm_engine.add_request): parsed and checked here, then queued."""
-        if params is not None:
-            check_type("sampling_params", params, SamplingParams, "a SamplingParams or None")
-        params = params or SamplingParams()
+        unless sampling_params.output_kind asks for a stream. The one way a single request
+        reaches the engine (llm_engine.add_request too): parsed and checked here, then queued."""
+        if sampling_params is not None:
+            check_type("sampling_params", sampling_params, SamplingParams, "a SamplingParams or None")
+        params = sampling_params or SamplingParams()
         text, token_ids = parse_prompt(prompt, self.tokenizer)
         token_ids = self._checked(token_ids, params)
         with self._lock, interrupts_held():
             return self.engine.add_request(text, token_ids, params, request_id,
-                                           params.output_kind or default_kind)
+                                           params.output_kind or RequestOutputKind.FINAL_ONLY)
 
     def step(self) -> list[RequestOutput]:
         """One engine step; returns the requests that finished in it (or since the last step)."""
@@ -230,11 +226,13 @@ class LLM:
             elif output is not None:
                 self._unclaimed_outputs.append(output)
 
-    def return_outputs(self, outputs: list[RequestOutput]) -> None:
-        """Give back outputs a step() caller took but does not own (a driver serving one
-        request among others): the next step() returns them."""
+    def step_request(self, request_id: str) -> list[RequestOutput]:
+        """One engine step for a driver that serves one request among others: the outputs
+        of `request_id` (and any it had waiting); the others' wait for the next step()."""
         with self._lock:
-            self._unclaimed_outputs += outputs
+            outputs = self._unclaimed_outputs + self.engine.step()
+            self._unclaimed_outputs = [o for o in outputs if o.request_id != request_id]
+            return [o for o in outputs if o.request_id == request_id]
 
     # -- vLLM-shaped access -------------------------------------------------------------
 
@@ -282,7 +280,12 @@ class EngineRequests:
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None, **vllm_only) -> str:
         check_arguments("add_request", vllm_only, (), unsupported.ADD_REQUEST_ARGS)
-        return self._llm._add_request(prompt, params, request_id, RequestOutputKind.CUMULATIVE)
+        if params is None:
+            params = SamplingParams(output_kind=RequestOutputKind.CUMULATIVE)
+        elif isinstance(params, SamplingParams) and params.output_kind is None:
+            params = copy.copy(params)  # the caller's stay as they are
+            params.output_kind = RequestOutputKind.CUMULATIVE
+        return self._llm.add_request(prompt, params, request_id)
 
     def abort_request(self, request_id) -> None:
         for r in [request_id] if isinstance(request_id, str) else request_id:

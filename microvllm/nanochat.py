@@ -30,7 +30,7 @@ from os import PathLike
 
 from .core_eval import evaluate_core  # noqa: F401  (nanochat's name, where its users look)
 from .llm import LLM
-from .outputs import CompletionOutput, RequestOutput
+from .outputs import CompletionOutput
 from .sampling_params import RequestOutputKind, SamplingParams
 
 Row = list[int]
@@ -88,7 +88,7 @@ class Engine:
                     yield [t for t, _ in column], [m for _, m in column]
                 if finished:
                     return
-                for output in self._step(request_id):
+                for output in self.llm.step_request(request_id):
                     for completion in output.outputs:
                         pending[completion.index].extend(zip(completion.token_ids, completion.token_masks))
                         ended[completion.index] = completion.finished()
@@ -130,13 +130,6 @@ class Engine:
     @property
     def _end_token(self) -> int:
         return self.llm.tokenizer.special["<|assistant_end|>"]
-
-    def _step(self, request_id: str) -> list[RequestOutput]:
-        """One LLM step; the outputs of `request_id` (other requests' outputs, e.g. another
-        stream's, stay for whoever drives the LLM next)."""
-        outputs = self.llm.step()
-        self.llm.return_outputs([o for o in outputs if o.request_id != request_id])
-        return [o for o in outputs if o.request_id == request_id]
 
     def _abort(self, request_id: str) -> None:
         self.llm.abort(request_id, keep_output=False)  # nobody waits for it

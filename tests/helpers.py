@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from microvllm import LLM, SamplingParams
+from microvllm.arithmetic import cdiv
 from microvllm.engine.cuda_graphs import DecodeGraphs
 from microvllm.engine.kv_cache import DecodeKVView, PagedKVCache, SequenceKVView
 from microvllm.model.attention import SdpaPagedAttention
@@ -111,7 +112,7 @@ def random_step(query_lens, context_lens, block_size, n_kv_head, head_dim, dtype
     """A cache full of random K/V, each sequence's blocks scattered over it, and the view
     of one step; built twice from one seed, so each backend writes into its own copy."""
     gen = torch.Generator().manual_seed(seed)
-    blocks_per_seq = [-(-c // block_size) for c in context_lens]
+    blocks_per_seq = [cdiv(c, block_size) for c in context_lens]
     num_blocks = sum(blocks_per_seq) + 1  # block 0 only pads the block tables
     cache = PagedKVCache(2, num_blocks, block_size, n_kv_head, head_dim, dtype, device)
     cache.k.copy_(torch.randn(cache.k.shape, generator=gen))

@@ -4,15 +4,17 @@ baseline, the KV probe, and test_alpaca.py end to end on a tiny random model."""
 import csv
 import dataclasses
 import json
+import os
 import pickle
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks import gpu_targets, vs_vllm, workloads
+from benchmarks import core_bundle, gpu_targets, local_server, scoring, vs_vllm, workloads
 from benchmarks.decode_bandwidth import kv_bytes_per_step, peak_bandwidth_gb_s, weight_bytes_per_step
 from benchmarks.kv_probe import KVUsageProbe
 from benchmarks.metrics import (RequestRecord, kv_utilisation, parse_size, percentile, summarize,
@@ -372,3 +374,71 @@ def test_decode_kernel_benchmark_times_a_small_shape():
         pytest.skip("no C compiler for the CPU kernels")
     ns, gb_s = time_kernel((2, 40, 4, 2, 64), torch.bfloat16)
     assert ns > 0 and gb_s > 0
+
+
+# -- scoring ------------------------------------------------------------------------------
+
+def test_scoring_prompts_are_each_context_followed_by_its_continuations():
+    prompts = scoring.scoring_prompts(3, 4, (10, 20), (2, 5), 100, seed=0)
+    assert len(prompts) == 12 and prompts == scoring.scoring_prompts(3, 4, (10, 20), (2, 5), 100, seed=0)
+    for c in range(3):
+        group = prompts[4 * c:4 * c + 4]
+        context = next(n for n in range(len(group[0])) if len({tuple(p[:n + 1]) for p in group}) > 1)
+        assert 10 <= context <= 20
+        assert all(2 <= len(p) - context <= 5 and max(p) < 100 for p in group)
+    assert len({tuple(prompts[4 * c][:10]) for c in range(3)}) == 3
+
+
+def test_scoring_requests_hold_the_longest_prompts_first_batch_size_to_a_request():
+    prompts = [[0] * n for n in (3, 9, 5, 7, 1)]
+    assert scoring.request_batches(prompts, 2) == [[1, 3], [2, 0], [4]]
+
+
+def test_busy_threads_are_those_that_ran_a_share_of_the_wall_time():
+    before = {(1, 1): 0.0, (1, 2): 5.0}
+    after = {(1, 1): 0.5, (1, 2): 5.1, (2, 3): 0.3}  # thread (2, 3) started between the snapshots
+    assert local_server.busy_threads(before, after, wall_s=1.0) == 2
+
+
+def test_thread_cpu_seconds_cover_this_process_and_its_children():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        seconds = local_server.thread_cpu_seconds(os.getpid())
+        assert {pid for pid, _ in seconds} == {os.getpid(), child.pid}
+        assert (os.getpid(), threading.get_native_id()) in seconds
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_core_bundle_has_a_task_of_each_kind_in_nanochats_layout(tmp_path):
+    import yaml
+    bundle = core_bundle.write_bundle(tmp_path / "bundle", examples_per_task=5)
+    tasks = yaml.safe_load((bundle / "core.yaml").read_text())["icl_tasks"]
+    assert sorted(t["icl_task_type"] for t in tasks) == ["language_modeling", "multiple_choice",
+                                                         "multiple_choice", "schema"]
+    fields = {"multiple_choice": {"query", "choices", "gold"}, "schema": {"context_options", "continuation", "gold"},
+              "language_modeling": {"context", "continuation"}}
+    for task in tasks:
+        lines = (bundle / "eval_data" / task["dataset_uri"]).read_text().splitlines()
+        assert len(lines) == 5 and all(json.loads(line).keys() == fields[task["icl_task_type"]] for line in lines)
+    with open(bundle / "eval_meta_data.csv", newline="") as f:
+        baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
+    assert baselines.keys() == {t["label"] for t in tasks}
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--concurrency", "--rounds"])
+def test_scoring_counts_below_1_exit_2_before_writing_a_checkpoint(flag, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        scoring.main([flag, "0", "--dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and f"{flag} must be an int >= 1" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow  # a server and a worker process
+def test_scoring_quick_run_prints_both_workloads_and_the_exact_served_check(tmp_path, capsys):
+    scoring.main(["--quick", "--dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "16 prompts" in out and "CPUs (avx2" in out
+    assert "| (a) served, lm-eval local-completions" in out and "| (b) offline, LLM.generate" in out
+    assert "equal its offline ones, the same batches in the same order (the warm-up): yes, exactly" in out

@@ -3,6 +3,7 @@
 from hypothesis import example, given, settings, strategies as st
 
 from microvllm import SamplingParams
+from microvllm.arithmetic import cdiv
 from microvllm.engine.block_manager import BlockManager
 from microvllm.engine.scheduler import Scheduler
 from microvllm.engine.sequence import Request, Sequence, SequenceStatus
@@ -47,7 +48,7 @@ workloads = st.fixed_dictionaries({
 def test_random_workloads_keep_invariants_and_finish(w):
     max_len = 48
     bs = w["block_size"]
-    num_blocks = -(-max_len // bs) + w["extra_blocks"]
+    num_blocks = cdiv(max_len, bs) + w["extra_blocks"]
     bm = BlockManager(num_blocks, bs, w["caching"], w["reuse_freed_first"])
     scheduler = Scheduler(bm, w["max_num_seqs"], w["max_tokens_per_step"])
     prefixes = [[], [1, 2, 3, 4, 5, 6, 7, 8], [9] * 12, [1, 2, 3, 4]]
@@ -95,7 +96,7 @@ def test_random_workloads_keep_invariants_and_finish(w):
                     scheduler.finish(seq, "abort")
         check(scheduler)
     assert bm.num_used_blocks == 0
-    assert all(r.is_finished for r in requests)
+    assert all(s.is_finished for r in requests for s in r.sequences)
     assert all(len(s.output_token_ids) == s.params.max_tokens
                for r in requests for s in r.sequences if s.finish_reason == "length")
 

@@ -10,7 +10,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "microvllm"
 # lower layers first; a module may import its own layer and the layers before it
 LAYERS = [
-    ("shared", ["outputs", "sampling_params", "validation", "unsupported", "extras", "tokenizer",
+    ("shared", ["arithmetic", "outputs", "sampling_params", "validation", "unsupported", "extras", "tokenizer",
                 "tokenizer_json", "tools", "structured"]),
     ("model", ["model"]),
     ("cpu", ["cpu"]),

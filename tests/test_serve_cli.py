@@ -29,25 +29,32 @@ def test_engine_flags_whose_default_is_none_say_what_none_means(flag, says):
 
 @pytest.fixture(scope="module")
 def started(checkpoint_dir):
-    """The app `python -m microvllm.serve` builds, and what it logged while starting."""
+    """The app `python -m microvllm.serve --dtype half` builds, and the records it logged while starting."""
     from microvllm.serve import cli
     apps, records = [], []
     handler = logging.Handler()
     handler.emit = records.append
-    cli.logger.addHandler(handler)
+    package = logging.getLogger("microvllm")
+    package.addHandler(handler)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cli.logger, "level", logging.INFO)
+        patch.setattr(package, "level", logging.INFO)
         patch.setattr(cli.uvicorn, "run", lambda app, **settings: apps.append(app))
-        cli.main([str(checkpoint_dir), "--device", "cpu", "--dtype", "float32", "--num-blocks", "40",
-                  "--block-size", "16", "--cpu-threads", "1"])
-    cli.logger.removeHandler(handler)
-    return apps[0], [r.getMessage() for r in records]
+        patch.setenv("OMP_NUM_THREADS", "1")  # the engine's threads come from it, and are logged too
+        cli.main([str(checkpoint_dir), "--device", "cpu", "--dtype", "half", "--num-blocks", "40",
+                  "--block-size", "16"])
+    package.removeHandler(handler)
+    return apps[0], records
 
 
 def test_the_start_up_log_names_the_model_dtype_device_threads_and_kv_cache(started, checkpoint_dir):
-    _, logged = started
-    assert f"loaded model {checkpoint_dir}: float32 on cpu, 1 CPU thread; KV cache: 40 blocks of 16 tokens " \
-           "(640 tokens" in " ".join(logged)
+    logged = "\n".join(r.getMessage() for r in started[1])
+    assert f"loaded {checkpoint_dir}" in logged and "CPU threads: 1" in logged
+    assert f"{checkpoint_dir}: bfloat16 on cpu; KV cache: 40 blocks of 16 tokens (640 tokens" in logged
+
+
+def test_the_engine_process_start_up_warnings_reach_the_server_log_once(started):
+    assert [r.name for r in started[1] if "float16 is not supported on CPU" in r.getMessage()] \
+        == ["microvllm.platform.cpu"]
 
 
 def test_metrics_count_every_kv_block_before_the_first_request(started):

@@ -168,6 +168,7 @@ BAD_STATE_DICTS = {
     "unexpected key": lambda sd, key: {**sd, "transformer.h.0.attn.c_z.weight": sd[key]},
     "wrong shape": lambda sd, key: {**sd, key: sd[key][..., :-1]},
     "int dtype": lambda sd, key: {**sd, key: sd[key].long()},
+    "meta tensor": lambda sd, key: {**sd, key: sd[key].to("meta")},
 }
 
 

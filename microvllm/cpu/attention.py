@@ -7,7 +7,7 @@ key and value once, where it lies, so a decode step's attention costs a fraction
 that. Prefill chunks do enough arithmetic per key that the gather does not matter;
 they stay on SDPA.
 
-The kernel is one of microvllm's C kernels (`cpu_kernels.py`: built on first use,
+The kernel is one of microvllm's C kernels (`kernels.py`: built on first use,
 called through ctypes, which releases the GIL, so a batch is split across torch's
 thread count). Where they cannot be built, the `auto` backend stays on SDPA.
 """

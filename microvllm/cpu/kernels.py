@@ -4,8 +4,9 @@ Three sources make one library: `paged_decode.c` (decode attention over the page
 cache, used by the `cpu` attention backend), `fused_ops.c` (the forward's RMSNorm and
 rotary embedding in one pass each, used by `CpuOps`) and `sampling_noise.c` (the
 sampler's noise, used by the CPU platform). All are plain C with no torch headers: the
-system compiler (`CC`, else `cc`) builds them for this CPU in about a second, into `~/.cache/microvllm` (or `MICROVLLM_CACHE`) under a hash of the sources,
-flags and CPU, so later processes only load the file. ctypes releases the GIL around
+system compiler (`CC`, else `cc`) builds them for this CPU in about a second, into
+`~/.cache/microvllm` (or `MICROVLLM_CACHE`) under a hash of the sources, flags and CPU,
+so later processes only load the file. ctypes releases the GIL around
 each call, which lets the attention kernel split a batch across threads.
 
 Where no compiler is found or the build fails, `load_library()` is None and the engine

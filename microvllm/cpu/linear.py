@@ -3,8 +3,8 @@
 torch's bfloat16 `F.linear` on the CPU hands oneDNN the weight in its plain layout, and
 oneDNN reorders it into the blocked layout its AMX / AVX-512 BF16 kernels read on every
 call: at decode, with a few dozen rows, that reorder is most of the matmul. Packing each
-weight into that layout once removes it (the 6x384 model's matmuls at 32 rows: 1.4-2x
-faster; a decode step about 10%). The arithmetic is the same, so are the outputs.
+weight into that layout once removes it (measured in docs/performance.md, "The CPU
+kernels"). The arithmetic is the same, so are the outputs.
 
 Only where the CPU has bfloat16 instructions (avx512_bf16 or amx_bf16): elsewhere
 oneDNN has no bfloat16 kernels to pack for.
@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..arithmetic import cdiv
 from .kernels import cpu_flags
 
 # the row count oneDNN tunes the packed layout for: decode batches (any count works)
@@ -33,7 +34,7 @@ def padded_rows(rows: int) -> int:
     at most 64 sizes up to 8,192 rows, at most 12.5% of padding above 64 rows (below,
     the matmul reads weights more than rows, so the padding is nearly free)."""
     granule = max(8, 1 << max(0, (rows - 1).bit_length() - 4))
-    return -(-rows // granule) * granule
+    return cdiv(rows, granule) * granule
 
 
 @functools.cache

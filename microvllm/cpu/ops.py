@@ -2,7 +2,7 @@
 
 Same contract as `gpt.TorchOps`. torch runs RMSNorm as five kernels and rotary-then-norm
 of q or k as about a dozen; at decode, rows are short and each kernel's cost is mostly
-its call, so one pass per row pays (a 6x384 bfloat16 decode step: 0.95x the time).
+its call, so one pass per row pays (measured in docs/performance.md, "The CPU kernels").
 """
 
 import torch

@@ -1,8 +1,8 @@
 """ReplicaPool: N engine replicas on Ray, driven by the LLM facade as if they were one engine.
 
-It offers the engine's interface (add_request, step, abort_request,
-has_unfinished_requests, stats), so `LLM.generate` shards a batch by adding requests
-and stepping as it always does:
+It implements the engine interface (engine/interface.py), so `LLM.generate` shards a
+batch by adding requests and stepping as it always does; it neither streams nor forks
+(a request's sequences live in a replica's process):
 - add_request draws the request's seed here, in call order, from the same seed RNG a
   single engine would use, so sharding never changes which seed a request gets: greedy
   and seeded outputs equal a single engine's;
@@ -28,6 +28,7 @@ import torch
 from ray.exceptions import RayActorError, RayTaskError
 
 from ..engine.config import EngineConfig
+from ..engine.interface import Engine
 from ..engine.sequence import RequestIds
 from ..engine.stats import EngineStats
 from ..outputs import RequestOutput
@@ -59,7 +60,10 @@ class _Request:
         return request_id, self.prompt, self.prompt_token_ids, self.params
 
 
-class ReplicaPool:
+class ReplicaPool(Engine):
+    streams = False
+    forks = None
+
     def __init__(self, config: EngineConfig, data_parallel_size: int,
                  cpu_threads_per_replica: int | None = None, step_budget_s: float = DEFAULT_STEP_BUDGET_S):
         check_int("data_parallel_size", data_parallel_size, 1)
@@ -89,7 +93,7 @@ class ReplicaPool:
         self._request_ids = RequestIds()
         self._seed_rng = random.Random(config.seed)
 
-    # -- the engine's interface ---------------------------------------------------------
+    # -- the engine interface ------------------------------------------------------------
 
     def add_request(self, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
                     request_id: str | None = None,
@@ -127,6 +131,7 @@ class ReplicaPool:
         return [out for out in finished if self._forget(out.request_id)]
 
     def abort_request(self, request_id: str) -> None:
+        """Its final output stays in the replica: None."""
         request = self.requests.get(str(request_id))
         if request is not None and request.sent and self.replicas[request.replica] is not None:
             self.replicas[request.replica].abort.remote(str(request_id))

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from ..outputs import BeamSearchOutput, BeamSearchSequence, Logprob, RequestOutput
 from ..sampling_params import BeamSearchParams, SamplingParams
-from .llm_engine import LLMEngine
+from .interface import Engine
 from .sequence import Sequence
 
 
@@ -51,8 +51,12 @@ class _Prompt:
 
 
 class BeamSearch:
-    def __init__(self, engine: LLMEngine, params: BeamSearchParams):
+    def __init__(self, engine: Engine, params: BeamSearchParams):
+        if engine.forks is None:
+            raise ValueError("beam search forks sequences inside one engine, and replicas cannot "
+                             "share them: use data_parallel_size=1 for LLM.beam_search")
         self.engine = engine
+        self.forks = engine.forks
         self.params = params
         self.eos_token_ids = engine.tokenizer.eos_token_ids
         # EOS and max_tokens are the search's business, not the engine's
@@ -64,7 +68,7 @@ class BeamSearch:
         """Start a search from a prompt the facade has checked against sampling_params."""
         request_id = self.engine.add_request(prompt, prompt_token_ids, self.sampling_params)
         steps = min(self.params.max_tokens, self.engine.max_model_len - len(prompt_token_ids))
-        root = _Beam(list(prompt_token_ids), [], 0.0, self.engine.sequences(request_id)[0])
+        root = _Beam(list(prompt_token_ids), [], 0.0, self.forks.sequences(request_id)[0])
         self.prompts.append(_Prompt(request_id, root.seq.seed, steps, [root]))
 
     @property
@@ -106,7 +110,7 @@ class BeamSearch:
             seq = beam.seq
             if beam.candidates is None and seq is not None and seq.num_tokens > len(beam.tokens):
                 # the search, not the sampler, picks the next token
-                beam.candidates = self.engine.take_back_last_token(seq)
+                beam.candidates = self.forks.take_back_last_token(seq)
         if all(beam.candidates is not None for beam in prompt.live):
             self._select(prompt)
         else:
@@ -143,12 +147,12 @@ class BeamSearch:
     def _sequence_for(self, prompt: _Prompt, child: _Beam) -> Sequence:
         parent = child.parent.seq
         if parent is not None and parent.num_tokens < len(child.tokens):
-            self.engine.append_token(parent, child.tokens[-1])  # the first child carries on in place
+            self.forks.append_token(parent, child.tokens[-1])  # the first child carries on in place
             return parent
-        return self.engine.fork(prompt.request_id, child.tokens, parent, prompt.seed)
+        return self.forks.fork(prompt.request_id, child.tokens, parent, prompt.seed)
 
     def _give_back(self, prompt: _Prompt, beam: _Beam) -> None:
-        self.engine.release(beam.seq)
+        self.forks.release(beam.seq)
         beam.seq = None
 
     def _score(self, beam) -> float:

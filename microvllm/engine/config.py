@@ -8,6 +8,7 @@ import torch
 from ..model.attention import ATTENTION_BACKENDS
 from ..model.quantization import QUANTIZATIONS
 from ..platform import cpu as cpu_platform
+from ..platform import pick_device
 from ..validation import check_bool, check_choice, check_int, check_real, check_type
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -85,20 +86,7 @@ class EngineConfig:
         check_choice("quantization", self.quantization, QUANTIZATIONS + (None,))
 
     def resolve_device(self) -> torch.device:
-        name = str(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise ValueError(f"unknown device {name!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"device {name!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} asked for, but CUDA is not available here; use 'cpu'")
-        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r} asked for, but this machine has "
-                             f"{torch.cuda.device_count()} CUDA device(s): use 'cuda:0' .. "
-                             f"'cuda:{torch.cuda.device_count() - 1}'")
-        return device
+        return pick_device(self.device)
 
     def resolve_dtype(self, default: torch.dtype) -> torch.dtype:
         """The dtype the engine runs: the one asked for (float16 on a CPU runs as bfloat16,

@@ -14,20 +14,19 @@ addresses, so:
 - attention is the backend's decode twin, which keeps lengths on the device and reads
   block tables as wide as max_model_len needs.
 
-Graphs are captured largest first into one shared memory pool, after the KV cache is
-allocated. `capture` is injectable: CPU tests run the same static-buffer path eagerly.
+Graphs are captured largest first into one shared memory pool (the platform's
+graph_capture), after the KV cache is allocated. `capture` is injectable: CPU tests run
+the same static-buffer path eagerly.
 """
-
-from typing import Callable
 
 import numpy as np
 import torch
 
 from ..model.gpt import GPT
+from ..platform import platform_for
+from ..platform.base import Capture
+from ..arithmetic import cdiv
 from .kv_cache import DecodeKVView, PagedKVCache
-
-# capture(forward) -> replay; replay() returns what forward() returned, recomputed
-Capture = Callable[[Callable[[], torch.Tensor]], Callable[[], torch.Tensor]]
 
 # the five per-token rows of the static input buffer, in order
 INPUT_ROWS = ("input_ids", "positions", "prev_ids", "slot_mapping", "context_lens")
@@ -38,33 +37,12 @@ def capture_batch_sizes(max_num_seqs: int) -> list[int]:
     return sizes + [max_num_seqs]
 
 
-def cuda_graph_capture() -> Capture:
-    pool = torch.cuda.graph_pool_handle()
-
-    def capture(forward):
-        # a warm-up outside the recording compiles kernels and sets up library
-        # workspaces, which a graph cannot record
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            forward()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            output = forward()
-
-        def replay():
-            graph.replay()
-            return output
-        return replay
-    return capture
-
-
 class DecodeGraphs:
     def __init__(self, model: GPT, kv_cache: PagedKVCache, decode_attention: type, max_num_seqs: int,
                  max_model_len: int, device: torch.device, capture: Capture | None = None):
         n, bs = max_num_seqs, kv_cache.block_size
-        table_width = -(-max_model_len // bs)
+        table_width = cdiv(max_model_len, bs)
+        platform = platform_for(device)
         self.batch_sizes = capture_batch_sizes(max_num_seqs)
         padding_slot = kv_cache.padding_block * bs
         # what a padding row holds: token 0 at position 0, alone in the padding block
@@ -73,12 +51,11 @@ class DecodeGraphs:
 
         # one flat int64 buffer on each side, so a step is one copy
         flat_size = len(INPUT_ROWS) * n + n * table_width
-        pinned = device.type == "cuda"
-        self.host = torch.empty(flat_size, dtype=torch.int64, pin_memory=pinned)
+        self.host = platform.host_buffer(flat_size)
         self.device_buffer = torch.empty(flat_size, dtype=torch.int64, device=device)
         # the step's copy runs while the host goes on; the host waits for it to finish
         # before rewriting the buffer it reads from (None on CPU: copies are done at once)
-        self.copy_done = torch.cuda.Event() if pinned else None
+        self.copy_done = platform.copy_fence()
         self.host_arrays = self._split(self.host.numpy(), n, table_width)
         device_arrays = self._split(self.device_buffer, n, table_width)
         self._fill_padding(0, n)
@@ -89,7 +66,7 @@ class DecodeGraphs:
             view = DecodeKVView(kv_cache, a["slot_mapping"], a["block_tables"], a["context_lens"])
             return model(a["input_ids"], a["positions"], a["prev_ids"], decode_attention(view))
 
-        capture = capture or cuda_graph_capture()
+        capture = capture or platform.graph_capture()
         try:
             with torch.inference_mode():
                 self.replays = {size: capture(lambda size=size: forward(size))

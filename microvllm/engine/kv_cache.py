@@ -15,17 +15,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..platform.base import Platform
+
+
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device | str, allocate=None):
-        """`allocate(shape, dtype)`: a zero-filled pool (the platform's kv_pool); default
-        torch.zeros on `device`."""
+        """`allocate(shape, dtype)`: a zero-filled pool, the platform's kv_pool (by default
+        the base platform's, torch.zeros on `device`)."""
         # one block past those the BlockManager hands out takes the K/V that padded
         # rows of a fixed-size batch write, so they land where no sequence reads
         shape = (num_layers, num_blocks + 1, block_size, num_kv_heads, head_dim)
-        # zeros, not empty: padded reads of unused slots are masked out, but a NaN there
-        # would still poison the attention output (0 * NaN = NaN)
-        allocate = allocate or (lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=device))
+        allocate = allocate or Platform(torch.device(device)).kv_pool
         self.k, self.v = allocate(shape, dtype), allocate(shape, dtype)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.padding_block = num_blocks

@@ -1,11 +1,10 @@
 """LLMEngine: requests in, one scheduled forward per step, finished outputs out.
 
-The engine interface is the only door its drivers use (the LLM facade and its
-streaming, beam search, Ray replicas): `add_request` queues a request the facade has
-checked; `step` schedules, runs the model once and hands the sampled tokens to the
-output processor, which appends them, applies the stop rules and returns the outputs
-due; `abort_request` drops a request and frees its blocks at once; beam search adds
-`sequences`, `take_back_last_token`, `append_token`, `fork` and `release`.
+It implements the engine interface (interface.py), the only door its drivers use:
+`add_request` queues a request the facade has checked; `step` schedules, runs the
+model once and hands the sampled tokens to the output processor, which appends them,
+applies the stop rules and returns the outputs due; `abort_request` drops a request
+and frees its blocks at once; beam search holds sequences through `forks` (forks.py).
 
 A step is all or nothing. Scheduling and the closing bookkeeping are short and hold
 Ctrl-C back until they are done (`interrupts_held`); everything slow in between (the
@@ -25,7 +24,7 @@ import xxhash
 
 from ..model.sources import load_model_and_tokenizer
 from ..model.weights import load_weights
-from ..outputs import Logprob, RequestOutput
+from ..outputs import RequestOutput
 from ..platform import platform_for
 from ..sampling_params import RequestOutputKind, SamplingParams
 from ..structured.grammars import Grammars
@@ -34,6 +33,8 @@ from . import logits_processors
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
+from .forks import SequenceForks
+from .interface import Engine
 from .interrupts import interrupts_held
 from .kv_cache import PagedKVCache
 from .memory import describe_kv_cache, num_kv_blocks
@@ -47,7 +48,9 @@ from .stats import EngineStats, StepTimer
 logger = logging.getLogger(__name__)
 
 
-class LLMEngine:
+class LLMEngine(Engine):
+    streams = True
+
     def __init__(self, config: EngineConfig):
         self.config = config
         self.device = config.resolve_device()
@@ -72,7 +75,7 @@ class LLMEngine:
         self.vocab_size = model_config.vocab_size
 
         graphs = platform.uses_decode_graphs(config.enforce_eager, attention_backend.name, self.max_model_len)
-        num_blocks = num_kv_blocks(config, self.model, self.device, self.dtype, self.max_model_len,
+        num_blocks = num_kv_blocks(config, self.model, platform, self.dtype, self.max_model_len,
                                    self.block_size, attention_backend.decode if graphs else None)
         capacity = num_blocks * self.block_size
         if capacity < self.max_model_len:
@@ -86,7 +89,8 @@ class LLMEngine:
             model_config.n_layer, self.block_size, model_config.n_kv_head, model_config.head_dim, self.dtype))
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching,
                                           reuse_freed_first=platform.reuse_freed_blocks_first)
-        logger.info(describe_kv_cache(self.kv_cache, self.device))
+        logger.info(f"{config.model}: {str(self.dtype).removeprefix('torch.')} on {self.device}; "
+                    + describe_kv_cache(self.kv_cache, platform))
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         decode_graphs = None
         if graphs:
@@ -94,17 +98,17 @@ class LLMEngine:
                                          config.max_num_seqs, self.max_model_len, self.device)
         sampler = Sampler(self.tokenizer.eos_token_ids, platform.argmax, platform.sampling_noise)
         self.runner = ModelRunner(self.model, self.kv_cache, attention_backend, sampler, self.device, decode_graphs,
-                                  StepTimer(self.device) if config.step_timing else None)
+                                  StepTimer(platform.device_clock) if config.step_timing else None)
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler, self.max_model_len)
         self.grammars = Grammars(self.tokenizer)
         self.stats = EngineStats()
         self.stats.record_load(self.scheduler)  # the KV blocks in all, before the first step
         self._request_ids = RequestIds()
-        self._forked_block_copies: list[tuple[int, int]] = []
         self._seq_counter = itertools.count()
+        self.forks = SequenceForks(self.scheduler, self.output_processor, self.kv_cache, self._seq_counter)
         self._seed_rng = random.Random(config.seed)
 
-    # -- the engine interface: what the facade, streaming, beam search and replicas call --
+    # -- the engine interface (interface.py) ---------------------------------------------
 
     def add_request(self, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
                     request_id: str | None = None,
@@ -147,7 +151,7 @@ class LLMEngine:
         and of streamed requests that got tokens in it."""
         step_start = time.perf_counter()
         with interrupts_held():
-            self._copy_forked_blocks()
+            self.forks.copy_forked_blocks()
             scheduled = self.scheduler.schedule()
         if scheduled:
             result = self.runner.execute(scheduled)
@@ -159,50 +163,6 @@ class LLMEngine:
         elif self.scheduler.has_unfinished():
             raise RuntimeError("no request could be scheduled although some are waiting")
         return self.output_processor.take_outputs()
-
-    # -- what beam search adds: sequences it forks, extends and releases by hand ----------
-
-    def sequences(self, request_id: str) -> list[Sequence]:
-        """The live sequences of an unfinished request (beam search's handles)."""
-        return list(self.output_processor.requests[request_id].sequences)
-
-    def take_back_last_token(self, seq: Sequence) -> dict[int, Logprob]:
-        """Remove the token `seq` sampled last, for the caller to choose instead; returns
-        the candidates it was sampled from (its log-prob entry)."""
-        seq.token_ids.pop()
-        return seq.logprobs.pop()
-
-    def append_token(self, seq: Sequence, token: int) -> None:
-        """Give `seq` its next token: it is computed, and the one after sampled, next step."""
-        seq.token_ids.append(token)
-
-    def fork(self, request_id: str, token_ids: list[int], parent: Sequence | None, seed: int) -> Sequence:
-        """A new sequence of the request holding `token_ids`: it starts from `parent`'s
-        computed KV (full blocks shared, the partial last one copied before the next
-        forward) where the scheduler has room, else it is queued and recomputed, mostly
-        from the prefix cache. Its output positions count from the request's prompt."""
-        request = self.output_processor.requests[request_id]
-        seq = Sequence(next(self._seq_counter), request, len(request.sequences), list(token_ids), seed)
-        seq.num_prompt_tokens = len(request.prompt_token_ids)  # the sampling noise is keyed by output positions
-        request.sequences.append(seq)
-        if parent is not None and self.scheduler.can_fork(parent):
-            copy = self.scheduler.fork(parent, seq)
-            if copy is not None:
-                self._forked_block_copies.append(copy)
-        else:
-            self.scheduler.add(seq)
-        return seq
-
-    def release(self, seq: Sequence) -> None:
-        """Drop one sequence of a request and free its blocks; the request carries on."""
-        self.scheduler.finish(seq, "abort")
-        seq.request.sequences.remove(seq)
-        seq.request.num_finished_sequences -= 1
-
-    def _copy_forked_blocks(self) -> None:
-        if self._forked_block_copies:  # one batched copy for all of the last step's forks
-            self.kv_cache.copy_blocks(*zip(*self._forked_block_copies))
-            self._forked_block_copies = []
 
     # -- what an RL trainer adds: new policy weights between rollouts ----------------------
 

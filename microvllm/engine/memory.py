@@ -1,6 +1,7 @@
 """How many KV blocks the engine gets, and a line describing the memory they take.
 
-In order of precedence: `num_blocks`; `kv_cache_memory` bytes; on CUDA, what
+In order of precedence: `num_blocks`; `kv_cache_memory` bytes; on CUDA (a platform
+that sizes the KV cache by free memory), what
 `gpu_memory_utilization` of the card leaves once the weights, everything else already
 on the card (the CUDA context, other processes), the peak of the costliest eager step
 (the largest forward, then the sampler with every option on max_num_seqs rows and a
@@ -15,8 +16,10 @@ import os
 
 import torch
 
+from ..arithmetic import cdiv
 from ..model.attention import DenseCausalAttention
 from ..model.gpt import GPT
+from ..platform import Platform, cuda
 from ..sampling_params import MAX_LOGPROBS, SamplingParams
 from .config import MAX_DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
 from .kv_cache import DecodeKVView, PagedKVCache
@@ -31,22 +34,22 @@ PREFIX_CACHE_HEADROOM = 2
 logger = logging.getLogger(__name__)
 
 
-def num_kv_blocks(config: EngineConfig, model: GPT, device: torch.device, dtype: torch.dtype,
+def num_kv_blocks(config: EngineConfig, model: GPT, platform: Platform, dtype: torch.dtype,
                   max_model_len: int, block_size: int, decode_attention: type | None = None) -> int:
     """`decode_attention` is the decode twin when decode steps will replay CUDA graphs."""
-    mc = model.config
+    mc, device = model.config, platform.device
     per_block = PagedKVCache.bytes_per_block(mc.n_layer, block_size, mc.n_kv_head, mc.head_dim, dtype)
     if config.num_blocks is not None or config.kv_cache_memory is not None:
         asked = config.num_blocks or max(config.kv_cache_memory // per_block, 1)
         # refused here rather than by an allocator that may kill the process later
-        if asked * per_block > device_memory_bytes(device):
+        if asked * per_block > platform.memory_bytes():
             raise ValueError(f"a KV cache of {asked} blocks takes {asked * per_block / GIB:.1f} "
-                             f"GiB, more than the {device_memory_bytes(device) / GIB:.1f} GiB of memory "
+                             f"GiB, more than the {platform.memory_bytes() / GIB:.1f} GiB of memory "
                              f"on {device}: lower num_blocks or kv_cache_memory")
     if config.num_blocks is not None:
         return config.num_blocks
-    blocks_for_all_seqs = config.max_num_seqs * -(-max_model_len // block_size)
-    if config.kv_cache_memory is None and device.type != "cuda":
+    blocks_for_all_seqs = config.max_num_seqs * cdiv(max_model_len, block_size)
+    if config.kv_cache_memory is None and not platform.sizes_kv_cache_by_free_memory:
         return cpu_kv_blocks(config.max_num_seqs, max_model_len, block_size, per_block)
     budget = (config.kv_cache_memory if config.kv_cache_memory is not None
               else gpu_bytes_for_kv_cache(config, model, device, max_model_len, decode_attention, block_size))
@@ -62,38 +65,23 @@ def num_kv_blocks(config: EngineConfig, model: GPT, device: torch.device, dtype:
     return num_blocks
 
 
-def device_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 @torch.inference_mode()
 def gpu_bytes_for_kv_cache(config: EngineConfig, model: GPT, device: torch.device, max_model_len: int,
                            decode_attention: type | None = None, block_size: int = 16) -> int:
     """What gpu_memory_utilization of the card leaves for the KV cache, once the memory
     already in use, the peak of the costliest eager step and, when decode steps replay
     CUDA graphs (`decode_attention` given), the graphs' private pool are counted."""
-    torch.cuda.empty_cache()
-    free, total = torch.cuda.mem_get_info(device)
-    activations = _peak_bytes(device, lambda: _costliest_step(config, model, device, max_model_len))
+    free, total = cuda.free_memory(device)
+    activations = cuda.peak_bytes(device, lambda: _costliest_step(config, model, device, max_model_len))
     graph_pool = 0
     if decode_attention is not None:
         # the largest graph's forward, run eagerly over a cache of one sequence, made first
         view = _largest_decode_view(config, model, device, model.lm_head.weight.dtype, max_model_len, block_size)
         ids = torch.zeros(config.max_num_seqs, dtype=torch.long, device=device)
-        graph_pool = _peak_bytes(device, lambda: model(ids, ids + max_model_len - 1, ids, decode_attention(view)))
+        graph_pool = cuda.peak_bytes(device, lambda: model(ids, ids + max_model_len - 1, ids, decode_attention(view)))
         del view
-    torch.cuda.empty_cache()
+    cuda.free_memory(device)  # the profiled runs' blocks go back to the card, for the KV cache
     return int(total * config.gpu_memory_utilization - (total - free) - activations - graph_pool)
-
-
-def _peak_bytes(device: torch.device, run) -> int:
-    """Peak bytes that `run()` allocates beyond what it keeps (it keeps nothing)."""
-    torch.cuda.reset_peak_memory_stats(device)
-    allocated_before = torch.cuda.memory_allocated(device)
-    run()
-    return torch.cuda.max_memory_allocated(device) - allocated_before
 
 
 def _costliest_step(config: EngineConfig, model: GPT, device: torch.device, max_model_len: int) -> None:
@@ -101,7 +89,7 @@ def _costliest_step(config: EngineConfig, model: GPT, device: torch.device, max_
     then, beside its hidden states, the sampler at its costliest on max_num_seqs rows and
     one chunk of prompt log-probs."""
     seq_len = min(config.max_num_batched_tokens, max_model_len)
-    num_seqs = -(-config.max_num_batched_tokens // seq_len)
+    num_seqs = cdiv(config.max_num_batched_tokens, seq_len)
     ids = torch.zeros(num_seqs * seq_len, dtype=torch.long, device=device)
     positions = torch.arange(seq_len, device=device).repeat(num_seqs)
     hidden = model(ids, positions, ids - 1, DenseCausalAttention(num_seqs))
@@ -128,21 +116,18 @@ def _largest_decode_view(config: EngineConfig, model: GPT, device: torch.device,
     """The largest captured graph's batch: max_num_seqs decodes at max_model_len, all
     reading the blocks of one sequence."""
     mc, n = model.config, config.max_num_seqs
-    width = -(-max_model_len // block_size)
+    width = cdiv(max_model_len, block_size)
     cache = PagedKVCache(mc.n_layer, width, block_size, mc.n_kv_head, mc.head_dim, dtype, device)
     return DecodeKVView(cache, torch.full((n,), cache.padding_block * block_size, device=device),
                         torch.arange(width, device=device).repeat(n, 1),
                         torch.full((n,), max_model_len, device=device))
 
 
-def describe_kv_cache(kv_cache: PagedKVCache, device: torch.device) -> str:
+def describe_kv_cache(kv_cache: PagedKVCache, platform: Platform) -> str:
     kv_bytes = kv_cache.k.nbytes + kv_cache.v.nbytes
-    line = (f"KV cache: {kv_cache.num_blocks} blocks of {kv_cache.block_size} tokens "
-            f"({kv_cache.num_blocks * kv_cache.block_size} tokens, {kv_bytes / GIB:.2f} GiB)")
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        line += f"; GPU memory in use: {(total - free) / GIB:.1f} of {total / GIB:.1f} GiB ({1 - free / total:.0%})"
-    return line
+    return (f"KV cache: {kv_cache.num_blocks} blocks of {kv_cache.block_size} tokens "
+            f"({kv_cache.num_blocks * kv_cache.block_size} tokens, {kv_bytes / GIB:.2f} GiB)"
+            + platform.describe_memory())
 
 
 def cpu_kv_blocks(max_num_seqs: int, max_model_len: int, block_size: int, bytes_per_block: int) -> int:
@@ -151,7 +136,7 @@ def cpu_kv_blocks(max_num_seqs: int, max_model_len: int, block_size: int, bytes_
     the RAM available now: a block takes RAM from its first use on, and a long run
     (prefix caching keeps freed blocks) ends up using them all. Never less than one
     full-length sequence."""
-    blocks_per_seq = -(-max_model_len // block_size)
+    blocks_per_seq = cdiv(max_model_len, block_size)
     cap = min(MAX_DEFAULT_CPU_KV_CACHE_MEMORY, available_ram() // 4) // bytes_per_block
     return min(max_num_seqs * blocks_per_seq, max(cap, blocks_per_seq))
 

@@ -69,6 +69,7 @@ class OutputProcessor:
         for seq in request.sequences:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
+                request.num_finished_sequences += 1
         request.finished_time = time.time()
         return self.make_output(request)
 
@@ -137,6 +138,7 @@ class OutputProcessor:
             seq.text = update.text
         if update.finish is not None:
             self.scheduler.finish(seq, *update.finish)
+            request.num_finished_sequences += 1
             if request.is_finished:
                 request.finished_time = now
                 del self.requests[request.request_id]

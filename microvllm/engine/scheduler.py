@@ -147,5 +147,4 @@ class Scheduler:
         else:
             return
         seq.status = SequenceStatus.FINISHED
-        seq.request.num_finished_sequences += 1
         seq.finish_reason, seq.stop_reason = reason, stop_reason

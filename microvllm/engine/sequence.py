@@ -109,7 +109,7 @@ class Request:
     bad_word_ids: list[tuple[int, ...]] = field(default_factory=list)  # see logits_processors.py
     output_kind: object = None          # a RequestOutputKind: what step() reports as it runs
     tool_calls: object = None           # a tools.ToolCalls where the request uses tools
-    # kept by Scheduler.finish, so that asking whether the request is done, once per
+    # kept by the output processor, so that asking whether the request is done, once per
     # finished sample, costs O(1) and not O(n)
     num_finished_sequences: int = 0
 

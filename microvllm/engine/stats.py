@@ -4,8 +4,7 @@ opt-in per-step timing."""
 
 import time
 from dataclasses import dataclass
-
-import torch
+from typing import Callable
 
 
 @dataclass
@@ -67,24 +66,14 @@ class EngineStats:
 
 
 class StepTimer:
-    """Device time from start() to stop(): CUDA events on CUDA (stop waits for the
-    work queued before it), wall time on the CPU, where the host does the work."""
+    """Device time from start() to stop(), on the platform's clock (Platform.device_clock)."""
 
-    def __init__(self, device: torch.device):
-        self.on_cuda = device.type == "cuda"
-        self._start = None
+    def __init__(self, device_clock: Callable[[], Callable[[], float]]):
+        self.device_clock = device_clock
+        self.elapsed: Callable[[], float] | None = None
 
     def start(self) -> None:
-        if self.on_cuda:
-            self._start = torch.cuda.Event(enable_timing=True)
-            self._start.record()
-        else:
-            self._start = time.perf_counter()
+        self.elapsed = self.device_clock()
 
     def stop(self) -> float:
-        if not self.on_cuda:
-            return time.perf_counter() - self._start
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
-        end.synchronize()
-        return self._start.elapsed_time(end) / 1e3
+        return self.elapsed()

@@ -7,6 +7,7 @@ used; `loader.detect_era` tells them apart from the state-dict keys and shapes.
 
 from dataclasses import dataclass, field
 
+from ..arithmetic import cdiv
 from ..validation import check_int, check_real, check_type
 
 
@@ -56,7 +57,7 @@ class ModelConfig:
             check_int(f"model_config.{name}", getattr(self, name), 1)
         check_int("padded_vocab_size", self.padded_vocab_size, 0)
         if self.padded_vocab_size == 0:
-            object.__setattr__(self, "padded_vocab_size", -(-self.vocab_size // 64) * 64)
+            object.__setattr__(self, "padded_vocab_size", cdiv(self.vocab_size, 64) * 64)
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError(f"n_embd={self.n_embd} must divide by n_head={self.n_head}, "
                              f"and n_head by n_kv_head={self.n_kv_head}")
@@ -83,7 +84,7 @@ class ModelConfig:
         if spec.short_window_divisor == 0:
             return [None] * self.n_layer
         if spec.round_short_window:  # ceil(ceil(S / divisor) / 128) * 128, as nanochat
-            short_window = -(-long_window // spec.short_window_divisor // 128) * 128
+            short_window = cdiv(cdiv(long_window, spec.short_window_divisor), 128) * 128
         else:
             short_window = long_window // spec.short_window_divisor
         pattern = self.window_pattern.upper()

@@ -6,9 +6,9 @@ position and the id of the token before it (-1 at position 0, for smear). How to
 attend to each other (a KV cache, or plain causal attention for training and reference
 runs) is the `attention` callable's business: the model knows nothing of scheduling.
 
-Parameter names match nanochat's state dict so checkpoints load as they are. The
-forward math of every era is in `../shared/docs/nanochat-format.md`; era constants are
-in `config.py`.
+Parameter names match nanochat's state dict so checkpoints load as they are. What
+differs between nanochat's eras (which parts a checkpoint has, its constants) is read
+from the checkpoint in `config.py`; the forward below computes every era's math.
 """
 
 from typing import Callable

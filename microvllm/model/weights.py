@@ -69,6 +69,9 @@ def check_weights(slots: Mapping[str, WeightSlot], state_dict: Mapping) -> dict[
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"state dict key {key} holds a {type(value).__name__}, expected a tensor "
                              f"of shape {tuple(slot.shape)}")
+        if value.is_meta:
+            raise ValueError(f"state dict key {key} is a meta tensor, which holds no data: give "
+                             "the weights themselves (materialise the model before taking its state dict)")
         if not value.is_floating_point():
             raise ValueError(f"state dict key {key} has dtype {value.dtype}, expected a floating point "
                              "dtype (it is cast to the engine's)")

@@ -39,6 +39,7 @@ def runnable_cpu_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class CpuPlatform(Platform):
+    name = "cpu"
     # the cache's pages are committed on first write, and a first write costs page faults:
     # reusing the blocks a run has touched keeps RAM at the workload's peak, at the price
     # of fewer prefixes of finished requests staying cached
@@ -50,16 +51,14 @@ class CpuPlatform(Platform):
     def start(self, cpu_threads: int | None) -> None:
         apply_cpu_threads(cpu_threads)
 
-    def auto_attention_backend(self, dtype: torch.dtype) -> str:
-        return "cpu" if cpu_kernels_available(dtype) else "sdpa"
+    def cannot_run(self, name: str, dtype: torch.dtype) -> str | None:
+        if name == "cpu" and cpu_kernels_available(dtype):
+            return None
+        return super().cannot_run(name, dtype)
 
-    def attention_backend(self, name: str, dtype: torch.dtype) -> AttentionBackend:
-        if name == "auto":
-            name = self.auto_attention_backend(dtype)
+    def backend(self, name: str) -> AttentionBackend:
         if name != "cpu":
-            return super().attention_backend(name, dtype)
-        if not cpu_kernels_available(dtype):
-            raise ValueError(self.unavailable_backend(name))
+            return super().backend(name)
         from ..cpu.attention import CpuPagedAttention
         return AttentionBackend(name, CpuPagedAttention, SdpaDecodeAttention)
 
@@ -72,9 +71,9 @@ class CpuPlatform(Platform):
         return super().prepare_model(model, backend, quantization)
 
     def kv_pool(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """An anonymous map, which the kernel hands out as zero pages on first touch:
-        torch.zeros would write every byte at start-up and make the whole pool resident,
-        while a run only touches the blocks it uses."""
+        """Zero-filled as the base's, but an anonymous map, which the kernel hands out as
+        zero pages on first touch: torch.zeros would write every byte at start-up and make
+        the whole pool resident, while a run only touches the blocks it uses."""
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         # private, so that a forked child does not share the cache; Windows' maps are private already
         flags = {"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS} if hasattr(mmap, "MAP_ANONYMOUS") else {}

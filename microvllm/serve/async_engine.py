@@ -95,7 +95,8 @@ class AsyncEngine:
         while self._generated and self._generated[0][0] < too_old:
             self._generated.popleft()
 
-    def _close(self, call: "Call") -> None:
+    def end_call(self, call: "Call") -> None:
+        """Forget a call's requests, aborting those it has not seen finish (Call.close)."""
         self.num_seqs_in_flight -= call.num_seqs
         for request_id in call.request_ids:
             self._queues.pop(request_id, None)
@@ -176,7 +177,7 @@ class Call:
             self.closed = True
             if self._timer is not None:
                 self._timer.cancel()
-            self.engine._close(self)
+            self.engine.end_call(self)
 
     async def aclose(self) -> None:
         """close() for Starlette's background tasks, which run a plain function in a thread

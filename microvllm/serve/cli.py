@@ -112,7 +112,10 @@ def main(argv: list[str] | None = None) -> None:
                                 args.stream_interval)
     except (TypeError, ValueError, FileNotFoundError) as e:  # a bad model or setting: said as a flag error
         parser.error(str(e))
-    logger.info(f"loaded {process.info.summary}")
+    logger.info(f"loaded {args.model}, served as {args.served_model_name or args.model!r}")
+    for record in process.info.startup_log:  # the engine's dtype, device, threads and KV cache
+        if logging.getLogger(record.name).isEnabledFor(record.levelno):
+            logging.getLogger(record.name).handle(record)
     max_running = args.max_num_seqs * args.data_parallel_size
     engine = AsyncEngine(process, max_running + args.max_waiting_seqs, args.request_timeout or None)
     app = build_app(engine, ServerSettings(args.served_model_name or args.model, args.api_key,

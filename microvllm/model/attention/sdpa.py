@@ -10,6 +10,7 @@ other sequence to its size. SdpaDecodeAttention is its decode twin for CUDA grap
 import torch
 import torch.nn.functional as F
 
+from ...arithmetic import cdiv
 from .base import window_mask
 
 
@@ -49,7 +50,7 @@ class _PaddedGroup:
             bs, device = self.block_size, self.block_tables.device
             first_blocks = [0 if window is None else max(0, pos - window) // bs
                             for pos in self.first_query_pos]
-            num_blocks = max(-(-ctx // bs) - first for ctx, first in zip(self.context_lens, first_blocks))
+            num_blocks = max(cdiv(ctx, bs) - first for ctx, first in zip(self.context_lens, first_blocks))
             first = torch.tensor(first_blocks, device=device).unsqueeze(1)
             block_index = (first + torch.arange(num_blocks, device=device)).clamp(
                 max=self.block_tables.shape[1] - 1)

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ...arithmetic import cdiv
+
 # (rows of a query tile, warps): a small tile for decode-only steps, a larger one when
 # prefill chunks come; 64 rows need 8 warps, or the accumulator spills out of registers
 DECODE_TILE = (16, 4)
@@ -144,7 +146,7 @@ class TritonPagedAttention(_TritonAttention):
         view = self.view
         query_lens = view.cu_query_lens.diff()
         tiles = (query_lens + block_q - 1) // block_q
-        num_tiles = sum(-(-n // block_q) for n in view.query_lens)
+        num_tiles = sum(cdiv(n, block_q) for n in view.query_lens)
         seqs = torch.arange(len(view.query_lens), device=query_lens.device)
         tile_seqs = torch.repeat_interleave(seqs, tiles, output_size=num_tiles)
         first_tiles = torch.cumsum(tiles, 0) - tiles
