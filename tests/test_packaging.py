@@ -23,11 +23,17 @@ def distribution_modules(requirements: list[str]) -> set[str]:
     return {re.match(r"[\w-]+", r).group().replace("-", "_").lower() for r in requirements}
 
 
+def source_of(module: str) -> Path | None:
+    """The file of a module of this repository, or None."""
+    path = REPO.joinpath(*module.split("."))
+    return next((p for p in (path.with_suffix(".py"), path / "__init__.py") if p.is_file()), None)
+
+
 def required_imports(module: str) -> set[str]:
     """Top-level names of the packages a benchmarks module imports, wherever in it, and those
     the benchmarks modules it imports need, leaving out what it imports only if it can
     (under `except ImportError`), the standard library, microvllm and benchmarks."""
-    tree = ast.parse((REPO / (module.replace(".", "/") + ".py")).read_text())
+    tree = ast.parse(source_of(module).read_text())
     optional = {id(node) for handler in ast.walk(tree) if isinstance(handler, ast.Try)
                 if any(isinstance(h.type, ast.Name) and h.type.id == "ImportError" for h in handler.handlers)
                 for stmt in handler.body for node in ast.walk(stmt)}
@@ -38,7 +44,9 @@ def required_imports(module: str) -> set[str]:
         if isinstance(node, ast.Import):
             names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and not node.level:
-            names.add(node.module)
+            # `from benchmarks import local_server` imports the module benchmarks.local_server
+            names |= {f"{node.module}.{a.name}" if source_of(f"{node.module}.{a.name}") else node.module
+                      for a in node.names}
     needed = set()
     for name in names:
         top = name.split(".")[0]

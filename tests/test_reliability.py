@@ -75,7 +75,7 @@ def test_preemption_storm_300_requests_through_a_cache_for_4(checkpoint_dir):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_long_context_gives_finite_logprobs(checkpoint_dir, dtype, monkeypatch):
     # float16 runs on CUDA; on a CPU it would run as bfloat16, unless kept as here
-    monkeypatch.setattr("microvllm.platform.cpu.runnable_cpu_dtype", lambda dtype: dtype)
+    monkeypatch.setattr("microvllm.platform.cpu.CpuPlatform.runnable_dtype", lambda self, dtype: dtype)
     llm = LLM(checkpoint_dir, dtype=dtype)
     prompt = [random.Random(0).randrange(256) for _ in range(56)]
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=7, logprobs=0, ignore_eos=True),
@@ -85,7 +85,7 @@ def test_half_precision_long_context_gives_finite_logprobs(checkpoint_dir, dtype
 
 def test_float16_overflow_is_explained(checkpoint_dir, monkeypatch):
     # float16 runs on CUDA; on a CPU it would run as bfloat16, unless kept as here
-    monkeypatch.setattr("microvllm.platform.cpu.runnable_cpu_dtype", lambda dtype: dtype)
+    monkeypatch.setattr("microvllm.platform.cpu.CpuPlatform.runnable_dtype", lambda self, dtype: dtype)
     llm = LLM(checkpoint_dir, dtype="float16")
     fc = llm.engine.model.transformer.h[0].mlp.c_fc.weight
     original = fc.clone()

@@ -144,7 +144,7 @@ def test_chat_and_generate_take_vllms_defaults_and_refuse_the_rest(llm):
                                          ("FLOAT32", torch.float32), ("bfloat16", torch.bfloat16),
                                          (torch.float16, torch.float16)])
 def test_vllm_dtype_names_are_accepted(dtype, want):
-    assert EngineConfig(model="unused", dtype=dtype).named_dtype() is want
+    assert EngineConfig(model="unused", dtype=dtype).resolve_dtype(torch.float32) is want
 
 
 @pytest.mark.parametrize("dtype", ["half", "float16", torch.float16])

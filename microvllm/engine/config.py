@@ -7,7 +7,6 @@ import torch
 
 from ..model.attention import ATTENTION_BACKENDS
 from ..model.quantization import QUANTIZATIONS
-from ..platform import cpu as cpu_platform
 from ..platform import pick_device
 from ..validation import check_bool, check_choice, check_int, check_real, check_type
 
@@ -89,15 +88,10 @@ class EngineConfig:
         return pick_device(self.device)
 
     def resolve_dtype(self, default: torch.dtype) -> torch.dtype:
-        """The dtype the engine runs: the one asked for (float16 on a CPU runs as bfloat16,
-        see platform/cpu.py); `default` (the platform's) for None or "auto"."""
+        """The dtype asked for; `default` (the platform's) for None or "auto". The platform
+        may run another (Platform.runnable_dtype: float16 on a CPU runs as bfloat16)."""
         if self.dtype is None or (isinstance(self.dtype, str) and self.dtype.lower() == "auto"):
             return default
-        dtype = self.named_dtype()
-        return cpu_platform.runnable_cpu_dtype(dtype) if self.resolve_device().type == "cpu" else dtype
-
-    def named_dtype(self) -> torch.dtype:
-        """The torch dtype that `dtype` (not None or "auto") names, in vLLM's names too."""
         if isinstance(self.dtype, torch.dtype) and self.dtype in DTYPES.values():
             return self.dtype
         name = self.dtype.lower() if isinstance(self.dtype, str) else self.dtype  # as vLLM: any case

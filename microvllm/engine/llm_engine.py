@@ -55,7 +55,7 @@ class LLMEngine(Engine):
         self.config = config
         self.device = config.resolve_device()
         self.platform = platform = platform_for(self.device)
-        self.dtype = config.resolve_dtype(platform.default_dtype())
+        self.dtype = platform.runnable_dtype(config.resolve_dtype(platform.default_dtype()))
         platform.start(config.cpu_threads)
         attention_backend = platform.attention_backend(config.attention_backend, self.dtype)
         self.block_size = config.block_size or attention_backend.default_block_size

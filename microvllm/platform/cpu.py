@@ -27,17 +27,6 @@ def default_cpu_dtype() -> torch.dtype:
     return torch.bfloat16 if native_bfloat16() else torch.float32
 
 
-def runnable_cpu_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a CPU engine runs for `dtype`: float16 becomes bfloat16, as vLLM's CPU
-    backend casts it. The CPU kernels have no float16 path (torch's runs several times
-    slower than the default), and bfloat16 is the other 16-bit float nanochat trains in."""
-    if dtype is not torch.float16:
-        return dtype
-    logger.warning("float16 is not supported on CPU: running bfloat16 instead, as vLLM does "
-                   "(dtype='auto' picks this CPU's fastest, %s)", str(default_cpu_dtype()).removeprefix("torch."))
-    return torch.bfloat16
-
-
 class CpuPlatform(Platform):
     name = "cpu"
     # the cache's pages are committed on first write, and a first write costs page faults:
@@ -47,6 +36,16 @@ class CpuPlatform(Platform):
 
     def default_dtype(self) -> torch.dtype:
         return default_cpu_dtype()
+
+    def runnable_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """float16 runs as bfloat16, as vLLM's CPU backend casts it: the CPU kernels have no
+        float16 path (torch's runs several times slower than the default), and bfloat16 is
+        the other 16-bit float nanochat trains in."""
+        if dtype is not torch.float16:
+            return dtype
+        logger.warning("float16 is not supported on CPU: running bfloat16 instead, as vLLM does "
+                       "(dtype='auto' picks this CPU's fastest, %s)", str(default_cpu_dtype()).removeprefix("torch."))
+        return torch.bfloat16
 
     def start(self, cpu_threads: int | None) -> None:
         apply_cpu_threads(cpu_threads)
