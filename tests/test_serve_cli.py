@@ -1,5 +1,6 @@
-"""`python -m microvllm.serve --help` says what every flag does and what leaving it out
-means: no flag without help, no bare "default: None"."""
+"""`python -m microvllm.serve`, as a new user meets it: --help says what every flag does and
+what leaving it out means (no bare "default: None"), the start-up log says what is served
+and how, and /metrics counts the KV blocks from the start."""
 
 import logging
 
