@@ -69,13 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0,
                         help="sampling seed of the first prompt, +1 for each next one (default 0)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="default: bfloat16 on cuda and on CPUs with bfloat16 instructions "
-                             "(AVX-512 BF16 or AMX), float32 on other CPUs")
+    # LLM's names, vLLM's "half" and "float" among them (listed here: --help loads no torch)
+    parser.add_argument("--dtype", default="auto",
+                        choices=["auto", "float32", "bfloat16", "float16", "half", "float"],
+                        help="auto: bfloat16 on cuda and on CPUs with bfloat16 instructions "
+                             "(AVX-512 BF16 or AMX), float32 on other CPUs; float16 (half) runs "
+                             "as bfloat16 on a CPU, as in vLLM (default: auto)")
     parser.add_argument("--cpu-threads", type=int,
                         help="torch threads on cpu (default: $OMP_NUM_THREADS if set, else the "
-                             "cores this process may use, less one and less those other "
-                             "processes keep busy)")
+                             "cores this process may use less those other processes keep busy, "
+                             "at least one)")
     return parser
 
 

@@ -33,8 +33,9 @@ setup(
         # structured outputs (SamplingParams(structured_outputs=...)): JSON schema, regex, choice, grammar
         "structured": ["xgrammar"],
         # the OpenAI-compatible server (python -m microvllm.serve, microvllm-serve)
-        # uvicorn[standard]: uvloop and httptools, which uvicorn picks over asyncio and h11 by itself
-        "serve": ["fastapi", "uvicorn[standard]"],
+        # uvicorn[standard]: uvloop and httptools, which uvicorn picks over asyncio and h11 by itself;
+        # httpx: the clients of the load benchmark (python -m benchmarks.serve_load)
+        "serve": ["fastapi", "uvicorn[standard]", "httpx"],
     },
     entry_points={"console_scripts": ["microvllm-serve=microvllm.serve.cli:main"]},
 )

@@ -146,8 +146,10 @@ class Tokenizer:
             + ". Pass tokenizer=DIR or set NANOCHAT_BASE_DIR.")
 
     def encode(self, text: str, prepend_bos: bool = True, *, add_special_tokens: bool | None = None) -> list[int]:
-        """Token ids of text, <|bos|> first unless prepend_bos=False. add_special_tokens is
-        transformers' name for prepend_bos: <|bos|> is the only special token a text gets."""
+        """Token ids of text, <|bos|> first unless prepend_bos=False (nanochat's own encode
+        prepends nothing by default: a single token's id is encode(t, prepend_bos=False)[0]).
+        add_special_tokens is transformers' name for prepend_bos: <|bos|> is the only
+        special token a text gets."""
         if add_special_tokens is not None:
             if check_bool("add_special_tokens", add_special_tokens) and not prepend_bos:
                 raise ValueError("prepend_bos=False and add_special_tokens=True disagree: add_special_tokens "
@@ -156,6 +158,15 @@ class Tokenizer:
         # special-token text inside user strings stays plain text, as in nanochat
         ids = self.encoding.encode_ordinary(text)
         return [self.bos_id] + ids if prepend_bos else ids
+
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> dict:
+        """transformers' `tokenizer(text)`: {"input_ids", "attention_mask"}, <|bos|> first
+        unless add_special_tokens=False; a list of texts gives lists of both."""
+        if isinstance(text, (list, tuple)):
+            ids = [self.encode(t, add_special_tokens=add_special_tokens) for t in text]
+            return {"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids]}
+        ids = self.encode(text, add_special_tokens=add_special_tokens)
+        return {"input_ids": ids, "attention_mask": [1] * len(ids)}
 
     def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
         if skip_special_tokens:

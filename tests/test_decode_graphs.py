@@ -77,13 +77,17 @@ def test_seeded_sampling_through_graphs_matches_eager_steps(checkpoint_dir):
 
 
 @pytest.mark.slow  # long decodes in Triton's interpreter
-def test_triton_decode_twin_through_graphs_matches_eager_steps(windowed_checkpoint, monkeypatch):
+def test_triton_decode_twin_through_graphs_matches_eager_steps(make_checkpoint, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when triton is first imported
     pytest.importorskip("triton")
-    prompts = make_prompts(3, seed=5)
-    params = SamplingParams(temperature=0, max_tokens=50 - max(map(len, prompts)), ignore_eos=True, logprobs=0)
-    eager = completions(LLM(windowed_checkpoint, block_size=4), prompts, params)
-    llm = LLM(windowed_checkpoint, block_size=4, attention_backend="triton", max_num_seqs=4)
+    # era C, "SL" in two layers: one windowed layer (the last 32 keys) and one full; each
+    # layer's kernel costs a second per step in Triton's interpreter
+    checkpoint = make_checkpoint(era="C", window_pattern="SL", n_layer=2)
+    prompts = make_prompts(3, seed=5)  # 17, 12 and 11 tokens
+    # 42 tokens in all: past the 32 keys the windowed layer sees, by two blocks of 4
+    params = SamplingParams(temperature=0, max_tokens=42 - max(map(len, prompts)), ignore_eos=True, logprobs=0)
+    eager = completions(LLM(checkpoint, block_size=4), prompts, params)
+    llm = LLM(checkpoint, block_size=4, attention_backend="triton", max_num_seqs=4)
     capture = with_decode_graphs(llm)
     assert completions(llm, prompts, params) == eager
     assert set(capture.replays) >= {4}

@@ -59,8 +59,10 @@ def test_keyboard_interrupt_inside_generate_leaves_engine_usable(checkpoint_dir,
 def test_preemption_storm_300_requests_through_a_cache_for_4(checkpoint_dir):
     rng = random.Random(1)
     prompts = [[rng.randrange(256) for _ in range(rng.randrange(4, 40))] for _ in range(300)]
+    # one batch that never preempts: greedy outputs do not depend on the batch (test_batching_invariance.py)
     roomy = LLM(checkpoint_dir)
-    alone = [roomy.generate([p], GREEDY, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    alone = [o.outputs[0].token_ids for o in roomy.generate(prompts, GREEDY, use_tqdm=False)]
+    assert roomy.engine.stats.preemptions == 0
     # 4 sequences of max_model_len=64 tokens in blocks of 8
     tight = LLM(checkpoint_dir, block_size=8, num_blocks=32)
     outs = tight.generate(prompts, GREEDY, use_tqdm=False)
@@ -71,7 +73,9 @@ def test_preemption_storm_300_requests_through_a_cache_for_4(checkpoint_dir):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_half_precision_long_context_gives_finite_logprobs(checkpoint_dir, dtype):
+def test_half_precision_long_context_gives_finite_logprobs(checkpoint_dir, dtype, monkeypatch):
+    # float16 runs on CUDA; on a CPU it would run as bfloat16, unless kept as here
+    monkeypatch.setattr("microvllm.platform.cpu.CpuPlatform.runnable_dtype", lambda self, dtype: dtype)
     llm = LLM(checkpoint_dir, dtype=dtype)
     prompt = [random.Random(0).randrange(256) for _ in range(56)]
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=7, logprobs=0, ignore_eos=True),
@@ -79,7 +83,9 @@ def test_half_precision_long_context_gives_finite_logprobs(checkpoint_dir, dtype
     assert all(torch.isfinite(torch.tensor(e[t].logprob)) for e, t in zip(out.logprobs, out.token_ids))
 
 
-def test_float16_overflow_is_explained(checkpoint_dir):
+def test_float16_overflow_is_explained(checkpoint_dir, monkeypatch):
+    # float16 runs on CUDA; on a CPU it would run as bfloat16, unless kept as here
+    monkeypatch.setattr("microvllm.platform.cpu.CpuPlatform.runnable_dtype", lambda self, dtype: dtype)
     llm = LLM(checkpoint_dir, dtype="float16")
     fc = llm.engine.model.transformer.h[0].mlp.c_fc.weight
     original = fc.clone()

@@ -139,6 +139,20 @@ def test_vllms_older_guided_fields_constrain_the_output(server):
     assert reply["choices"][0]["text"] in {a + b + c for a in "ab" for b in "ab" for c in "ab"}
 
 
+@pytest.mark.parametrize("body, param", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "nope"}}}},
+     "response_format.json_schema.schema"),
+    ({"guided_json": {"type": "nope"}}, "guided_json"),
+    ({"structured_outputs": {"json": {"type": "nope"}}}, "structured_outputs.json"),
+])
+def test_a_bad_json_schema_gets_a_400_naming_its_field_in_xgrammars_words_alone(server, body, param):
+    pytest.importorskip("xgrammar")
+    response = httpx.post(server + "/v1/completions", json={"model": MODEL, "prompt": "x", **body}, headers=AUTH)
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == param
+    assert error["message"] == f'{param} is not valid: Unsupported type "nope"'
+
+
 def test_a_body_nested_100000_deep_gets_a_400(server):
     response = httpx.post(server + "/v1/completions", content=b"[" * 100_000 + b"]" * 100_000,
                           headers={**AUTH, "Content-Type": "application/json"})

@@ -223,6 +223,12 @@ def test_a_bad_constraint_fails_generate_and_queues_nothing(random_llm, constrai
     assert not random_llm.has_unfinished_requests()
 
 
+def test_a_bad_constraint_is_refused_in_xgrammars_words_without_its_time_and_source_line(random_llm):
+    with pytest.raises(ValueError) as raised:
+        random_llm.generate(["x"], structured(StructuredOutputsParams(json={"type": "nope"})), use_tqdm=False)
+    assert str(raised.value) == 'structured_outputs.json is not valid: Unsupported type "nope"'
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(tools=lambda expression: None), "tools and structured_outputs exclude each other"),
     (dict(ignore_eos=True), "ignore_eos=True and structured_outputs exclude each other"),

@@ -123,7 +123,7 @@ ENGINE_FIELDS = {
     "kv_cache_memory": (st.one_of(st.floats(max_value=0.99), st.just(math.inf), st.just(math.nan)),
                         NOT_A_NUMBER_OR_NONE),
     "gpu_memory_utilization": (st.one_of(st.floats(max_value=0), st.floats(min_value=1.001)), NOT_A_NUMBER),
-    "max_num_seqs": (st.integers(max_value=0), NOT_AN_INT),
+    "max_num_seqs": (st.integers(max_value=0), NOT_AN_INT_OR_NONE),  # None: vLLM's "the default"
     "max_num_batched_tokens": (st.integers(max_value=0), NOT_AN_INT),
     "max_model_len": (st.integers(max_value=1), NOT_AN_INT_OR_NONE),
     "enable_prefix_caching": (None, NOT_A_BOOL),

@@ -2,6 +2,8 @@
 chat prompts, vLLM-only arguments refused by name, SamplingParams' token shaping, and
 the names lm-eval's vllm backend uses (TokensPrompt, model_config, its LLM defaults)."""
 
+import logging
+
 import pytest
 import torch
 
@@ -145,10 +147,23 @@ def test_vllm_dtype_names_are_accepted(dtype, want):
     assert EngineConfig(model="unused", dtype=dtype).resolve_dtype(torch.float32) is want
 
 
+@pytest.mark.parametrize("dtype", ["half", "float16", torch.float16])
+def test_float16_on_cpu_runs_as_bfloat16_as_in_vllm_and_says_so_once(checkpoint_dir, dtype, caplog):
+    with caplog.at_level(logging.WARNING, logger="microvllm"):
+        llm = LLM(checkpoint_dir, dtype=dtype, num_blocks=8)
+    assert llm.engine.dtype is torch.bfloat16 and next(llm.engine.model.parameters()).dtype is torch.bfloat16
+    said = [r.getMessage() for r in caplog.records if "float16 is not supported on CPU" in r.getMessage()]
+    assert len(said) == 1 and "running bfloat16 instead" in said[0]
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(tensor_parallel_size=2), r"LLM\(tensor_parallel_size=2\) is not supported: microvllm runs"),
     (dict(trust_remote_code=True), "hold no code"),
     (dict(quantization="awq"), "is not one of .int8., .fp8., None"),
+    (dict(kv_cache_dtype="fp8"), r"LLM\(kv_cache_dtype='fp8'\) is not supported: the KV cache holds the model's "
+                                 r"dtype: choose it with dtype=$"),
+    (dict(download_dir="/tmp/x"), r"not supported: hub models download to huggingface_hub's cache; set "
+                                  r"HF_HUB_CACHE \(or HF_HOME\) to move it, or pass a local dir as model=$"),
 ])
 def test_vllm_only_llm_arguments_are_refused_by_name(checkpoint_dir, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -25,7 +25,8 @@ class EngineConfig:
     step: int | None = None                 # checkpoint step; None = the largest
     revision: str | None = None             # of a hub id: a branch, tag or commit; None = main
     device: str | None = None               # None = cuda if available, else cpu
-    # None = bfloat16 on CUDA and on CPUs with bfloat16 instructions, float32 on other CPUs
+    # None = bfloat16 on CUDA and on CPUs with bfloat16 instructions, float32 on other CPUs;
+    # float16 on a CPU runs as bfloat16
     dtype: str | torch.dtype | None = None
     block_size: int | None = None           # None = the attention backend's default
     num_blocks: int | None = None           # None = sized from the memory budget
@@ -87,7 +88,8 @@ class EngineConfig:
         return pick_device(self.device)
 
     def resolve_dtype(self, default: torch.dtype) -> torch.dtype:
-        """The dtype asked for; `default` (the platform's) for None or "auto"."""
+        """The dtype asked for; `default` (the platform's) for None or "auto". The platform
+        may run another (Platform.runnable_dtype: float16 on a CPU runs as bfloat16)."""
         if self.dtype is None or (isinstance(self.dtype, str) and self.dtype.lower() == "auto"):
             return default
         if isinstance(self.dtype, torch.dtype) and self.dtype in DTYPES.values():

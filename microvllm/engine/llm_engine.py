@@ -55,7 +55,7 @@ class LLMEngine(Engine):
         self.config = config
         self.device = config.resolve_device()
         self.platform = platform = platform_for(self.device)
-        self.dtype = config.resolve_dtype(platform.default_dtype())
+        self.dtype = platform.runnable_dtype(config.resolve_dtype(platform.default_dtype()))
         platform.start(config.cpu_threads)
         attention_backend = platform.attention_backend(config.attention_backend, self.dtype)
         self.block_size = config.block_size or attention_backend.default_block_size
@@ -89,7 +89,8 @@ class LLMEngine(Engine):
             model_config.n_layer, self.block_size, model_config.n_kv_head, model_config.head_dim, self.dtype))
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching,
                                           reuse_freed_first=platform.reuse_freed_blocks_first)
-        logger.info(describe_kv_cache(self.kv_cache, platform))
+        logger.info(f"{config.model}: {str(self.dtype).removeprefix('torch.')} on {self.device}; "
+                    + describe_kv_cache(self.kv_cache, platform))
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         decode_graphs = None
         if graphs:
@@ -101,6 +102,7 @@ class LLMEngine(Engine):
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler, self.max_model_len)
         self.grammars = Grammars(self.tokenizer)
         self.stats = EngineStats()
+        self.stats.record_load(self.scheduler)  # the KV blocks in all, before the first step
         self._request_ids = RequestIds()
         self._seq_counter = itertools.count()
         self.forks = SequenceForks(self.scheduler, self.output_processor, self.kv_cache, self._seq_counter)

@@ -44,6 +44,10 @@ class Platform:
     def default_dtype(self) -> torch.dtype:
         return torch.bfloat16
 
+    def runnable_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype an engine asked for `dtype` runs here."""
+        return dtype
+
     def start(self, cpu_threads: int | None) -> None:
         """Settings of the process that the engine's speed depends on."""
 

@@ -1,6 +1,7 @@
 """CpuPlatform: the C decode kernel and fused ops, packed bfloat16 linears, a KV cache in
 anonymous memory, numpy's argmax and the C kernel's sampling noise. The CPU's own code sits in microvllm/cpu/."""
 
+import logging
 import math
 import mmap
 
@@ -18,6 +19,8 @@ from .base import Platform
 # fresh process would otherwise pay (measurements in docs/performance.md)
 PREWRITTEN_KV_BYTES = 128 * 2**20
 
+logger = logging.getLogger(__name__)
+
 
 def default_cpu_dtype() -> torch.dtype:
     # float32 on CPUs without bfloat16 instructions: their bfloat16 matmuls are slower
@@ -33,6 +36,16 @@ class CpuPlatform(Platform):
 
     def default_dtype(self) -> torch.dtype:
         return default_cpu_dtype()
+
+    def runnable_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """float16 runs as bfloat16, as vLLM's CPU backend casts it: the CPU kernels have no
+        float16 path (torch's runs several times slower than the default), and bfloat16 is
+        the other 16-bit float nanochat trains in."""
+        if dtype is not torch.float16:
+            return dtype
+        logger.warning("float16 is not supported on CPU: running bfloat16 instead, as vLLM does "
+                       "(dtype='auto' picks this CPU's fastest, %s)", str(default_cpu_dtype()).removeprefix("torch."))
+        return torch.bfloat16
 
     def start(self, cpu_threads: int | None) -> None:
         apply_cpu_threads(cpu_threads)

@@ -17,7 +17,6 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 
-from ..engine.stats import EngineStats
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from .deltas import joined_deltas
@@ -45,7 +44,7 @@ class AsyncEngine:
         self.num_seqs_in_flight = 0
         self.num_aborted_requests = 0
         self.num_refused_calls = 0
-        self.stats = EngineStats()                   # the engine's, as of its last step
+        self.stats = engine.info.stats               # the engine's, as of its last step (or its load)
         self._generated = deque()                    # (time, generated tokens): the window's samples
         self._queues: dict[str, asyncio.Queue] = {}  # request id -> the queue of the call owning it
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -11,13 +11,17 @@ pipe as commands come, so the server never waits on a step to send; what it has 
 joins the batch at the next step.
 """
 
+import logging
 import multiprocessing
 import os
 import queue
 import signal
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
+
+import torch
 
 from ..cpu.threads import default_cpu_threads
 from ..engine.stats import EngineStats
@@ -44,6 +48,10 @@ class EngineInfo:
     max_model_len: int
     vocab_size: int
     streams: bool    # one engine streams outputs; data-parallel replicas return finished ones only
+    stats: EngineStats  # as loaded: the KV blocks in all, before any request
+    # what the engine logged while loading (its dtype, device, threads, KV cache), for the
+    # server to log as its own: this process's logging is not the server's
+    startup_log: list[logging.LogRecord]
 
 
 class EngineProcess:
@@ -104,19 +112,45 @@ def default_engine_threads() -> int:
 def _serve_engine(llm_args: dict, stream_interval: int, commands: Connection, results: Connection) -> None:
     # Ctrl-C reaches the whole process group; the server stops this process by a command
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if llm_args.get("cpu_threads") is None and llm_args.get("data_parallel_size", 1) == 1 \
-            and not os.environ.get("OMP_NUM_THREADS"):
-        llm_args = {**llm_args, "cpu_threads": default_engine_threads()}
+    if llm_args.get("cpu_threads") is None and llm_args.get("data_parallel_size", 1) == 1:
+        # named even where $OMP_NUM_THREADS sets it (as torch read it), so the engine logs it
+        threads = torch.get_num_threads() if os.environ.get("OMP_NUM_THREADS") else default_engine_threads()
+        llm_args = {**llm_args, "cpu_threads": threads}
     try:
-        llm = LLM(**llm_args)
+        with _startup_records() as startup_log:
+            llm = LLM(**llm_args)
     except Exception as e:  # the server raises it as its own start-up error
         results.send(("failed", e))
         return
     results.send(("ready", EngineInfo(llm.tokenizer, llm.engine.max_model_len, llm.engine.vocab_size,
-                                      llm.engine.streams)))
+                                      llm.engine.streams, replace(llm.engine.stats), startup_log)))
     inbox = queue.SimpleQueue()
     threading.Thread(target=_read_commands, args=(commands, inbox), daemon=True).start()
     _EngineLoop(llm, inbox, results, stream_interval).run()
+
+
+@contextmanager
+def _startup_records():
+    """The package's log records of INFO and above while the block runs, kept (and not
+    printed here) with their messages formatted, so that they pickle."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+
+    def keep(record: logging.LogRecord) -> None:
+        record.msg, record.args, record.exc_info = record.getMessage(), None, None
+        records.append(record)
+    handler.emit = keep
+    package = logging.getLogger("microvllm")
+    level, propagate = package.level, package.propagate
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    package.propagate = False
+    try:
+        yield records
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(level)
+        package.propagate = propagate
 
 
 def _read_commands(commands: Connection, inbox: queue.SimpleQueue) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ..prompts import checked_prompt
 from ..sampling_params import RequestOutputKind, SamplingParams
-from ..structured import StructuredOutputsParams
+from ..structured import StructuredOutputsParams, grammars
 from ..structured.params import KINDS
 from ..tokenizer import Tokenizer
 from ..validation import check_bool, check_int, check_int_list, check_type
@@ -200,8 +200,9 @@ def _generation_request(body: dict, prompts: list[list[int]], limits: ServerLimi
         if body.get("n") is not None:
             check_int("n", body["n"], 1, limits.max_n)
         kwargs = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
-        structured = _structured_outputs(body)
+        structured, set_by = _structured_outputs(body)
         if structured is not None:  # the output is the constraint's, with no calculator calls inside
+            _check_constraint(structured, set_by)
             kwargs.update(structured_outputs=structured, tools=None)
         params = SamplingParams(**kwargs, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                                 output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
@@ -218,38 +219,48 @@ def _generation_request(body: dict, prompts: list[list[int]], limits: ServerLimi
     return GenerationRequest(prompts, params, stream, include_usage, model, shape)
 
 
-def _structured_outputs(body: dict) -> StructuredOutputsParams | None:
-    """vLLM's `structured_outputs` ({"json": schema}, {"regex": ...}, {"choice": [...]},
-    {"grammar": ...} or {"json_object": true}), or its older `guided_json`, `guided_regex`,
-    `guided_choice` and `guided_grammar`, or OpenAI's `response_format`."""
+def _check_constraint(constraint: StructuredOutputsParams, set_by: str) -> None:
+    """A constraint xgrammar cannot parse is a 400 naming the field the client set."""
+    try:
+        grammars.check(constraint)
+    except grammars.InvalidConstraint as error:
+        raise ApiError(f"{set_by} is not valid: {error.reason}", param=set_by) from None
+
+
+def _structured_outputs(body: dict) -> tuple[StructuredOutputsParams | None, str]:
+    """The constraint and the field that set it: vLLM's `structured_outputs` ({"json": schema},
+    {"regex": ...}, {"choice": [...]}, {"grammar": ...} or {"json_object": true}), or its older
+    `guided_json`, `guided_regex`, `guided_choice` and `guided_grammar`, or OpenAI's `response_format`."""
     given = _given(body, "structured_outputs", None)
-    guided = {kind: body[name] for name, kind in GUIDED_FIELDS.items() if body.get(name) is not None}
+    guided = {name: body[name] for name in GUIDED_FIELDS if body.get(name) is not None}
     if guided:
         if given is not None or len(guided) > 1:
-            names = [name for name in GUIDED_FIELDS if body.get(name) is not None]
+            names = list(guided)
             raise ValueError(f"{names[0]} and {'structured_outputs' if given is not None else names[1]} "
                              f"both given: a request takes one constraint")
-        given = guided
+        (name, value), = guided.items()
+        return StructuredOutputsParams(**{GUIDED_FIELDS[name]: value}), name
     if given is not None:
         allowed = f"an object with one of {', '.join(KINDS)}"
         check_type("structured_outputs", given, dict, allowed)
         if set(given) - set(KINDS) or len(given) != 1:
             raise ValueError(f"structured_outputs must be {allowed}, got {given!r}")
-        return StructuredOutputsParams(**given)
+        return StructuredOutputsParams(**given), f"structured_outputs.{next(iter(given))}"
     response_format = check_type("response_format", _given(body, "response_format", {"type": "text"}), dict,
                                  RESPONSE_FORMATS)
     kind = response_format.get("type")
     if kind == "json_object":
-        return StructuredOutputsParams(json_object=True)
+        return StructuredOutputsParams(json_object=True), "response_format"
     if kind == "json_schema":
         json_schema = check_type("response_format.json_schema", response_format.get("json_schema"), dict,
                                  "an object such as {'name': ..., 'schema': {...}}")
         schema = json_schema.get("schema")
-        return StructuredOutputsParams(json=check_type("response_format.json_schema.schema", schema, dict,
-                                                       "a JSON schema object"))
+        return (StructuredOutputsParams(json=check_type("response_format.json_schema.schema", schema, dict,
+                                                        "a JSON schema object")),
+                "response_format.json_schema.schema")
     if kind != "text":
         raise ValueError(f"response_format must be {RESPONSE_FORMATS}, got {response_format!r}")
-    return None
+    return None, "response_format"
 
 
 def _given(body: dict, name: str, default):

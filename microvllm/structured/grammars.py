@@ -11,6 +11,7 @@ xgrammar never allows; EOS is its stop token, allowed once the grammar is comple
 """
 
 import functools
+import re
 
 from ..extras import import_xgrammar
 from ..tokenizer import Tokenizer
@@ -18,6 +19,8 @@ from .params import StructuredOutputsParams
 
 # distinct constraints kept parsed, and compiled, before the least recently used is dropped
 GRAMMARS_KEPT = 256
+# "[11:56:03] /project/cpp/json_schema_converter.cc:5082: ", before each xgrammar error
+XGRAMMAR_PREFIX = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*")
 
 
 @functools.lru_cache(maxsize=GRAMMARS_KEPT)
@@ -33,8 +36,16 @@ def parsed(key: tuple[str, str]):
             return xgr.Grammar.from_regex(source)
         return xgr.Grammar.from_ebnf(source)  # grammar, and choice's alternatives
     except RuntimeError as e:
-        reason = str(e).strip().splitlines()[-1]
-        raise ValueError(f"structured_outputs.{kind} is not valid: {reason}") from None
+        raise InvalidConstraint(kind, str(e)) from None
+
+
+class InvalidConstraint(ValueError):
+    """A constraint xgrammar cannot parse; `reason` is xgrammar's own words, without the
+    time and C++ source line it puts in front of them."""
+
+    def __init__(self, kind: str, xgrammar_error: str):
+        self.reason = XGRAMMAR_PREFIX.sub("", xgrammar_error.strip().splitlines()[-1])
+        super().__init__(f"structured_outputs.{kind} is not valid: {self.reason}")
 
 
 def check(constraint: StructuredOutputsParams) -> None:
