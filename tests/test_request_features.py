@@ -65,4 +65,6 @@ def test_only_a_float16_engine_checks_the_activations_for_overflow(checkpoint_di
     llm = LLM(checkpoint_dir, dtype="float32")
     assert not llm.engine.runner.checks_overflow
     assert len(llm.generate([[1, 2, 3]], SamplingParams(**PLAIN), use_tqdm=False)[0].outputs[0].token_ids) == 4
+    # float16 runs on CUDA; on a CPU it would run as bfloat16, unless kept as here
+    monkeypatch.setattr("microvllm.platform.cpu.CpuPlatform.runnable_dtype", lambda self, dtype: dtype)
     assert LLM(checkpoint_dir, dtype="float16").engine.runner.checks_overflow
