@@ -20,7 +20,8 @@ tokens (a warm-up), then the timed one; the engines run one at a time.
 Prints prompt tokens scored a second, the ratios, the CPU (model, vector extensions) and
 the threads each engine computed on (those busy for at least a quarter of the timed
 pass). Checks: microvllm's served log-probs equal its offline ones bit for bit where
-both get the same batches in the same order (the warm-up, served a request at a time);
+both get the same batches in the same order (the warm-up, served a request at a time),
+up to float32 rounding where the server's engine stepped while a request's prompts arrived;
 microvllm's CORE accuracies equal nanochat's; it exits 1 if either fails. It prints the
 largest log-prob difference from vLLM's.
 
@@ -49,6 +50,9 @@ WORKLOAD = (40, 4, (150, 400), (5, 20))
 QUICK_WORKLOAD = (4, 4, (150, 400), (5, 20))
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "4"}  # GiB of KV cache; unset, vLLM takes a share of the free memory
 SERVER_START_S = 600  # vLLM compiles its model at start-up
+# where the server's engine steps while a request's prompts are still arriving, its
+# batches differ from offline's, and float32 sums with them, in the last bits
+ROUNDING = 1e-5
 CORE_EXAMPLES, QUICK_CORE_EXAMPLES = 100, 8  # per task of core_bundle's four
 
 
@@ -345,10 +349,12 @@ def report(served: dict[str, list[dict]], offline: dict[str, list[dict]], args) 
             cells.append(f"{median['microvllm'] / median['vLLM']:.2f}x")
         print(f"| {label} | " + " | ".join(cells) + " |")
     ours_served, ours_offline = served["microvllm"][0], offline["microvllm"][0]
-    agree = all(s["check"] == o["check"] for s in served["microvllm"] for o in offline["microvllm"])
+    exact = all(s["check"] == o["check"] for s in served["microvllm"] for o in offline["microvllm"])
+    difference = max(max_difference(s["check"], o["check"]) for s in served["microvllm"] for o in offline["microvllm"])
+    agree = difference <= ROUNDING
     print(f"\nmicrovllm's served log-probs equal its offline ones, the same batches in the same order "
-          f"(the warm-up): {'yes, exactly' if agree else 'NO'} (largest difference "
-          f"{max_difference(ours_served['check'], ours_offline['check']):.3g})")
+          f"(the warm-up): {'yes, exactly' if exact else 'yes, to float32 rounding' if agree else 'NO'} "
+          f"(largest difference {difference:.3g})")
     print(f"microvllm served under load against offline all at once, batches of another makeup: largest "
           f"difference {max_difference(ours_served['logprobs'], ours_offline['logprobs']):.3g}")
     if "vLLM" in engines:
