@@ -202,3 +202,16 @@ def writing(script: list[int]):
             return forced
         return logits
     return processor
+
+
+def nanochat_engine_or_skip(checkpoint):
+    """nanochat's own Engine on `checkpoint`, from the checkout $NANOCHAT_SRC names; the
+    test skips where there is none, or where its dependencies do not import here."""
+    src = os.environ.get("NANOCHAT_SRC")
+    if not src:
+        pytest.skip("set NANOCHAT_SRC to a nanochat checkout to compare with it")
+    from benchmarks.nanochat_reference import nanochat_engine
+    try:
+        return nanochat_engine(src, checkpoint)
+    except ImportError as e:
+        pytest.skip(f"nanochat does not import from {src}: {e}")

@@ -6,13 +6,13 @@ evaluate_example and evaluate_task on the same checkpoint."""
 import csv
 import json
 import math
-import os
 import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 from checkpoints import load_reference
+from helpers import nanochat_engine_or_skip
 from reference import reference_logits
 
 from microvllm import LLM
@@ -289,15 +289,8 @@ def test_command_refuses_a_bad_bundle_before_loading_the_model(tmp_path, capsys)
 
 def test_verdicts_and_accuracies_equal_nanochats_core_eval(llm, bundle, checkpoint_dir):
     """Needs NANOCHAT_SRC: a nanochat checkout whose dependencies import here."""
-    src = os.environ.get("NANOCHAT_SRC")
-    if not src:
-        pytest.skip("set NANOCHAT_SRC to a nanochat checkout to compare with its core_eval")
-    from benchmarks.nanochat_reference import nanochat_engine
-    try:
-        theirs = nanochat_engine(src, checkpoint_dir)
-        from nanochat import core_eval
-    except ImportError as e:
-        pytest.skip(f"nanochat does not import from {src}: {e}")
+    theirs = nanochat_engine_or_skip(checkpoint_dir)
+    from nanochat import core_eval
     # nanochat crops to a model's max_seq_len where it has one: ours, so both crop alike
     theirs.model.max_seq_len = llm.engine.max_model_len - 1
     tasks = read_bundle(bundle)

@@ -3,12 +3,11 @@ the prompt, masks are 0 on the prompt and on forced tokens, the terminal token i
 by generate and left out by generate_batch, and greedy rows equal nanochat's own."""
 
 import dataclasses
-import os
 import random
 
 import pytest
 import torch
-from helpers import tool_answer, tool_call, writing
+from helpers import nanochat_engine_or_skip, tool_answer, tool_call, writing
 
 from microvllm import LLM, SamplingParams
 from microvllm import nanochat as adapter
@@ -154,14 +153,7 @@ def test_every_era_runs_and_equals_llm_generate_greedy(make_checkpoint, era):
 
 def test_greedy_rows_and_masks_equal_nanochats_engine(checkpoint):
     """Needs NANOCHAT_SRC: a nanochat checkout whose dependencies import here."""
-    src = os.environ.get("NANOCHAT_SRC")
-    if not src:
-        pytest.skip("set NANOCHAT_SRC to a nanochat checkout to compare with its Engine")
-    from benchmarks.nanochat_reference import nanochat_engine
-    try:
-        theirs = nanochat_engine(src, checkpoint)
-    except ImportError as e:
-        pytest.skip(f"nanochat does not import from {src}: {e}")
+    theirs = nanochat_engine_or_skip(checkpoint)
     ours = Engine(checkpoint, block_size=16)
     for prompt in PROMPTS:
         assert greedy_batch(ours, prompt) == greedy_batch(theirs, prompt)

@@ -43,20 +43,15 @@ def test_choices_scored_in_one_call_compute_their_context_once(checkpoint_dir, u
         assert_entries_equal(out.prompt_logprobs, want.prompt_logprobs)
 
 
-def test_prompt_logprobs_with_fewer_top_tokens_are_read_from_more(checkpoint_dir, uncached):
+@pytest.mark.parametrize("cached_k, k, num_cached", [(5, 1, 16), (0, 3, 0)],
+                         ids=["fewer top tokens are read from more", "more top tokens than cached are computed"])
+def test_prompt_logprobs_reuse_entries_kept_with_at_least_as_many_top_tokens(checkpoint_dir, uncached,
+                                                                              cached_k, k, num_cached):
     llm = LLM(checkpoint_dir)
-    scored(llm, PROMPTS[:1], k=5)
-    (out,) = scored(llm, PROMPTS[1:2], k=1)
-    assert out.num_cached_tokens == 16
-    assert_entries_equal(out.prompt_logprobs, scored(uncached, PROMPTS[1:2], k=1)[0].prompt_logprobs)
-
-
-def test_prompt_logprobs_with_more_top_tokens_than_cached_are_computed(checkpoint_dir, uncached):
-    llm = LLM(checkpoint_dir)
-    scored(llm, PROMPTS[:1], k=0)
-    (out,) = scored(llm, PROMPTS[1:2], k=3)
-    assert out.num_cached_tokens == 0
-    assert_entries_equal(out.prompt_logprobs, scored(uncached, PROMPTS[1:2], k=3)[0].prompt_logprobs)
+    scored(llm, PROMPTS[:1], k=cached_k)
+    (out,) = scored(llm, PROMPTS[1:2], k=k)
+    assert out.num_cached_tokens == num_cached
+    assert_entries_equal(out.prompt_logprobs, scored(uncached, PROMPTS[1:2], k=k)[0].prompt_logprobs)
 
 
 def test_a_reset_prefix_cache_forgets_the_cached_prompt_logprobs(checkpoint_dir):
