@@ -5,6 +5,7 @@ import torch
 
 from microvllm import LLM
 from microvllm.cpu import threads as cpu_threads
+from microvllm.serve.engine_process import EngineThreads
 
 
 @pytest.fixture
@@ -68,3 +69,18 @@ def test_default_applies_without_omp_num_threads(checkpoint_dir, monkeypatch, re
 def test_bad_cpu_threads_is_refused(checkpoint_dir, value, error):
     with pytest.raises(error, match="cpu_threads"):
         LLM(checkpoint_dir, cpu_threads=value)
+
+
+def test_the_servers_engine_leaves_a_core_to_http_only_while_a_stream_is_open(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "get_num_threads", lambda: calls[-1] if calls else 2)
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    threads = EngineThreads(threads=2, stream_threads=1)
+    threads.apply(streaming=False)
+    assert calls == []
+    threads.apply(streaming=True)
+    threads.apply(streaming=True)
+    threads.apply(streaming=False)
+    assert calls == [1, 2]
+    EngineThreads(threads=2).apply(streaming=True)  # an explicit count stays
+    assert calls == [1, 2]

@@ -26,6 +26,7 @@ import torch
 from ..cpu.threads import default_cpu_threads
 from ..engine.stats import EngineStats
 from ..llm import LLM
+from ..sampling_params import RequestOutputKind
 from ..tokenizer import Tokenizer
 from .wire import PackedOutput, packed
 
@@ -104,17 +105,36 @@ class EngineProcess:
 
 
 def default_engine_threads() -> int:
-    """The engine's CPU threads where none are asked for: LLM's default less a core for the
-    server's HTTP process, whose work would otherwise stall the kernels."""
+    """The engine's CPU threads while a stream is open, where none are asked for: LLM's
+    default less a core for the server's HTTP process, whose work for every streamed chunk
+    would otherwise stall the kernels. With no stream open (scoring, whole completions) the
+    HTTP process has little to do, and the engine takes LLM's default."""
     return max(1, default_cpu_threads() - 1)
+
+
+@dataclass
+class EngineThreads:
+    """torch's threads for the engine's next step: `threads`, or `stream_threads` while a
+    stream is open (None: `threads` always)."""
+    threads: int
+    stream_threads: int | None = None
+
+    def apply(self, streaming: bool) -> None:
+        wanted = self.stream_threads if streaming and self.stream_threads is not None else self.threads
+        if wanted != torch.get_num_threads():
+            torch.set_num_threads(wanted)
 
 
 def _serve_engine(llm_args: dict, stream_interval: int, commands: Connection, results: Connection) -> None:
     # Ctrl-C reaches the whole process group; the server stops this process by a command
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stream_threads = None  # where the default applies: the engine's threads while a stream is open
     if llm_args.get("cpu_threads") is None and llm_args.get("data_parallel_size", 1) == 1:
         # named even where $OMP_NUM_THREADS sets it (as torch read it), so the engine logs it
-        threads = torch.get_num_threads() if os.environ.get("OMP_NUM_THREADS") else default_engine_threads()
+        if os.environ.get("OMP_NUM_THREADS"):
+            threads = torch.get_num_threads()
+        else:
+            threads, stream_threads = default_cpu_threads(), default_engine_threads()
         llm_args = {**llm_args, "cpu_threads": threads}
     try:
         with _startup_records() as startup_log:
@@ -126,7 +146,7 @@ def _serve_engine(llm_args: dict, stream_interval: int, commands: Connection, re
                                       llm.engine.streams, replace(llm.engine.stats), startup_log)))
     inbox = queue.SimpleQueue()
     threading.Thread(target=_read_commands, args=(commands, inbox), daemon=True).start()
-    _EngineLoop(llm, inbox, results, stream_interval).run()
+    _EngineLoop(llm, inbox, results, stream_interval, stream_threads).run()
 
 
 @contextmanager
@@ -163,10 +183,13 @@ def _read_commands(commands: Connection, inbox: queue.SimpleQueue) -> None:
 
 
 class _EngineLoop:
-    def __init__(self, llm: LLM, inbox: queue.SimpleQueue, results: Connection, stream_interval: int):
+    def __init__(self, llm: LLM, inbox: queue.SimpleQueue, results: Connection, stream_interval: int,
+                 stream_threads: int | None = None):
         self.llm, self.inbox, self.results = llm, inbox, results
         self.stream_interval = stream_interval
         self.live: set[str] = set()  # requests added and not seen finish
+        self.streams: set[str] = set()  # of those, the ones that stream
+        self.threads = EngineThreads(torch.get_num_threads(), stream_threads)
 
     def run(self) -> None:
         unsent, steps = [], 0
@@ -192,6 +215,7 @@ class _EngineLoop:
     def _apply(self, command: tuple) -> list[tuple[str, Exception]]:
         if command[0] == "abort":
             self.live.discard(command[1])
+            self.streams.discard(command[1])
             self.llm.abort(command[1], keep_output=False)
             return []
         _, request_id, token_ids, params = command
@@ -200,20 +224,24 @@ class _EngineLoop:
         except Exception as e:  # what the server could not check before (a grammar's compilation)
             return [(request_id, RequestRefused(str(e)))]
         self.live.add(request_id)
+        if params.output_kind is RequestOutputKind.DELTA:
+            self.streams.add(request_id)
         return []
 
     def _step(self) -> list[tuple[str, PackedOutput | Exception]]:
+        self.threads.apply(streaming=bool(self.streams))
         try:
             outputs = self.llm.step()
         except Exception as e:
             # the engine is left as if the step had not run, but the requests in it cannot
             # trust their outputs: they end with the error, and the engine carries on
             error = RuntimeError(f"engine step failed: {type(e).__name__}: {e}")
-            failed, self.live = self.live, set()
+            failed, self.live, self.streams = self.live, set(), set()
             for request_id in failed:
                 self.llm.abort(request_id, keep_output=False)
             return [(request_id, error) for request_id in failed]
         for output in outputs:
             if output.finished:
                 self.live.discard(output.request_id)
+                self.streams.discard(output.request_id)
         return [(output.request_id, packed(output)) for output in outputs]
