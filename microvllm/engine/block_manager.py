@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import xxhash
 
+from ..arithmetic import cdiv
 from .logprobs import reusable_blocks
 from .sequence import Sequence, block_table_of
 
@@ -88,7 +89,7 @@ class BlockManager:
         return self.num_blocks - self.num_free_blocks
 
     def blocks_needed(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return cdiv(num_tokens, self.block_size)
 
     # -- prefix cache lookups -------------------------------------------------------------
 
@@ -149,7 +150,7 @@ class BlockManager:
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Give `seq` the blocks its next `num_new_tokens` tokens need; False, taking
         none, when too few are free."""
-        missing = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size) - len(seq.block_table)
+        missing = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
         if missing <= 0:
             return True
         if missing > self.num_free_blocks:
