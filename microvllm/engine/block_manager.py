@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import xxhash
 
 from ..arithmetic import cdiv
-from .logprobs import reusable_blocks
+from .logprobs import keep_on_blocks, reusable_blocks
 from .sequence import Sequence, block_table_of
 
 
@@ -183,9 +183,9 @@ class BlockManager:
         return parent.block_table[num_full], child.block_table[-1]
 
     def free(self, seq: Sequence) -> None:
-        never_computed = seq.block_hashes[seq.num_registered_blocks:]
-        self._done_computing(seq, never_computed)
-        self.awaited_hashes.difference_update(never_computed)
+        # blocks it was computing will not be: whoever waits for them computes them itself
+        self.awaited_hashes.difference_update(
+            self._done_computing(seq, seq.block_hashes[seq.num_registered_blocks:]))
         # tail blocks first: they are the least likely to be shared, so evict them first
         for block_id in reversed(seq.block_table):
             block = self.blocks[block_id]
@@ -244,10 +244,16 @@ class BlockManager:
         self._done_computing(seq, seq.block_hashes[seq.num_registered_blocks:num_full])
         seq.num_registered_blocks = num_full
 
-    def _done_computing(self, seq: Sequence, hashes: list[int]) -> None:
-        for h in hashes:
-            if self.computing_by_hash.get(h) is seq:
-                del self.computing_by_hash[h]
+    def _done_computing(self, seq: Sequence, hashes: list[int]) -> list[int]:
+        """Forget that `seq` computes the blocks `hashes`; returns those it was computing."""
+        done = [h for h in hashes if self.computing_by_hash.get(h) is seq]
+        for h in done:
+            del self.computing_by_hash[h]
+        return done
+
+    def keep_prompt_logprobs(self, seq: Sequence) -> None:
+        """Keep, on `seq`'s cached full blocks, its request's prompt log-prob entries."""
+        keep_on_blocks(seq, self.blocks, self.block_size)
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix (after a weight update its KV is stale). Blocks held

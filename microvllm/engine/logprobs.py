@@ -132,13 +132,13 @@ def prompt_logprobs_of(seq: Sequence, num_new_tokens: int, hidden: torch.Tensor,
 
 
 def new_prompt_entries(chunk: PromptLogprobs, tokenizer: Tokenizer) -> list[dict[int, Logprob]]:
-    """The entries a chunk adds to its request's prompt log-probs."""
-    # prompt positions are computed in order; a recomputed chunk repeats what is known
-    request, rows = chunk.request, chunk.rows
-    known = len(request.prompt_logprobs)
-    assert known >= chunk.first_index, "the block manager reuses cached KV only where the entries are known"
-    return [logprob_entry(rows, i, request.prompt_token_ids[chunk.first_index + i], tokenizer)
-            for i in range(known - chunk.first_index, len(rows.logprobs))]
+    """The entries a chunk adds to its request's prompt log-probs: it computes only those
+    after the known ones, and the block manager reuses cached KV only where every entry
+    before the chunk is known."""
+    request, rows, first = chunk.request, chunk.rows, chunk.first_index
+    assert first == len(request.prompt_logprobs), "prompt log-prob entries computed out of order"
+    return [logprob_entry(rows, i, request.prompt_token_ids[first + i], tokenizer)
+            for i in range(len(rows.logprobs))]
 
 
 # -- prompt log-probs on cached blocks ---------------------------------------------------

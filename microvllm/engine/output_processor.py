@@ -18,7 +18,7 @@ from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from ..sampling_params import RequestOutputKind
 from ..tokenizer import Tokenizer
 from .features import RequestFeatures
-from .logprobs import LogprobRows, keep_on_blocks, new_prompt_entries, start_prompt_logprobs
+from .logprobs import LogprobRows, new_prompt_entries, start_prompt_logprobs
 from .model_runner import StepOutput
 from .request_feature import TokenUpdate
 from .scheduler import Scheduler
@@ -54,8 +54,7 @@ class OutputProcessor:
             return None
         for seq in request.sequences:
             if not seq.is_finished:
-                self.scheduler.finish(seq, "abort")
-                request.num_finished_sequences += 1
+                self._finish(seq, "abort")
         request.finished_time = time.time()
         return self.make_output(request)
 
@@ -103,10 +102,9 @@ class OutputProcessor:
 
     def commit(self, result: StepOutput, decisions: StepDecisions) -> None:
         """Apply what the step decided: plain bookkeeping, nothing that decodes or computes."""
-        block_manager = self.scheduler.block_manager
         for request, entries in decisions.prompt_logprobs:
             request.prompt_logprobs += entries
-            keep_on_blocks(request.sequences[0], block_manager.blocks, block_manager.block_size)
+            self.scheduler.block_manager.keep_prompt_logprobs(request.sequences[0])
         now, final_only = time.time(), RequestOutputKind.FINAL_ONLY  # a local: enum lookups are slow
         tokens = result.sampled.token_ids if result.sampled else ()
         for item, token, update in zip(result.sampled_seqs, tokens, decisions.updates):
@@ -127,12 +125,15 @@ class OutputProcessor:
         if update.forced:
             seq.token_ids += update.forced
         if update.finish is not None:
-            self.scheduler.finish(seq, *update.finish)
-            request.num_finished_sequences += 1
+            self._finish(seq, *update.finish)
             if request.is_finished:
                 request.finished_time = now
                 del self.requests[request.request_id]
                 self._due[request.request_id] = request
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
+        self.scheduler.finish(seq, reason, stop_reason)  # frees its blocks
+        seq.request.num_finished_sequences += 1
 
     # -- the stop rules -----------------------------------------------------------------
 
