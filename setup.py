@@ -9,7 +9,7 @@ setup(
     license="MIT",
     packages=find_packages(include=["microvllm", "microvllm.*"]),
     # the CPU kernels' sources, compiled on the user's machine at first use
-    package_data={"microvllm.cpu": ["paged_decode.c", "fused_ops.c", "sampling_noise.c", "bf16.h"]},
+    package_data={"microvllm.cpu": ["paged_attention.c", "fused_ops.c", "sampling_noise.c", "bf16.h"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "tiktoken", "xxhash", "numpy", "tqdm"],
     extras_require={

@@ -1,4 +1,4 @@
-"""The CPU decode attention kernel alone: nanoseconds per (key, query head) and GB/s of
+"""The CPU attention kernel alone, on decodes: nanoseconds per (key, query head) and GB/s of
 keys and values read, on a few batch shapes, bfloat16 and float32.
 
     python -m benchmarks.decode_kernel
@@ -13,8 +13,10 @@ timings of one thread.
 import argparse
 import time
 
+import numpy as np
 import torch
 
+from microvllm.cpu.attention import work_items
 from microvllm.cpu.kernels import load_library
 
 # (sequences, context, query heads, kv heads, head_dim)
@@ -36,9 +38,11 @@ def time_kernel(shape: tuple, dtype: torch.dtype) -> tuple[float, float]:
     context_lens = torch.randint(context // 2, context + 1, (num_seqs,), generator=generator)
     q = torch.randn(num_seqs, n_head, head_dim, generator=generator).to(dtype)
     out = torch.empty_like(q)
-    kernel = load_library().paged_decode_attention
-    args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.data_ptr(), context_lens.data_ptr(), out.data_ptr(),
-            0, num_seqs, blocks_per_seq, n_head, n_kv_head, head_dim, BLOCK_SIZE, -1, head_dim ** -0.5,
+    rows = torch.arange(num_seqs)
+    items = torch.from_numpy(work_items(rows.numpy(), np.ones(num_seqs, np.int64), context_lens.numpy(), rows.numpy()))
+    kernel = load_library().paged_attention
+    args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.data_ptr(), items.data_ptr(), out.data_ptr(),
+            0, len(items), blocks_per_seq, n_head, n_kv_head, head_dim, BLOCK_SIZE, -1, head_dim ** -0.5,
             int(dtype == torch.bfloat16))
     keys = int(context_lens.sum())
     calls = max(10, int(2e6 // (keys * n_head)))

@@ -376,6 +376,15 @@ def test_decode_kernel_benchmark_times_a_small_shape():
     assert ns > 0 and gb_s > 0
 
 
+def test_chunk_attention_benchmark_times_both_paths_on_a_small_step():
+    from benchmarks.chunk_attention import time_shape
+    from microvllm.cpu.kernels import load_library
+    if load_library() is None:
+        pytest.skip("no C compiler for the CPU kernels")
+    seconds = time_shape(2, 5, 40, torch.bfloat16)
+    assert seconds["kernel"] > 0 and seconds["sdpa"] > 0
+
+
 # -- scoring ------------------------------------------------------------------------------
 
 def test_scoring_prompts_are_each_context_followed_by_its_continuations():

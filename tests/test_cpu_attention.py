@@ -1,18 +1,20 @@
-"""The CPU backend (C decode kernel, SDPA for prefill chunks) computes what SDPA computes.
+"""The CPU backend (C kernel for decodes and short chunks, SDPA for long prefill chunks)
+computes what a plain dense causal attention computes.
 
 Its mixed batches are held to SDPA with the other backends' in test_attention_backends.py.
 """
 
+import numpy as np
 import pytest
 import torch
 
 from microvllm import LLM, SamplingParams
 from microvllm.cpu import attention as cpu_attention
-from microvllm.model.attention import SdpaPagedAttention
+from microvllm.model.attention import SdpaPagedAttention, window_mask
 from microvllm.platform import resolve_attention_backend
-from microvllm.cpu.attention import CpuPagedAttention
+from microvllm.cpu.attention import MAX_KERNEL_QUERY_LEN, CpuPagedAttention, work_items
 from microvllm.cpu.kernels import load_library
-from helpers import MIXED_CONTEXT_LENS, MIXED_QUERY_LENS, compare_backends
+from helpers import MIXED_CONTEXT_LENS, MIXED_QUERY_LENS, compare_backends, random_step
 
 CPU = torch.device("cpu")
 
@@ -46,8 +48,82 @@ def test_kernel_head_dims_and_tiles_match_sdpa(n_head, n_kv_head, head_dim, bloc
     torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
 
 
-def test_prefill_only_batch_is_sdpa_exactly():
-    got, want = compare_backends(CpuPagedAttention, [7, 20], [7, 60], 4, 4, 2, 16, None)
+def dense_attention(view, layer_idx, q, window):
+    """Each sequence's queries against its whole context, gathered and masked in float64."""
+    outputs, first_token = [], 0
+    for row, (query_len, context) in enumerate(zip(view.query_lens, view.context_lens)):
+        blocks = view.block_tables[row, :-(-context // view.block_size)]
+        keys, values = (pool[layer_idx][blocks].flatten(0, 1)[:context].double() for pool in (view.cache.k, view.cache.v))
+        queries = q[first_token:first_token + query_len].double()
+        group = q.shape[1] // keys.shape[1]
+        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+        scores = torch.einsum("qhd,khd->hqk", queries, keys) * q.shape[2] ** -0.5
+        visible = window_mask(torch.arange(context - query_len, context), torch.arange(context), window)
+        weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+        outputs.append(torch.einsum("hqk,khd->qhd", weights, values))
+        first_token += query_len
+    return torch.cat(outputs).to(q.dtype)
+
+
+def kernel_step(query_lens, context_lens, block_size, n_head, n_kv_head, head_dim, window, dtype):
+    """(the kernel's output, the dense reference's) for layer 1 of a random step, every
+    sequence through the kernel."""
+    gen = torch.Generator().manual_seed(2)
+    n = sum(query_lens)
+    q, k, v = (torch.randn(n, h, head_dim, generator=gen).to(dtype) for h in (n_head, n_kv_head, n_kv_head))
+    view = random_step(query_lens, context_lens, block_size, n_kv_head, head_dim, dtype)
+    got = CpuPagedAttention(view, max_kernel_query_len=max(query_lens))(1, q, k, v, window)
+    return got, dense_attention(view, 1, q, window)
+
+
+# contexts cross block boundaries (block size 16, and 4 for many small blocks); a
+# 100-token chunk is cut into several work items; the blocks lie scattered over the pool
+@pytest.mark.parametrize("query_len", [1, 2, 5, 16, 100])
+@pytest.mark.parametrize("window", [None, 0, 20])
+@pytest.mark.parametrize("n_head, n_kv_head, head_dim", [(6, 2, 64), (8, 8, 128), (3, 1, 20)],
+                         ids=["gqa-d64", "mha-d128", "gqa-d20"])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_kernel_chunks_match_dense_causal_attention(query_len, window, n_head, n_kv_head, head_dim, dtype, tolerance):
+    context_lens = [query_len, query_len + 17, query_len + 130]
+    got, want = kernel_step([query_len] * 3, context_lens, 16, n_head, n_kv_head, head_dim, window, dtype)
+    torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
+
+
+def test_kernel_takes_chunks_of_mixed_lengths_and_small_blocks():
+    got, want = kernel_step([1, 5, 100, 2, 16], [40, 5, 300, 77, 16], 4, 4, 2, 16, 30, torch.float32)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def kernel_output(view, layer_idx, q, window, rows_per_item):
+    """The kernel's output for every sequence of the step, its queries cut into work items
+    of rows_per_item rows."""
+    query_lens, context_lens = np.array(view.query_lens), np.array(view.context_lens)
+    items = torch.from_numpy(work_items(np.arange(len(query_lens)), query_lens, context_lens,
+                                        np.cumsum(query_lens) - query_lens, rows_per_item))
+    out, cache, tables = torch.empty_like(q), view.cache, view.block_tables.to(torch.int64).contiguous()
+    assert load_library().paged_attention(
+        q.data_ptr(), cache.k[layer_idx].data_ptr(), cache.v[layer_idx].data_ptr(), tables.data_ptr(),
+        items.data_ptr(), out.data_ptr(), 0, len(items), tables.shape[1], q.shape[1], cache.k.shape[3],
+        q.shape[2], cache.block_size, -1 if window is None else window, q.shape[2] ** -0.5,
+        int(q.dtype == torch.bfloat16)) == 0
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 3, 20])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_query_row_computes_the_same_bits_in_a_chunk_as_in_a_decode(window, dtype):
+    # a speculative check's rows must give exactly what decoding them one by one gives,
+    # or accepting a guess would depend on speculating
+    view = random_step([9, 5], [141, 40], 16, 2, 64, dtype)
+    q = torch.randn(14, 6, 64, generator=torch.Generator().manual_seed(3)).to(dtype)
+    one_item = kernel_output(view, 1, q, window, rows_per_item=16)
+    assert torch.equal(one_item, kernel_output(view, 1, q, window, rows_per_item=1))
+    assert torch.equal(one_item, kernel_output(view, 1, q, window, rows_per_item=4))
+
+
+def test_chunks_longer_than_the_kernel_takes_are_sdpa_exactly():
+    query_len = MAX_KERNEL_QUERY_LEN + 1
+    got, want = compare_backends(CpuPagedAttention, [query_len, query_len + 5], [query_len, 200], 4, 4, 2, 16, None)
     assert torch.equal(got, want)
 
 
@@ -87,12 +163,18 @@ def test_without_a_compiler_auto_falls_back_to_sdpa_and_cpu_is_refused(fresh_ker
         resolve_attention_backend("cpu", CPU, torch.float32)
 
 
-def test_llm_greedy_tokens_and_logprobs_match_sdpa(checkpoint_dir):
-    # block_size 4 and 16-token chunks: one-token chunks and decodes share steps with prefills
-    prompts = [[(7 * i + 3 * j) % 256 for i in range(n)] for j, n in enumerate((5, 23, 30, 17))]
+@pytest.mark.parametrize("max_num_batched_tokens", [16, 48])
+@pytest.mark.parametrize("checkpoint", ["checkpoint_dir", "windowed_checkpoint"])
+def test_llm_greedy_tokens_and_logprobs_match_sdpa(checkpoint, max_num_batched_tokens, request):
+    # block_size 4 and chunked prefill: one-token chunks and decodes share steps with
+    # prefill chunks; at 48 tokens a step, the longest prompts' first chunks are longer
+    # than the kernel takes and go to SDPA beside the kernel's; the windowed model's odd
+    # layers see the last 32 keys
+    prompts = [[(7 * i + 3 * j) % 256 for i in range(n)] for j, n in enumerate((50, 45, 5, 23, 30, 17))]
     params = SamplingParams(temperature=0, max_tokens=8, logprobs=0, ignore_eos=True)
-    outputs = [LLM(checkpoint_dir, attention_backend=backend, block_size=4, max_num_batched_tokens=16)
-               .generate(prompts, params, use_tqdm=False) for backend in ("sdpa", "cpu")]
+    outputs = [LLM(request.getfixturevalue(checkpoint), attention_backend=backend, block_size=4,
+                   max_num_batched_tokens=max_num_batched_tokens).generate(prompts, params, use_tqdm=False)
+               for backend in ("sdpa", "cpu")]
     for want, got in zip(*outputs):
         assert got.outputs[0].token_ids == want.outputs[0].token_ids
         assert got.outputs[0].cumulative_logprob == pytest.approx(want.outputs[0].cumulative_logprob, abs=1e-4)

@@ -1,24 +1,38 @@
-"""CPU attention: decodes read the paged cache in place through a small C kernel.
+"""CPU attention: decodes and short query chunks read the paged cache in place through a C kernel.
 
 A decode's attention is bound by memory traffic: SDPA over the paged cache first
 gathers every visible key and value into a padded copy, then reads that copy (twice,
-where the gathered layout is not the one its kernel wants). `paged_decode.c` reads each
-key and value once, where it lies, so a decode step's attention costs a fraction of
-that. Prefill chunks do enough arithmetic per key that the gather does not matter;
-they stay on SDPA.
+where the gathered layout is not the one its kernel wants). `paged_attention.c` reads
+each key and value once, where it lies, for a chunk of query tokens at the end of a
+sequence's context: a decode (one token), a speculative check (the token and its
+guesses), a prefill chunk. Up to MAX_KERNEL_QUERY_LEN query tokens a sequence go
+through the kernel; longer prefill chunks do enough arithmetic per key that SDPA's
+matrix products win over the gather they pay for, and stay on SDPA (see
+docs/performance.md for the measurement behind the threshold).
 
 The kernel is one of microvllm's C kernels (`kernels.py`: built on first use,
-called through ctypes, which releases the GIL, so a batch is split across torch's
+called through ctypes, which releases the GIL, so a step's work is split across torch's
 thread count). Where they cannot be built, the `auto` backend stays on SDPA.
 """
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
+import numpy as np
 import torch
 
+from ..arithmetic import cdiv
+from ..engine.kv_cache import SequenceKVView
 from ..model.attention import SdpaPagedAttention
 from .kernels import load_library
+
+# the longest chunk of a sequence's new tokens that the kernel takes; SDPA takes longer ones
+MAX_KERNEL_QUERY_LEN = 32
+
+# a work item's query rows: its scores (rows x heads x keys) stay within L2 up to
+# contexts of a few thousand keys, and every item re-reads its keys
+ROWS_PER_ITEM = 16
 
 
 @cache
@@ -26,52 +40,90 @@ def _thread_pool(num_threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(num_threads, thread_name_prefix="microvllm-attention")
 
 
-def _split(context_lens: list[int], parts: int) -> list[tuple[int, int]]:
-    """Consecutive sequence ranges with about equal numbers of keys."""
+def _split(costs: Sequence[int], parts: int) -> list[tuple[int, int]]:
+    """Consecutive ranges of work items with about equal costs."""
     if parts == 1:
-        return [(0, len(context_lens))]
-    total, bounds, running = sum(context_lens), [0], 0
-    for i, n in enumerate(context_lens):
+        return [(0, len(costs))]
+    total, bounds, running = sum(costs), [0], 0
+    for i, n in enumerate(costs):
         running += n
         if running * parts >= total * len(bounds) and len(bounds) < parts:
             bounds.append(i + 1)
-    if bounds[-1] != len(context_lens):
-        bounds.append(len(context_lens))
+    if bounds[-1] != len(costs):
+        bounds.append(len(costs))
     return list(zip(bounds, bounds[1:]))
 
 
-class CpuPagedAttention:
-    """The step's leading single-token sequences (decodes, and prompts whose last chunk
-    is one token) go through the kernel; the prefill chunks after them through SDPA."""
+def work_items(seqs: np.ndarray, query_lens: np.ndarray, context_lens: np.ndarray,
+               first_tokens: np.ndarray, rows_per_item: int = ROWS_PER_ITEM) -> np.ndarray:
+    """The kernel's work items [n, 4] for the sequences `seqs` (block table rows), whose
+    queries are the last query_lens[i] positions of their contexts and sit from row
+    first_tokens[i] of the step's q on: (block table row, first query row, rows, position
+    of the first row), each sequence's queries cut into items of up to rows_per_item rows."""
+    if rows_per_item < 1:
+        raise ValueError(f"rows_per_item must be >= 1, got {rows_per_item}")
+    counts = cdiv(query_lens, rows_per_item)
+    starts = np.cumsum(counts) - counts
+    offset = (np.arange(counts.sum()) - np.repeat(starts, counts)) * rows_per_item
+    rows = np.minimum(rows_per_item, np.repeat(query_lens, counts) - offset)
+    positions = np.repeat(context_lens - query_lens, counts) + offset
+    return np.stack([np.repeat(seqs, counts), np.repeat(first_tokens, counts) + offset, rows, positions],
+                    axis=1).astype(np.int64)
 
-    # below this many keys in a step, one thread is quicker than handing work out
+
+def _sub_view(view: SequenceKVView, seqs: np.ndarray, tokens: torch.Tensor) -> SequenceKVView:
+    """The step's sequences `seqs`, whose query rows are `tokens`, as a step of their own."""
+    return SequenceKVView(view.cache, view.slot_mapping[tokens], view.block_tables[torch.from_numpy(seqs)],
+                          [view.query_lens[i] for i in seqs], [view.context_lens[i] for i in seqs])
+
+
+class CpuPagedAttention:
+    """Sequences with up to MAX_KERNEL_QUERY_LEN new tokens go through the kernel (work
+    items split over threads); the longer prefill chunks through SDPA."""
+
+    # below this many key-query pairs in a step, one thread is quicker than handing work out
     MIN_KEYS_PER_THREAD = 4096
 
-    def __init__(self, view):
+    def __init__(self, view: SequenceKVView, max_kernel_query_len: int = MAX_KERNEL_QUERY_LEN):
+        """`max_kernel_query_len`: the longest chunk the kernel takes (benchmarks move it)."""
+        if max_kernel_query_len < 0:
+            raise ValueError(f"max_kernel_query_len must be >= 0, got {max_kernel_query_len}")
         self.view = view
-        query_lens = view.query_lens
         self.slots = view.slot_mapping.to(torch.int64).contiguous()  # no copy in the engine
-        self.num_decodes = next((i for i, n in enumerate(query_lens) if n != 1), len(query_lens))
-        self.prefill = SdpaPagedAttention(view, self.num_decodes) if self.num_decodes < len(query_lens) else None
-        if self.num_decodes:
-            decode_lens = view.context_lens[:self.num_decodes]
-            self.context_lens = torch.tensor(decode_lens, dtype=torch.int64)
-            self.block_tables = view.block_tables[:self.num_decodes].to(torch.int64).contiguous()
-            parts = min(torch.get_num_threads(), max(1, sum(decode_lens) // self.MIN_KEYS_PER_THREAD))
-            self.ranges = _split(decode_lens, parts)
+        query_lens, context_lens = np.asarray(view.query_lens), np.asarray(view.context_lens)
+        first_tokens = np.cumsum(query_lens) - query_lens
+        short = query_lens <= max_kernel_query_len
+        kernel_seqs, sdpa_seqs = np.flatnonzero(short), np.flatnonzero(~short)
+        self.items = None
+        if len(kernel_seqs):
+            items = work_items(kernel_seqs, query_lens[short], context_lens[short], first_tokens[short])
+            self.items = torch.from_numpy(items)
+            self.block_tables = view.block_tables.to(torch.int64).contiguous()
+            costs = items[:, 2] * (items[:, 3] + items[:, 2])
+            parts = min(torch.get_num_threads(), max(1, int(costs.sum()) // self.MIN_KEYS_PER_THREAD))
+            self.ranges = _split(costs.tolist(), parts)
+        self.prefill, self.prefill_tokens = None, None
+        if len(kernel_seqs) == 0:
+            self.prefill = SdpaPagedAttention(view)
+        elif len(sdpa_seqs):
+            self.prefill_tokens = torch.from_numpy(np.concatenate(
+                [np.arange(first_tokens[i], first_tokens[i] + query_lens[i]) for i in sdpa_seqs]))
+            self.prefill = SdpaPagedAttention(_sub_view(view, sdpa_seqs, self.prefill_tokens))
 
-    def __call__(self, layer_idx, q, k, v, window):
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 window: int | None) -> torch.Tensor:
         self._write(layer_idx, k, v)
-        if not self.num_decodes:
+        if self.items is None:
             return self.prefill.attend_step(layer_idx, q, window)
         q = q.contiguous()
         out = torch.empty_like(q)
-        self._decode(layer_idx, q, out, window)
+        self._attend(layer_idx, q, out, window)
         if self.prefill:
-            self.prefill.attend(layer_idx, q, window, out)
+            prefill_q = q.index_select(0, self.prefill_tokens)
+            out.index_copy_(0, self.prefill_tokens, self.prefill.attend_step(layer_idx, prefill_q, window))
         return out
 
-    def _write(self, layer_idx, k, v):
+    def _write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
         # a row at a time (torch's index_copy_ on CPU copies element by element)
         scatter, slots = load_library().scatter_rows, self.slots
         for new, pool in ((k, self.view.cache.k[layer_idx]), (v, self.view.cache.v[layer_idx])):
@@ -81,11 +133,11 @@ class CpuPagedAttention:
             scatter(new.data_ptr(), new.stride(0) * new.element_size(), pool.data_ptr(), slots.data_ptr(),
                     new.shape[0], row_bytes)
 
-    def _decode(self, layer_idx, q, out, window):
+    def _attend(self, layer_idx: int, q: torch.Tensor, out: torch.Tensor, window: int | None) -> None:
         cache, (_, n_head, head_dim) = self.view.cache, q.shape
-        kernel = load_library().paged_decode_attention
+        kernel = load_library().paged_attention
         args = (q.data_ptr(), cache.k[layer_idx].data_ptr(), cache.v[layer_idx].data_ptr(),
-                self.block_tables.data_ptr(), self.context_lens.data_ptr(), out.data_ptr())
+                self.block_tables.data_ptr(), self.items.data_ptr(), out.data_ptr())
         shape = (self.block_tables.shape[1], n_head, cache.k.shape[3], head_dim, cache.block_size,
                  -1 if window is None else window, head_dim ** -0.5, int(q.dtype == torch.bfloat16))
         call = lambda first, end: kernel(*args, first, end, *shape)
@@ -94,4 +146,4 @@ class CpuPagedAttention:
         else:
             results = list(_thread_pool(torch.get_num_threads()).map(lambda r: call(*r), self.ranges))
         if any(results):
-            raise MemoryError("the CPU decode attention kernel could not allocate its scratch memory")
+            raise MemoryError("the CPU attention kernel could not allocate its scratch memory")

@@ -1,9 +1,9 @@
 """microvllm's C kernels for the CPU: built on first use, cached, called through ctypes.
 
-Three sources make one library: `paged_decode.c` (decode attention over the paged KV
-cache, used by the `cpu` attention backend), `fused_ops.c` (the forward's RMSNorm and
-rotary embedding in one pass each, used by `CpuOps`) and `sampling_noise.c` (the
-sampler's noise, used by the CPU platform). All are plain C with no torch headers: the
+Three sources make one library: `paged_attention.c` (attention of decodes and short
+query chunks over the paged KV cache, used by the `cpu` attention backend),
+`fused_ops.c` (the forward's RMSNorm and rotary embedding in one pass each, used by
+`CpuOps`) and `sampling_noise.c` (the sampler's noise, used by the CPU platform). All are plain C with no torch headers: the
 system compiler (`CC`, else `cc`) builds them for this CPU in about a second, into
 `~/.cache/microvllm` (or `MICROVLLM_CACHE`) under a hash of the sources, flags and CPU,
 so later processes only load the file. ctypes releases the GIL around
@@ -29,7 +29,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "paged_decode.c", HERE / "fused_ops.c", HERE / "sampling_noise.c")
+SOURCES = (HERE / "paged_attention.c", HERE / "fused_ops.c", HERE / "sampling_noise.c")
 HEADERS = (HERE / "bf16.h",)
 # -fopenmp-simd vectorises the kernels' loops without pulling in an OpenMP runtime
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared")
@@ -38,7 +38,7 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 _pointer, _int, _float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {  # name: argument types; every kernel returns an int, 0 on success
-    "paged_decode_attention": [_pointer] * 6 + [_int] * 8 + [_float, ctypes.c_int],
+    "paged_attention": [_pointer] * 6 + [_int] * 8 + [_float, ctypes.c_int],
     "rms_norm": [_pointer, _pointer, _int, _int, _int, _float, ctypes.c_int],
     "rotary_rms_norm": [_pointer, _int, _pointer, _pointer, _pointer, _pointer,
                         _int, _int, _int, _float, _float, ctypes.c_int],

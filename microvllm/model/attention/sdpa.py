@@ -73,13 +73,11 @@ class SdpaPagedAttention:
     GROUP_CONTEXT_RATIO = 2
     GROUP_CONTEXT_SLACK = 128
 
-    def __init__(self, view, first_seq: int = 0):
-        """Groups the sequences from `first_seq` on (those before are another backend's)."""
+    def __init__(self, view):
         self.view = view
         self.groups = []
-        self.covers_step = first_seq == 0
         query_lens, context_lens = view.query_lens, view.context_lens
-        first_token = sum(query_lens[:first_seq])
+        first_seq, first_token = 0, 0
         # a group is decodes, fresh prompts or chunk continuations: one continuation (keys
         # before its first query) would cost a group of fresh prompts their plain causal SDPA
         kind = [(q == 1, q == c) for q, c in zip(query_lens, context_lens)]
@@ -98,14 +96,10 @@ class SdpaPagedAttention:
 
     def attend_step(self, layer_idx, q, window):
         """The step's attention, its K/V already written."""
-        if self.covers_step and len(self.groups) == 1 and self.groups[0].all_valid:
-            k_blocks, v_blocks = self.view.cache.k[layer_idx], self.view.cache.v[layer_idx]
-            return self._attend(self.groups[0], q, k_blocks, v_blocks, window).reshape(q.shape)
-        return self.attend(layer_idx, q, window, torch.empty_like(q))
-
-    def attend(self, layer_idx, q, window, out):
-        """Fill the grouped sequences' rows of `out` (the step's K/V already written)."""
         k_blocks, v_blocks = self.view.cache.k[layer_idx], self.view.cache.v[layer_idx]
+        if len(self.groups) == 1 and self.groups[0].all_valid:
+            return self._attend(self.groups[0], q, k_blocks, v_blocks, window).reshape(q.shape)
+        out = torch.empty_like(q)
         for group in self.groups:
             y = self._attend(group, q, k_blocks, v_blocks, window)
             out[group.query_index[group.query_valid]] = y[group.query_valid]

@@ -1,30 +1,34 @@
-/* Decode attention over the paged KV cache, reading each key and value where it lies.
+/* Attention over the paged KV cache, reading each key and value where it lies.
 
-   One query token per sequence. For a sequence with context length C (its new token
-   included, already written to the cache), query head h attends to the keys at positions
-   max(0, C - 1 - window) .. C - 1 of kv head h / (n_head / n_kv_head). Position p lives
-   in block block_table[p / block_size], row p % block_size.
+   The work is a list of items, each a run of query rows of one sequence: a decode (one
+   row), a speculative check (the last token and its guesses), or a piece of a prefill
+   chunk. Query row r of an item sits at position first_pos + r of its sequence; query
+   head h attends to the keys at positions max(0, pos - window) .. pos of kv head
+   h / (n_head / n_kv_head) (causal, sliding window). Position p lives in block
+   block_table[p / block_size], row p % block_size; the item's keys are already written.
 
    Layouts (contiguous; float32, or bfloat16 with float32 arithmetic):
-     q, out           [num_seqs, n_head, head_dim]
+     q, out           [num_tokens, n_head, head_dim]  (the step's flat batch)
      k_pool, v_pool   [num_blocks, block_size, n_kv_head, head_dim]
      block_tables     [num_seqs, table_width]  (int64)
-     context_lens     [num_seqs]  (int64)
+     items            [num_items, 4]  (int64: block table row, first query row, rows, first_pos)
 
    The gathering SDPA path copies every visible key and value once and reads them twice;
    decode attention is bound by memory traffic, so reading them once, in place, is the
-   whole gain. Keys are visited in tiles of up to TILE positions of one block; in a tile,
-   each kv head's rows (bfloat16 ones widened to float32 once) serve all query heads of its
-   group while they are in L1. All query heads' scores are kept in a scratch row per head,
-   turned into softmax weights, and values are then visited the same way.
+   whole gain, and a short chunk's rows share each read. Keys are visited in tiles of up
+   to TILE positions of one block; in a tile, each kv head's rows (bfloat16 ones widened
+   to float32 once) serve all query heads of its group and all the item's rows while they
+   are in L1. Every row's and head's scores are kept in a scratch row, turned into
+   softmax weights, and values are then visited the same way.
 
    Each tile's successor is prefetched into L2 while the tile is worked on. On AVX-512,
    bfloat16 rows are read in place with intrinsics (below), and with AVX-512 BF16 the query
    meets the keys in bfloat16 pair products; elsewhere the loops are plain C that the
    compiler vectorises for whatever CPU it builds for. The body is one static inline
-   function taking the element type and head_dim as arguments;
-   the entry point calls it with constants for the common cases, so each call is compiled
-   into its own copy with the dtype branch folded away and the head_dim loops unrolled. */
+   function taking the element type, head_dim and the item's row count as arguments;
+   the entry point calls it with constants for the common cases (a decode's one row among
+   them), so each call is compiled into its own copy with the dtype branch folded away
+   and the loops unrolled. */
 
 #include <math.h>
 #include <stdlib.h>
@@ -215,13 +219,16 @@ static inline void dots_pairs(const uint16_t *q, const char *rows, size_t stride
                               int64_t head_dim, float scale, float *out) {}
 #endif
 
-/* The tile that starts at position p: its rows in the pool, and in *n how many (up to
-   TILE, within p's block, at most to position last). */
+/* The tile that starts at position p: its rows in the pool, and in *n how many (to the
+   next multiple of TILE in p's block, at most to position last). Tiles lie at fixed
+   places in a block, so a query row's keys fall into the same tiles, summed in the same
+   order, whatever row starts its work item: a row computes the same bits as a decode, in
+   a speculative check as without one. */
 static ALWAYS_INLINE const char *tile_at(const char *pool, const int64_t *table, int64_t p, int64_t last,
                                          int64_t block_size, size_t token_bytes, int64_t *n) {
     const int64_t start = p % block_size;
-    *n = block_size - start < last + 1 - p ? block_size - start : last + 1 - p;
-    *n = *n < TILE ? *n : TILE;
+    *n = block_size - start < TILE - start % TILE ? block_size - start : TILE - start % TILE;
+    *n = *n < last + 1 - p ? *n : last + 1 - p;
     return pool + (size_t)(table[p / block_size] * block_size + start) * token_bytes;
 }
 
@@ -236,107 +243,142 @@ static ALWAYS_INLINE void prefetch_tile(const char *pool, const int64_t *table, 
     for (size_t i = 0; i < (size_t)n * token_bytes; i += 64) __builtin_prefetch(rows + i, 0, 2);
 }
 
-/* The attention of sequences [first_seq, end_seq) (see paged_decode_attention), with
-   scratch for scores, a sequence's query and output rows, sums and a widened tile. */
-static ALWAYS_INLINE void decode(const void *q, const char *keys, const char *values,
-                                 const int64_t *block_tables, const int64_t *context_lens, void *out,
-                                 int64_t first_seq, int64_t end_seq, int64_t table_width,
-                                 int64_t n_head, int64_t n_kv_head, int64_t head_dim,
-                                 int64_t block_size, int64_t window, float scale, int bf16,
-                                 float *scores, int64_t max_keys) {
+/* The attention of one work item (see paged_attention): count query rows of block table
+   row seq, from row token of q and out on, at positions first_pos .. first_pos + count - 1.
+   Scratch for scores, the item's query and output rows, sums and a widened tile. */
+static ALWAYS_INLINE void attend_item(const void *q, const char *keys, const char *values,
+                                      const int64_t *table, void *out, int64_t token, int64_t count,
+                                      int64_t first_pos, int64_t n_head, int64_t n_kv_head, int64_t head_dim,
+                                      int64_t block_size, int64_t window, float scale, int bf16,
+                                      float *scores, float *qs, float *os, float *sums, float *tile) {
     const int64_t row = n_head * head_dim, group = n_head / n_kv_head;
     const size_t head_bytes = (bf16 ? 2 : 4) * (size_t)head_dim, token_bytes = head_bytes * (size_t)n_kv_head;
     const int in_place = BF16_VECTORS && bf16 && head_dim % CHUNK == 0;  /* bfloat16 rows read where they lie */
     const int pairs = PAIR_DOTS && in_place;  /* and the query meets keys in bfloat16 pairs */
-    float *qs = scores + n_head * max_keys, *os = qs + row, *sums = os + row, *tile = sums + n_head;
+    const int64_t last = first_pos + count - 1;
+    const int64_t first = window < 0 || first_pos - window < 0 ? 0 : first_pos - window;
+    const int64_t n_keys = last - first + 1;
+    /* scaled once here rather than every score; where rows are read in place, split by
+       parity as the keys arrive: per chunk, even elements first, then odd ones (pair
+       products read the query as it lies and scale the scores) */
+    if (!pairs)
+        for (int64_t i = 0; i < count * row; i++) {
+            const int64_t at = in_place ? i - i % CHUNK + (i % 2) * (CHUNK / 2) + (i % CHUNK) / 2 : i;
+            qs[at] = scale * element(q, token * row + i, bf16);
+        }
 
-    for (int64_t s = first_seq; s < end_seq; s++) {
-        const int64_t last = context_lens[s] - 1;
-        const int64_t first = window < 0 || last - window < 0 ? 0 : last - window;
-        const int64_t n_keys = last - first + 1;
-        const int64_t *table = block_tables + s * table_width;
-        /* scaled once here rather than every score; where rows are read in place, split by
-           parity as the keys arrive: per chunk, even elements first, then odd ones (pair
-           products read the query as it lies and scale the scores) */
-        if (!pairs)
-            for (int64_t i = 0; i < row; i++) {
-                const int64_t at = in_place ? i - i % CHUNK + (i % 2) * (CHUNK / 2) + (i % CHUNK) / 2 : i;
-                qs[at] = scale * element(q, s * row + i, bf16);
-            }
-
-        /* Both passes visit positions p .. p + n - 1, up to TILE of them within one block,
-           and in that run each kv head's rows serve all query heads of its group. */
+    /* Both passes visit positions p .. p + n - 1, up to TILE of them within one block,
+       and in that run each kv head's rows serve all query heads of its group and all
+       query rows. Query row r (at position first_pos + r) sees the tile's rows
+       at .. at + m - 1: causal, and in its window; a row that sees none skips it. Its
+       scores run n_keys apart per head, from key position first on. */
 #define TILES(POOL, IN_PLACE, WIDENED)                                                              \
-    for (int64_t p = first, n; p <= last; p += n) {                                                 \
-        const char *rows = tile_at(POOL, table, p, last, block_size, token_bytes, &n);              \
+    for (int64_t p = first, n; p <= last; p += n) {                                                  \
+        const char *rows = tile_at(POOL, table, p, last, block_size, token_bytes, &n);               \
         if (p + n <= last) prefetch_tile(POOL, table, p + n, last, block_size, token_bytes);         \
-        for (int64_t j = 0; j < n_kv_head; j++) {                                                   \
-            const char *head_rows = rows + j * head_bytes;                                          \
-            if (in_place) {                                                                         \
-                for (int64_t h = j * group; h < (j + 1) * group; h++) IN_PLACE;                    \
-                continue;                                                                           \
-            }                                                                                       \
-            int64_t step;                                                                           \
-            const float *x = as_float(head_rows, token_bytes, n, head_dim, bf16, tile, &step);      \
-            for (int64_t h = j * group; h < (j + 1) * group; h++) WIDENED;                         \
-        }                                                                                           \
+        for (int64_t j = 0; j < n_kv_head; j++) {                                                    \
+            const char *head_rows = rows + j * head_bytes;                                           \
+            int64_t step = 0;                                                                        \
+            const float *x = in_place ? 0 : as_float(head_rows, token_bytes, n, head_dim, bf16, tile, &step); \
+            for (int64_t r = 0; r < count; r++) {                                                    \
+                const int64_t pos = first_pos + r, seen = window < 0 || pos - window < p ? p : pos - window; \
+                const int64_t at = seen - p, m = (pos < p + n - 1 ? pos : p + n - 1) - seen + 1;     \
+                if (m <= 0) continue;                                                                \
+                for (int64_t h = j * group; h < (j + 1) * group; h++) {                              \
+                    float *w = scores + (r * n_head + h) * n_keys + (seen - first);                  \
+                    if (in_place) IN_PLACE;                                                          \
+                    else WIDENED;                                                                    \
+                }                                                                                    \
+            }                                                                                        \
+        }                                                                                            \
     }
-        /* scores[h][p - first] = q_h . k_p */
-        TILES(keys, pairs ? dots_pairs((const uint16_t *)q + s * row + h * head_dim, head_rows, token_bytes, n,
-                                       head_dim, scale, scores + h * n_keys + (p - first))
-                          : dots_bf16(qs + h * head_dim, head_rows, token_bytes, n, head_dim,
-                                      scores + h * n_keys + (p - first)),
-              dots(qs + h * head_dim, x, step, n, head_dim, scores + h * n_keys + (p - first)))
-        /* unnormalised softmax weights; the output is divided by their sum at the end */
+    /* w[i] = q_rh . k_(seen + i) */
+    TILES(keys, pairs ? dots_pairs((const uint16_t *)q + (token + r) * row + h * head_dim,
+                                   head_rows + at * token_bytes, token_bytes, m, head_dim, scale, w)
+                      : dots_bf16(qs + r * row + h * head_dim, head_rows + at * token_bytes, token_bytes, m,
+                                  head_dim, w),
+          dots(qs + r * row + h * head_dim, x + at * step, step, m, head_dim, w))
+    /* unnormalised softmax weights over each row's visible keys; the output is divided
+       by their sum at the end */
+    for (int64_t r = 0; r < count; r++) {
+        const int64_t pos = first_pos + r, seen = window < 0 || pos - window < first ? first : pos - window;
         for (int64_t h = 0; h < n_head; h++) {
-            float *w = scores + h * n_keys, max = w[0], sum = 0.0f;
+            float *w = scores + (r * n_head + h) * n_keys + (seen - first), max = w[0], sum = 0.0f;
+            const int64_t visible = pos - seen + 1;
 #pragma omp simd reduction(max : max)
-            for (int64_t i = 1; i < n_keys; i++) max = w[i] > max ? w[i] : max;
+            for (int64_t i = 1; i < visible; i++) max = w[i] > max ? w[i] : max;
 #pragma omp simd reduction(+ : sum)
-            for (int64_t i = 0; i < n_keys; i++) {
+            for (int64_t i = 0; i < visible; i++) {
                 w[i] = exp_nonpositive(w[i] - max);
                 sum += w[i];
             }
-            sums[h] = sum;
+            sums[r * n_head + h] = sum;
         }
-        /* os[h] = sum_p w[h][p] v_p */
-        memset(os, 0, sizeof(float) * (size_t)row);
-        TILES(values, add_weighted_bf16(os + h * head_dim, head_rows, token_bytes, scores + h * n_keys + (p - first), n, head_dim),
-              add_weighted(os + h * head_dim, x, step, scores + h * n_keys + (p - first), n, head_dim))
+    }
+    /* os[r][h] = sum_i w[i] v_(seen + i) */
+    memset(os, 0, sizeof(float) * (size_t)(count * row));
+    TILES(values, add_weighted_bf16(os + r * row + h * head_dim, head_rows + at * token_bytes, token_bytes, w, m, head_dim),
+          add_weighted(os + r * row + h * head_dim, x + at * step, step, w, m, head_dim))
 #undef TILES
-        if (in_place) unsplit(os, row);
+    if (in_place) unsplit(os, count * row);
+    for (int64_t r = 0; r < count; r++)
         for (int64_t h = 0; h < n_head; h++) {
-            const float inverse = 1.0f / sums[h];
-            for (int64_t i = h * head_dim; i < (h + 1) * head_dim; i++) {
-                if (bf16) ((uint16_t *)out)[s * row + i] = float_to_bf16(os[i] * inverse);
-                else ((float *)out)[s * row + i] = os[i] * inverse;
+            const float inverse = 1.0f / sums[r * n_head + h];
+            for (int64_t i = (r * n_head + h) * head_dim; i < (r * n_head + h + 1) * head_dim; i++) {
+                if (bf16) ((uint16_t *)out)[token * row + i] = float_to_bf16(os[i] * inverse);
+                else ((float *)out)[token * row + i] = os[i] * inverse;
             }
         }
+}
+
+/* The attention of work items [first_item, end_item) (see paged_attention). */
+static ALWAYS_INLINE void attend(const void *q, const char *keys, const char *values,
+                                 const int64_t *block_tables, const int64_t *items, void *out,
+                                 int64_t first_item, int64_t end_item, int64_t table_width,
+                                 int64_t n_head, int64_t n_kv_head, int64_t head_dim,
+                                 int64_t block_size, int64_t window, float scale, int bf16,
+                                 float *scores, int64_t max_scores, int64_t max_count) {
+    float *qs = scores + max_scores, *os = qs + max_count * n_head * head_dim;
+    float *sums = os + max_count * n_head * head_dim, *tile = sums + max_count * n_head;
+    for (const int64_t *item = items + 4 * first_item; item < items + 4 * end_item; item += 4) {
+#define ITEM(COUNT)                                                                                 \
+    attend_item(q, keys, values, block_tables + item[0] * table_width, out, item[1], COUNT, item[3], \
+                n_head, n_kv_head, head_dim, block_size, window, scale, bf16, scores, qs, os, sums, tile)
+        /* a decode's own copy, its loops over query rows folded away */
+        if (item[2] == 1) ITEM(1);
+        else ITEM(item[2]);
+#undef ITEM
     }
 }
 
-/* Sequences [first_seq, end_seq): callers split a batch across threads this way.
-   bf16 != 0: q, pools and out hold bfloat16. Returns 0, or -1 if the scratch memory
-   could not be had. */
-int paged_decode_attention(const void *q, const void *k_pool, const void *v_pool,
-                           const int64_t *block_tables, const int64_t *context_lens, void *out,
-                           int64_t first_seq, int64_t end_seq, int64_t table_width,
-                           int64_t n_head, int64_t n_kv_head, int64_t head_dim,
-                           int64_t block_size, int64_t window, float scale, int bf16) {
-    int64_t max_keys = 1;
-    for (int64_t s = first_seq; s < end_seq; s++)
-        if (context_lens[s] > max_keys) max_keys = context_lens[s];
-    /* every head's scores; a sequence's query and output rows in float32; each head's sum
-       of weights; a tile of rows widened to float32 */
-    float *scores = malloc(sizeof(float) * (size_t)(n_head * max_keys + 2 * n_head * head_dim + n_head + TILE * head_dim));
+/* Work items [first_item, end_item) of items [num_items, 4]: (block table row, first query
+   row in q and out, count, position of the first query); callers split a step across
+   threads this way. bf16 != 0: q, pools and out hold bfloat16. Returns 0, or -1 if the
+   scratch memory could not be had. */
+int paged_attention(const void *q, const void *k_pool, const void *v_pool,
+                    const int64_t *block_tables, const int64_t *items, void *out,
+                    int64_t first_item, int64_t end_item, int64_t table_width,
+                    int64_t n_head, int64_t n_kv_head, int64_t head_dim,
+                    int64_t block_size, int64_t window, float scale, int bf16) {
+    int64_t max_scores = 1, max_count = 1;
+    for (const int64_t *item = items + 4 * first_item; item < items + 4 * end_item; item += 4) {
+        const int64_t count = item[2], last = item[3] + count - 1;
+        const int64_t first = window < 0 || item[3] - window < 0 ? 0 : item[3] - window;
+        if (count * n_head * (last - first + 1) > max_scores) max_scores = count * n_head * (last - first + 1);
+        if (count > max_count) max_count = count;
+    }
+    /* every row's and head's scores; the item's query and output rows in float32; each
+       row's and head's sum of weights; a tile of rows widened to float32 */
+    float *scores = malloc(sizeof(float) * (size_t)(max_scores + max_count * (2 * n_head * head_dim + n_head)
+                                                     + TILE * head_dim));
     if (!scores) return -1;
-#define DECODE(BF16, HEAD_DIM)                                                                      \
-    decode(q, k_pool, v_pool, block_tables, context_lens, out, first_seq, end_seq, table_width,     \
-           n_head, n_kv_head, HEAD_DIM, block_size, window, scale, BF16, scores, max_keys)
-    if (head_dim == 64) bf16 ? DECODE(1, 64) : DECODE(0, 64);
-    else if (head_dim == 128) bf16 ? DECODE(1, 128) : DECODE(0, 128);
-    else bf16 ? DECODE(1, head_dim) : DECODE(0, head_dim);
-#undef DECODE
+#define ATTEND(BF16, HEAD_DIM)                                                                      \
+    attend(q, k_pool, v_pool, block_tables, items, out, first_item, end_item, table_width,          \
+           n_head, n_kv_head, HEAD_DIM, block_size, window, scale, BF16, scores, max_scores, max_count)
+    if (head_dim == 64) bf16 ? ATTEND(1, 64) : ATTEND(0, 64);
+    else if (head_dim == 128) bf16 ? ATTEND(1, 128) : ATTEND(0, 128);
+    else bf16 ? ATTEND(1, head_dim) : ATTEND(0, head_dim);
+#undef ATTEND
     free(scores);
     return 0;
 }
