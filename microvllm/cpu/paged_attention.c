@@ -176,6 +176,38 @@ static ALWAYS_INLINE void add_weighted_bf16(float *o, const char *rows, size_t s
     }
 }
 
+/* add_weighted_bf16 for ROWS query rows that all see the same n value rows: each value row
+   is widened once for all of them (a chunk's rows and a GQA group's heads share a tile).
+   Each query row's sums run in the same order as add_weighted_bf16's, to the bit. */
+enum { ROWS = 4 };
+static ALWAYS_INLINE void add_weighted_bf16_rows(float *const o[ROWS], const char *rows, size_t stride,
+                                                 const float *const w[ROWS], int64_t n, int64_t head_dim) {
+    for (int64_t c = 0; c < head_dim; c += CHUNK) {
+        /* even and odd t in sums of their own, as add_weighted_bf16 keeps them; t in pairs,
+           so that every sum has a register of its own */
+        __m512 even[ROWS][2], odd[ROWS][2];
+        for (int i = 0; i < ROWS; i++) {
+            even[i][0] = _mm512_loadu_ps(o[i] + c), even[i][1] = _mm512_setzero_ps();
+            odd[i][0] = _mm512_loadu_ps(o[i] + c + 16), odd[i][1] = _mm512_setzero_ps();
+        }
+        for (int64_t t = 0; t < n; t += 2) {
+            for (int parity = 0; parity < 2 && t + parity < n; parity++) {
+                const __m512i x = _mm512_loadu_si512(rows + (size_t)(t + parity) * stride + 2 * c);
+                const __m512 x_even = even_half(x), x_odd = odd_half(x);
+                for (int i = 0; i < ROWS; i++) {
+                    const __m512 weight = _mm512_set1_ps(w[i][t + parity]);
+                    even[i][parity] = _mm512_fmadd_ps(weight, x_even, even[i][parity]);
+                    odd[i][parity] = _mm512_fmadd_ps(weight, x_odd, odd[i][parity]);
+                }
+            }
+        }
+        for (int i = 0; i < ROWS; i++) {
+            _mm512_storeu_ps(o[i] + c, _mm512_add_ps(even[i][0], even[i][1]));
+            _mm512_storeu_ps(o[i] + c + 16, _mm512_add_ps(odd[i][0], odd[i][1]));
+        }
+    }
+}
+
 /* rows of n elements (n a multiple of 32) from split-by-parity order back to natural order */
 static ALWAYS_INLINE void unsplit(float *x, int64_t n) {
     const __m512i low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
@@ -193,6 +225,9 @@ static inline void dots_bf16(const float *q, const char *rows, size_t stride, in
                              float *out) {}
 static inline void add_weighted_bf16(float *o, const char *rows, size_t stride, const float *w, int64_t n,
                                      int64_t head_dim) {}
+enum { ROWS = 4 };
+static inline void add_weighted_bf16_rows(float *const o[ROWS], const char *rows, size_t stride,
+                                          const float *const w[ROWS], int64_t n, int64_t head_dim) {}
 static inline void unsplit(float *x, int64_t n) {}
 #endif
 
@@ -243,6 +278,35 @@ static ALWAYS_INLINE void prefetch_tile(const char *pool, const int64_t *table, 
     for (size_t i = 0; i < (size_t)n * token_bytes; i += 64) __builtin_prefetch(rows + i, 0, 2);
 }
 
+/* Query rows waiting to take a tile's values together (add_weighted_bf16_rows): rows
+   that see only part of the tile take theirs alone. */
+struct value_rows {
+    float *o[ROWS];
+    const float *w[ROWS];
+    int size;
+};
+
+/* o += w . (value rows at .. at + m - 1 of the n at rows), now or with the batch */
+static ALWAYS_INLINE void take_values(struct value_rows *batch, float *o, const char *rows, size_t stride,
+                                      const float *w, int64_t at, int64_t m, int64_t n, int64_t head_dim) {
+    if (m < n) {
+        add_weighted_bf16(o, rows + at * stride, stride, w, m, head_dim);
+        return;
+    }
+    batch->o[batch->size] = o, batch->w[batch->size] = w;
+    if (++batch->size == ROWS) {
+        add_weighted_bf16_rows(batch->o, rows, stride, batch->w, n, head_dim);
+        batch->size = 0;
+    }
+}
+
+/* the batch's last rows, each alone */
+static ALWAYS_INLINE void flush_values(struct value_rows *batch, const char *rows, size_t stride, int64_t n,
+                                       int64_t head_dim) {
+    for (int i = 0; i < batch->size; i++) add_weighted_bf16(batch->o[i], rows, stride, batch->w[i], n, head_dim);
+    batch->size = 0;
+}
+
 /* The attention of one work item (see paged_attention): count query rows of block table
    row seq, from row token of q and out on, at positions first_pos .. first_pos + count - 1.
    Scratch for scores, the item's query and output rows, sums and a widened tile. */
@@ -272,7 +336,7 @@ static ALWAYS_INLINE void attend_item(const void *q, const char *keys, const cha
        query rows. Query row r (at position first_pos + r) sees the tile's rows
        at .. at + m - 1: causal, and in its window; a row that sees none skips it. Its
        scores run n_keys apart per head, from key position first on. */
-#define TILES(POOL, IN_PLACE, WIDENED)                                                              \
+#define TILES(POOL, IN_PLACE, WIDENED, AFTER_HEAD)                                                  \
     for (int64_t p = first, n; p <= last; p += n) {                                                  \
         const char *rows = tile_at(POOL, table, p, last, block_size, token_bytes, &n);               \
         if (p + n <= last) prefetch_tile(POOL, table, p + n, last, block_size, token_bytes);         \
@@ -290,6 +354,7 @@ static ALWAYS_INLINE void attend_item(const void *q, const char *keys, const cha
                     else WIDENED;                                                                    \
                 }                                                                                    \
             }                                                                                        \
+            AFTER_HEAD;                                                                              \
         }                                                                                            \
     }
     /* w[i] = q_rh . k_(seen + i) */
@@ -297,7 +362,7 @@ static ALWAYS_INLINE void attend_item(const void *q, const char *keys, const cha
                                    head_rows + at * token_bytes, token_bytes, m, head_dim, scale, w)
                       : dots_bf16(qs + r * row + h * head_dim, head_rows + at * token_bytes, token_bytes, m,
                                   head_dim, w),
-          dots(qs + r * row + h * head_dim, x + at * step, step, m, head_dim, w))
+          dots(qs + r * row + h * head_dim, x + at * step, step, m, head_dim, w), (void)0)
     /* unnormalised softmax weights over each row's visible keys; the output is divided
        by their sum at the end */
     for (int64_t r = 0; r < count; r++) {
@@ -317,8 +382,10 @@ static ALWAYS_INLINE void attend_item(const void *q, const char *keys, const cha
     }
     /* os[r][h] = sum_i w[i] v_(seen + i) */
     memset(os, 0, sizeof(float) * (size_t)(count * row));
-    TILES(values, add_weighted_bf16(os + r * row + h * head_dim, head_rows + at * token_bytes, token_bytes, w, m, head_dim),
-          add_weighted(os + r * row + h * head_dim, x + at * step, step, w, m, head_dim))
+    struct value_rows batch = {.size = 0};
+    TILES(values, take_values(&batch, os + r * row + h * head_dim, head_rows, token_bytes, w, at, m, n, head_dim),
+          add_weighted(os + r * row + h * head_dim, x + at * step, step, w, m, head_dim),
+          flush_values(&batch, head_rows, token_bytes, n, head_dim))
 #undef TILES
     if (in_place) unsplit(os, count * row);
     for (int64_t r = 0; r < count; r++)
