@@ -157,36 +157,18 @@ static ALWAYS_INLINE void dots_bf16(const float *q, const char *rows, size_t str
     _mm512_mask_storeu_ps(out, (__mmask16)((1u << n) - 1), lane_sums(acc));
 }
 
-/* o += sum_t w[t] v_t for the n bfloat16 rows v_t = rows + t * stride (bytes), o split by
-   parity as the query is. Even and odd t go to separate sums, two chains of additions
-   rather than one. */
-static ALWAYS_INLINE void add_weighted_bf16(float *o, const char *rows, size_t stride, const float *w,
-                                            int64_t n, int64_t head_dim) {
-    for (int64_t c = 0; c < head_dim; c += CHUNK) {
-        __m512 even[2] = {_mm512_loadu_ps(o + c), _mm512_setzero_ps()};
-        __m512 odd[2] = {_mm512_loadu_ps(o + c + 16), _mm512_setzero_ps()};
-        for (int64_t t = 0; t < n; t++) {
-            const __m512 weight = _mm512_set1_ps(w[t]);
-            const __m512i x = _mm512_loadu_si512(rows + (size_t)t * stride + 2 * c);
-            even[t & 1] = _mm512_fmadd_ps(weight, even_half(x), even[t & 1]);
-            odd[t & 1] = _mm512_fmadd_ps(weight, odd_half(x), odd[t & 1]);
-        }
-        _mm512_storeu_ps(o + c, _mm512_add_ps(even[0], even[1]));
-        _mm512_storeu_ps(o + c + 16, _mm512_add_ps(odd[0], odd[1]));
-    }
-}
-
-/* add_weighted_bf16 for ROWS query rows that all see the same n value rows: each value row
-   is widened once for all of them (a chunk's rows and a GQA group's heads share a tile).
-   Each query row's sums run in the same order as add_weighted_bf16's, to the bit. */
+/* o[i] += sum_t w[i][t] v_t for the n bfloat16 rows v_t = rows + t * stride (bytes) and
+   query rows i < count <= ROWS, o split by parity as the query is. Each value row is
+   widened once for all query rows (a chunk's rows and a GQA group's heads share a tile).
+   Even and odd t go to separate sums, two chains of additions rather than one, and t goes
+   in pairs so that every sum keeps a register of its own; a query row's sums run in the
+   same order whatever count it comes with. */
 enum { ROWS = 4 };
-static ALWAYS_INLINE void add_weighted_bf16_rows(float *const o[ROWS], const char *rows, size_t stride,
-                                                 const float *const w[ROWS], int64_t n, int64_t head_dim) {
+static ALWAYS_INLINE void add_weighted_bf16_rows(float *const *o, const char *rows, size_t stride,
+                                                 const float *const *w, int64_t n, int64_t head_dim, int count) {
     for (int64_t c = 0; c < head_dim; c += CHUNK) {
-        /* even and odd t in sums of their own, as add_weighted_bf16 keeps them; t in pairs,
-           so that every sum has a register of its own */
         __m512 even[ROWS][2], odd[ROWS][2];
-        for (int i = 0; i < ROWS; i++) {
+        for (int i = 0; i < count; i++) {
             even[i][0] = _mm512_loadu_ps(o[i] + c), even[i][1] = _mm512_setzero_ps();
             odd[i][0] = _mm512_loadu_ps(o[i] + c + 16), odd[i][1] = _mm512_setzero_ps();
         }
@@ -194,18 +176,24 @@ static ALWAYS_INLINE void add_weighted_bf16_rows(float *const o[ROWS], const cha
             for (int parity = 0; parity < 2 && t + parity < n; parity++) {
                 const __m512i x = _mm512_loadu_si512(rows + (size_t)(t + parity) * stride + 2 * c);
                 const __m512 x_even = even_half(x), x_odd = odd_half(x);
-                for (int i = 0; i < ROWS; i++) {
+                for (int i = 0; i < count; i++) {
                     const __m512 weight = _mm512_set1_ps(w[i][t + parity]);
                     even[i][parity] = _mm512_fmadd_ps(weight, x_even, even[i][parity]);
                     odd[i][parity] = _mm512_fmadd_ps(weight, x_odd, odd[i][parity]);
                 }
             }
         }
-        for (int i = 0; i < ROWS; i++) {
+        for (int i = 0; i < count; i++) {
             _mm512_storeu_ps(o[i] + c, _mm512_add_ps(even[i][0], even[i][1]));
             _mm512_storeu_ps(o[i] + c + 16, _mm512_add_ps(odd[i][0], odd[i][1]));
         }
     }
+}
+
+/* one query row's add_weighted_bf16_rows */
+static ALWAYS_INLINE void add_weighted_bf16(float *o, const char *rows, size_t stride, const float *w, int64_t n,
+                                            int64_t head_dim) {
+    add_weighted_bf16_rows(&o, rows, stride, &w, n, head_dim, 1);
 }
 
 /* rows of n elements (n a multiple of 32) from split-by-parity order back to natural order */
@@ -226,8 +214,8 @@ static inline void dots_bf16(const float *q, const char *rows, size_t stride, in
 static inline void add_weighted_bf16(float *o, const char *rows, size_t stride, const float *w, int64_t n,
                                      int64_t head_dim) {}
 enum { ROWS = 4 };
-static inline void add_weighted_bf16_rows(float *const o[ROWS], const char *rows, size_t stride,
-                                          const float *const w[ROWS], int64_t n, int64_t head_dim) {}
+static inline void add_weighted_bf16_rows(float *const *o, const char *rows, size_t stride,
+                                          const float *const *w, int64_t n, int64_t head_dim, int count) {}
 static inline void unsplit(float *x, int64_t n) {}
 #endif
 
@@ -286,16 +274,17 @@ struct value_rows {
     int size;
 };
 
-/* o += w . (value rows at .. at + m - 1 of the n at rows), now or with the batch */
-static ALWAYS_INLINE void take_values(struct value_rows *batch, float *o, const char *rows, size_t stride,
+/* o += w . (value rows at .. at + m - 1 of the n at rows), now or with the batch (where
+   enough rows share the tiles) */
+static ALWAYS_INLINE void take_values(struct value_rows *batch, int share, float *o, const char *rows, size_t stride,
                                       const float *w, int64_t at, int64_t m, int64_t n, int64_t head_dim) {
-    if (m < n) {
+    if (!share || m < n) {
         add_weighted_bf16(o, rows + at * stride, stride, w, m, head_dim);
         return;
     }
     batch->o[batch->size] = o, batch->w[batch->size] = w;
     if (++batch->size == ROWS) {
-        add_weighted_bf16_rows(batch->o, rows, stride, batch->w, n, head_dim);
+        add_weighted_bf16_rows(batch->o, rows, stride, batch->w, n, head_dim, ROWS);
         batch->size = 0;
     }
 }
@@ -383,7 +372,8 @@ static ALWAYS_INLINE void attend_item(const void *q, const char *keys, const cha
     /* os[r][h] = sum_i w[i] v_(seen + i) */
     memset(os, 0, sizeof(float) * (size_t)(count * row));
     struct value_rows batch = {.size = 0};
-    TILES(values, take_values(&batch, os + r * row + h * head_dim, head_rows, token_bytes, w, at, m, n, head_dim),
+    const int share = count * group >= ROWS;  /* a decode of an MHA model takes its values alone */
+    TILES(values, take_values(&batch, share, os + r * row + h * head_dim, head_rows, token_bytes, w, at, m, n, head_dim),
           add_weighted(os + r * row + h * head_dim, x + at * step, step, w, m, head_dim),
           flush_values(&batch, head_rows, token_bytes, n, head_dim))
 #undef TILES
