@@ -12,7 +12,7 @@ from microvllm import LLM, SamplingParams
 from microvllm.cpu import attention as cpu_attention
 from microvllm.model.attention import SdpaPagedAttention, window_mask
 from microvllm.platform import resolve_attention_backend
-from microvllm.cpu.attention import MAX_KERNEL_QUERY_LEN, CpuPagedAttention, work_items
+from microvllm.cpu.attention import MAX_KERNEL_PROMPT_LEN, MAX_KERNEL_QUERY_LEN, CpuPagedAttention, work_items
 from microvllm.cpu.kernels import load_library
 from helpers import MIXED_CONTEXT_LENS, MIXED_QUERY_LENS, compare_backends, random_step
 
@@ -72,7 +72,7 @@ def kernel_step(query_lens, context_lens, block_size, n_head, n_kv_head, head_di
     n = sum(query_lens)
     q, k, v = (torch.randn(n, h, head_dim, generator=gen).to(dtype) for h in (n_head, n_kv_head, n_kv_head))
     view = random_step(query_lens, context_lens, block_size, n_kv_head, head_dim, dtype)
-    got = CpuPagedAttention(view, max_kernel_query_len=max(query_lens))(1, q, k, v, window)
+    got = CpuPagedAttention(view, max(query_lens), max(query_lens))(1, q, k, v, window)
     return got, dense_attention(view, 1, q, window)
 
 
@@ -121,10 +121,25 @@ def test_a_query_row_computes_the_same_bits_in_a_chunk_as_in_a_decode(window, dt
     assert torch.equal(one_item, kernel_output(view, 1, q, window, rows_per_item=4))
 
 
-def test_chunks_longer_than_the_kernel_takes_are_sdpa_exactly():
+def test_the_kernel_takes_short_chunks_and_whole_prompts_up_to_their_limits():
+    # decodes and checks; a continued chunk at the limit and one past it; a fresh prompt
+    # past the chunk limit (the kernel's) and a continued chunk as long (SDPA's)
+    query_lens = [1, 5, MAX_KERNEL_QUERY_LEN, MAX_KERNEL_QUERY_LEN + 1, 40, 40, MAX_KERNEL_PROMPT_LEN + 1]
+    context_lens = [100, 300, 1000, 1000, 40, 41, MAX_KERNEL_PROMPT_LEN + 1]
+    backend = CpuPagedAttention(random_step(query_lens, context_lens, 16, 1, 8, torch.float32))
+    assert backend.kernel_seqs.tolist() == [0, 1, 2, 4]
+
+
+def test_chunks_the_kernel_does_not_take_are_sdpa_exactly():
     query_len = MAX_KERNEL_QUERY_LEN + 1
-    got, want = compare_backends(CpuPagedAttention, [query_len, query_len + 5], [query_len, 200], 4, 4, 2, 16, None)
+    got, want = compare_backends(CpuPagedAttention, [query_len, query_len + 5], [query_len + 3, 200], 4, 4, 2, 16, None)
     assert torch.equal(got, want)
+
+
+def test_kernel_limits_must_not_be_negative():
+    view = random_step([1], [5], 4, 1, 8, torch.float32)
+    with pytest.raises(ValueError, match="max_kernel_prompt_len must be >= 0"):
+        CpuPagedAttention(view, max_kernel_prompt_len=-1)
 
 
 def test_a_batch_split_across_threads_gives_the_single_thread_result(monkeypatch):
@@ -141,8 +156,8 @@ def test_a_batch_split_across_threads_gives_the_single_thread_result(monkeypatch
 
 
 @pytest.mark.parametrize("lens, parts", [([5, 5, 5, 5], 2), ([100, 1, 1, 1], 3), ([3], 4), ([1, 2, 3, 4, 5, 6], 3)])
-def test_split_covers_every_sequence_once_in_order(lens, parts):
-    ranges = cpu_attention._split(lens, parts)
+def test_split_covers_every_item_once_in_order(lens, parts):
+    ranges = cpu_attention._split(np.array(lens), parts)
     assert ranges[0][0] == 0 and ranges[-1][1] == len(lens) and len(ranges) <= parts
     assert all(end == next_first for (_, end), (next_first, _) in zip(ranges, ranges[1:]))
     assert all(first < end for first, end in ranges)
@@ -163,14 +178,14 @@ def test_without_a_compiler_auto_falls_back_to_sdpa_and_cpu_is_refused(fresh_ker
         resolve_attention_backend("cpu", CPU, torch.float32)
 
 
-@pytest.mark.parametrize("max_num_batched_tokens", [16, 48])
+@pytest.mark.parametrize("max_num_batched_tokens", [16, 30])
 @pytest.mark.parametrize("checkpoint", ["checkpoint_dir", "windowed_checkpoint"])
 def test_llm_greedy_tokens_and_logprobs_match_sdpa(checkpoint, max_num_batched_tokens, request):
     # block_size 4 and chunked prefill: one-token chunks and decodes share steps with
-    # prefill chunks; at 48 tokens a step, the longest prompts' first chunks are longer
-    # than the kernel takes and go to SDPA beside the kernel's; the windowed model's odd
-    # layers see the last 32 keys
-    prompts = [[(7 * i + 3 * j) % 256 for i in range(n)] for j, n in enumerate((50, 45, 5, 23, 30, 17))]
+    # prefill chunks; at 30 tokens a step, the 56-token prompt's second chunk (29 tokens
+    # after 27 cached) goes to SDPA beside a decode in the kernel; the windowed model's
+    # odd layers see the last 32 keys
+    prompts = [[(7 * i + 3 * j) % 256 for i in range(n)] for j, n in enumerate((5, 56, 45, 23, 30, 17))]
     params = SamplingParams(temperature=0, max_tokens=8, logprobs=0, ignore_eos=True)
     outputs = [LLM(request.getfixturevalue(checkpoint), attention_backend=backend, block_size=4,
                    max_num_batched_tokens=max_num_batched_tokens).generate(prompts, params, use_tqdm=False)

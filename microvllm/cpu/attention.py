@@ -5,17 +5,18 @@ gathers every visible key and value into a padded copy, then reads that copy (tw
 where the gathered layout is not the one its kernel wants). `paged_attention.c` reads
 each key and value once, where it lies, for a chunk of query tokens at the end of a
 sequence's context: a decode (one token), a speculative check (the token and its
-guesses), a prefill chunk. Up to MAX_KERNEL_QUERY_LEN query tokens a sequence go
-through the kernel; longer prefill chunks do enough arithmetic per key that SDPA's
-matrix products win over the gather they pay for, and stay on SDPA (see
-docs/performance.md for the measurement behind the threshold).
+guesses), a prefill chunk. A chunk goes through the kernel when it is short (up to
+MAX_KERNEL_QUERY_LEN tokens) or a whole prompt's first chunk up to MAX_KERNEL_PROMPT_LEN
+tokens (no keys before its queries, half of them masked, which the kernel skips); longer
+chunks do enough arithmetic per key that SDPA's matrix products win over the gather
+they pay for. Both limits are where the two paths cross in `benchmarks/chunk_attention.py`
+(docs/performance.md).
 
 The kernel is one of microvllm's C kernels (`kernels.py`: built on first use,
 called through ctypes, which releases the GIL, so a step's work is split across torch's
 thread count). Where they cannot be built, the `auto` backend stays on SDPA.
 """
 
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
@@ -27,8 +28,10 @@ from ..engine.kv_cache import SequenceKVView
 from ..model.attention import SdpaPagedAttention
 from .kernels import load_library
 
-# the longest chunk of a sequence's new tokens that the kernel takes; SDPA takes longer ones
-MAX_KERNEL_QUERY_LEN = 32
+# the longest chunk of new tokens after cached ones that the kernel takes, and the longest
+# first chunk of a prompt; SDPA takes longer ones
+MAX_KERNEL_QUERY_LEN = 24
+MAX_KERNEL_PROMPT_LEN = 512
 
 # a work item's query rows: its scores (rows x heads x keys) stay within L2 up to
 # contexts of a few thousand keys, and every item re-reads its keys
@@ -40,17 +43,15 @@ def _thread_pool(num_threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(num_threads, thread_name_prefix="microvllm-attention")
 
 
-def _split(costs: Sequence[int], parts: int) -> list[tuple[int, int]]:
-    """Consecutive ranges of work items with about equal costs."""
+def _split(costs: np.ndarray, parts: int) -> list[tuple[int, int]]:
+    """Consecutive ranges of work items with about equal costs (fewer where one item
+    outweighs a part)."""
     if parts == 1:
         return [(0, len(costs))]
-    total, bounds, running = sum(costs), [0], 0
-    for i, n in enumerate(costs):
-        running += n
-        if running * parts >= total * len(bounds) and len(bounds) < parts:
-            bounds.append(i + 1)
-    if bounds[-1] != len(costs):
-        bounds.append(len(costs))
+    running = np.cumsum(costs)
+    # range k ends at the first item whose running cost reaches k / parts of the total
+    ends = np.searchsorted(running, running[-1] * np.arange(1, parts) / parts) + 1
+    bounds = [0, *np.unique(ends[ends < len(costs)]).tolist(), len(costs)]
     return list(zip(bounds, bounds[1:]))
 
 
@@ -62,6 +63,8 @@ def work_items(seqs: np.ndarray, query_lens: np.ndarray, context_lens: np.ndarra
     of the first row), each sequence's queries cut into items of up to rows_per_item rows."""
     if rows_per_item < 1:
         raise ValueError(f"rows_per_item must be >= 1, got {rows_per_item}")
+    if query_lens.max(initial=0) <= rows_per_item:  # one item a sequence (decodes, checks): the quick way
+        return np.stack([seqs, first_tokens, query_lens, context_lens - query_lens], axis=1).astype(np.int64)
     counts = cdiv(query_lens, rows_per_item)
     starts = np.cumsum(counts) - counts
     offset = (np.arange(counts.sum()) - np.repeat(starts, counts)) * rows_per_item
@@ -78,32 +81,38 @@ def _sub_view(view: SequenceKVView, seqs: np.ndarray, tokens: torch.Tensor) -> S
 
 
 class CpuPagedAttention:
-    """Sequences with up to MAX_KERNEL_QUERY_LEN new tokens go through the kernel (work
-    items split over threads); the longer prefill chunks through SDPA."""
+    """Sequences whose chunks the kernel takes (see the module docstring) go through it,
+    their work items split over threads; the others through SDPA, over a view of their own."""
 
     # below this many key-query pairs in a step, one thread is quicker than handing work out
     MIN_KEYS_PER_THREAD = 4096
 
-    def __init__(self, view: SequenceKVView, max_kernel_query_len: int = MAX_KERNEL_QUERY_LEN):
-        """`max_kernel_query_len`: the longest chunk the kernel takes (benchmarks move it)."""
-        if max_kernel_query_len < 0:
-            raise ValueError(f"max_kernel_query_len must be >= 0, got {max_kernel_query_len}")
+    def __init__(self, view: SequenceKVView, max_kernel_query_len: int = MAX_KERNEL_QUERY_LEN,
+                 max_kernel_prompt_len: int = MAX_KERNEL_PROMPT_LEN):
+        """The limits are the module's unless told (benchmarks move them)."""
+        for name, limit in (("max_kernel_query_len", max_kernel_query_len),
+                            ("max_kernel_prompt_len", max_kernel_prompt_len)):
+            if limit < 0:
+                raise ValueError(f"{name} must be >= 0, got {limit}")
         self.view = view
         self.slots = view.slot_mapping.to(torch.int64).contiguous()  # no copy in the engine
-        query_lens, context_lens = np.asarray(view.query_lens), np.asarray(view.context_lens)
+        num_seqs = len(view.query_lens)
+        query_lens = np.fromiter(view.query_lens, np.int64, num_seqs)
+        context_lens = np.fromiter(view.context_lens, np.int64, num_seqs)
         first_tokens = np.cumsum(query_lens) - query_lens
-        short = query_lens <= max_kernel_query_len
-        kernel_seqs, sdpa_seqs = np.flatnonzero(short), np.flatnonzero(~short)
+        short = (query_lens <= max_kernel_query_len) | (
+            (query_lens == context_lens) & (query_lens <= max_kernel_prompt_len))
+        self.kernel_seqs, sdpa_seqs = np.flatnonzero(short), np.flatnonzero(~short)
         self.items = None
-        if len(kernel_seqs):
-            items = work_items(kernel_seqs, query_lens[short], context_lens[short], first_tokens[short])
+        if len(self.kernel_seqs):
+            items = work_items(self.kernel_seqs, query_lens[short], context_lens[short], first_tokens[short])
             self.items = torch.from_numpy(items)
             self.block_tables = view.block_tables.to(torch.int64).contiguous()
             costs = items[:, 2] * (items[:, 3] + items[:, 2])
             parts = min(torch.get_num_threads(), max(1, int(costs.sum()) // self.MIN_KEYS_PER_THREAD))
-            self.ranges = _split(costs.tolist(), parts)
+            self.ranges = _split(costs, parts)
         self.prefill, self.prefill_tokens = None, None
-        if len(kernel_seqs) == 0:
+        if len(self.kernel_seqs) == 0:
             self.prefill = SdpaPagedAttention(view)
         elif len(sdpa_seqs):
             self.prefill_tokens = torch.from_numpy(np.concatenate(
