@@ -296,9 +296,10 @@ static ALWAYS_INLINE void flush_values(struct value_rows *batch, const char *row
     batch->size = 0;
 }
 
-/* The attention of one work item (see paged_attention): count query rows of block table
-   row seq, from row token of q and out on, at positions first_pos .. first_pos + count - 1.
-   Scratch for scores, the item's query and output rows, sums and a widened tile. */
+/* The attention of one work item (see paged_attention): count query rows of the sequence
+   whose block table is table, from row token of q and out on, at positions first_pos ..
+   first_pos + count - 1. Scratch for scores, the item's query and output rows, sums and a
+   widened tile. */
 static ALWAYS_INLINE void attend_item(const void *q, const char *keys, const char *values,
                                       const int64_t *table, void *out, int64_t token, int64_t count,
                                       int64_t first_pos, int64_t n_head, int64_t n_kv_head, int64_t head_dim,
