@@ -142,14 +142,16 @@ def test_kernel_limits_must_not_be_negative():
         CpuPagedAttention(view, max_kernel_prompt_len=-1)
 
 
-def test_a_batch_split_across_threads_gives_the_single_thread_result(monkeypatch):
+# decodes; then checks and a 20-token chunk, cut into two work items
+@pytest.mark.parametrize("query_lens", [[1] * 6, [1, 5, 9, 20, 1, 7]], ids=["decodes", "chunks"])
+def test_a_batch_split_across_threads_gives_the_single_thread_result(query_lens, monkeypatch):
     lens = [1, 33, 130, 300, 7, 64]
-    one_thread, _ = compare_backends(CpuPagedAttention, [1] * len(lens), lens, 4, 4, 2, 16, None)
+    one_thread, _ = compare_backends(CpuPagedAttention, query_lens, lens, 4, 4, 2, 16, None)
     threads = torch.get_num_threads()
     monkeypatch.setattr(CpuPagedAttention, "MIN_KEYS_PER_THREAD", 1)
     torch.set_num_threads(3)
     try:
-        split, _ = compare_backends(CpuPagedAttention, [1] * len(lens), lens, 4, 4, 2, 16, None)
+        split, _ = compare_backends(CpuPagedAttention, query_lens, lens, 4, 4, 2, 16, None)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(split, one_thread)
