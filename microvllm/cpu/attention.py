@@ -18,13 +18,13 @@ thread count). Where they cannot be built, the `auto` backend stays on SDPA.
 """
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from functools import cache
 
 import numpy as np
 import torch
 
 from ..arithmetic import cdiv
-from ..engine.kv_cache import SequenceKVView
 from ..model.attention import SdpaPagedAttention
 from .kernels import load_library
 
@@ -74,10 +74,12 @@ def work_items(seqs: np.ndarray, query_lens: np.ndarray, context_lens: np.ndarra
                     axis=1).astype(np.int64)
 
 
-def _sub_view(view: SequenceKVView, seqs: np.ndarray, tokens: torch.Tensor) -> SequenceKVView:
-    """The step's sequences `seqs`, whose query rows are `tokens`, as a step of their own."""
-    return SequenceKVView(view.cache, view.slot_mapping[tokens], view.block_tables[torch.from_numpy(seqs)],
-                          [view.query_lens[i] for i in seqs], [view.context_lens[i] for i in seqs])
+def _sub_view(view, seqs: np.ndarray, tokens: torch.Tensor):
+    """The step's SequenceKVView for the sequences `seqs` alone, whose query rows are
+    `tokens`: a step of their own."""
+    return replace(view, slot_mapping=view.slot_mapping[tokens], block_tables=view.block_tables[torch.from_numpy(seqs)],
+                   query_lens=[view.query_lens[i] for i in seqs], context_lens=[view.context_lens[i] for i in seqs],
+                   cu_query_lens=None, cu_context_lens=None)
 
 
 class CpuPagedAttention:
@@ -87,7 +89,7 @@ class CpuPagedAttention:
     # below this many key-query pairs in a step, one thread is quicker than handing work out
     MIN_KEYS_PER_THREAD = 4096
 
-    def __init__(self, view: SequenceKVView, max_kernel_query_len: int = MAX_KERNEL_QUERY_LEN,
+    def __init__(self, view, max_kernel_query_len: int = MAX_KERNEL_QUERY_LEN,
                  max_kernel_prompt_len: int = MAX_KERNEL_PROMPT_LEN):
         """The limits are the module's unless told (benchmarks move them)."""
         for name, limit in (("max_kernel_query_len", max_kernel_query_len),
