@@ -17,7 +17,7 @@ from microvllm import LLM, SamplingParams, StructuredOutputsParams
 from microvllm.serve.cli import build_parser
 from microvllm.serve.metrics import prometheus_text
 from microvllm.speculative.config import SpeculativeConfig, make_proposer, parse_speculative_config
-from microvllm.speculative.ngram import lookup
+from microvllm.speculative.ngram import NgramIndex
 from microvllm.speculative.proposer import Proposer
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
@@ -311,13 +311,28 @@ def test_guesses_stay_within_the_step_token_budget(checkpoint_dir):
 
 # -- configuration ---------------------------------------------------------------------
 
+def lookup(tokens, min_n, max_n, num_guesses):
+    return NgramIndex(min_n, max_n).guesses(tokens, num_guesses)
+
+
 def test_ngram_lookup_follows_the_latest_longest_match():
-    import numpy as np
-    tokens = np.array([1, 2, 3, 9, 2, 3, 8, 7, 2, 3])
-    assert lookup(tokens, 1, 3, 2) == [8, 7]         # "2 3" last seen before "8 7"
-    assert lookup(np.array([5, 6, 1, 2, 3, 7, 2, 3]), 2, 3, 3) == [7, 2, 3]
-    assert lookup(np.array([1, 2, 3, 4]), 1, 3, 4) == []
-    assert lookup(np.array([4, 1, 2, 3, 9, 2, 3]), 3, 3, 2) == []  # "1 2 3"? no: "9 2 3" never occurred
+    assert lookup([1, 2, 3, 9, 2, 3, 8, 7, 2, 3], 1, 3, 2) == [8, 7]  # "2 3" last seen before "8 7"
+    assert lookup([5, 6, 1, 2, 3, 7, 2, 3], 2, 3, 3) == [7, 2, 3]
+    assert lookup([1, 9, 3, 4, 2, 3, 4], 2, 3, 2) == [2, 3]  # "3 4" after "9": the 3-gram "2 3 4" is new
+    assert lookup([1, 2, 3, 4], 1, 3, 4) == []
+    assert lookup([4, 1, 2, 3, 9, 2, 3], 3, 3, 2) == []  # "9 2 3" never occurred before
+    assert lookup([7, 7], 1, 3, 3) == [7]
+
+
+def test_ngram_index_grows_with_the_sequence():
+    index, tokens = NgramIndex(1, 2), [1, 2, 3]
+    assert index.guesses(tokens, 2) == []
+    tokens += [1, 2]
+    assert index.guesses(tokens, 2) == [3, 1]
+    tokens += [3, 1, 2]  # guesses accepted: the index takes in the tokens it has not seen
+    assert index.guesses(tokens, 3) == [3, 1, 2]
+    tokens += [5]
+    assert index.guesses(tokens, 3) == []
 
 
 def test_vllm_defaults_for_prompt_lookup():
