@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from helpers import make_prompts, tool_call, varied_lengths, writing
+from helpers import make_prompts, tool_call, varied_lengths, with_decode_graphs, writing
 
 from microvllm import LLM, SamplingParams, StructuredOutputsParams
 from microvllm.serve.cli import build_parser
@@ -108,6 +108,19 @@ def test_bfloat16_outputs_are_unchanged(checkpoint_dir, proposer):
     prompts = REPEATING + make_prompts(11, seed=8)
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=0)
     check_both_ways(checkpoint_dir, proposer, prompts, params, dtype="bfloat16")
+
+
+def test_guessed_decode_steps_replay_decode_graphs(checkpoint_dir):
+    prompts = REPEATING
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=0)
+    plain = LLM(checkpoint_dir, max_num_seqs=32)
+    with_decode_graphs(plain)
+    want = plain.generate(prompts, params, use_tqdm=False)
+    llm = spec_llm(checkpoint_dir, "oracle", Reference(prompts, want), max_num_seqs=32)
+    capture = with_decode_graphs(llm)
+    assert_same_outputs(llm.generate(prompts, params, use_tqdm=False), want)
+    # 5 sequences with up to 4 guesses each: more rows than sequences, within the 32 captured
+    assert max(capture.replays) > len(prompts)
 
 
 @pytest.mark.parametrize("proposer", PROPOSERS)
