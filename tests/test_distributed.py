@@ -59,6 +59,10 @@ class TestOnePool:
         yield llm
         llm.engine.shutdown()
 
+    def test_the_kv_blocks_of_every_replica_count_before_the_first_step(self, pool_llm, one_llm):
+        # the first test of the class: the pool has not stepped yet
+        assert pool_llm.engine.stats.total_blocks == 2 * one_llm.engine.stats.total_blocks > 0
+
     def test_outputs_match_one_engine_in_input_order(self, pool_llm, one_llm):
         prompts = PROMPTS * 2
         got = pool_llm.generate(prompts, params_for(prompts), use_tqdm=False)

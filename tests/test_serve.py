@@ -29,7 +29,7 @@ import uvicorn  # noqa: E402
 
 from microvllm import LLM, SamplingParams  # noqa: E402
 from microvllm.serve.api import ServerSettings, build_app  # noqa: E402
-from microvllm.outputs import CompletionOutput, RequestMetrics, RequestOutput  # noqa: E402
+from microvllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput  # noqa: E402
 from microvllm.serve.async_engine import AsyncEngine  # noqa: E402
 from microvllm.serve.deltas import joined_deltas  # noqa: E402
 from microvllm.serve.engine_process import EngineProcess  # noqa: E402
@@ -254,6 +254,21 @@ def test_deltas_queued_together_join_into_one_output():
     assert joined.finished and [c.index for c in joined.outputs] == [0, 1]
     assert all(c.text == "abcd" and c.token_ids == [5, 6, 7, 8] and len(c.logprobs) == len(c.token_masks) == 4
                and c.finish_reason == "length" for c in joined.outputs)
+
+
+def test_a_stream_joined_keeps_the_prompt_logprobs_only_its_first_output_carried():
+    def delta(prompt_logprobs, finished):
+        return RequestOutput("r", None, [1, 2], prompt_logprobs, [CompletionOutput(0, "a", [5], None, None, None)],
+                             finished, RequestMetrics(0.0, None, None))
+
+    entries = [None, {2: Logprob(-0.5, 1, "x")}]
+    assert joined_deltas([delta(entries, False), delta(None, True)]).prompt_logprobs == entries
+
+
+def test_a_streams_later_outputs_cross_the_pipe_without_the_prompt_logprobs(llm):
+    output = llm.generate(["ROMEO:"], SamplingParams(max_tokens=2, prompt_logprobs=1), use_tqdm=False)[0]
+    assert unpacked(packed(output, with_prompt_logprobs=False), output.prompt_token_ids).prompt_logprobs is None
+    assert unpacked(packed(output), output.prompt_token_ids).prompt_logprobs == output.prompt_logprobs
 
 
 

@@ -86,7 +86,7 @@ class ReplicaPool(Engine):
         self.step_budget_s = step_budget_s
         self.requests: dict[str, _Request] = {}   # unfinished, by request id
         self._in_flight: dict[ray.ObjectRef, int] = {}  # a replica's queued or running call -> its index
-        self._replica_stats = [EngineStats() for _ in self.replicas]
+        self._replica_stats: list[EngineStats] = [info["stats"] for info in infos]  # KV blocks before any step
         # (replica, prefix key) pairs whose blocks a replica has written, or is writing now
         self._cached_prefixes: set[tuple[int, int]] = set()
         self._warming_prefixes: set[tuple[int, int]] = set()

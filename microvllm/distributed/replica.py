@@ -19,7 +19,7 @@ class EngineReplica:
             torch.set_num_threads(cpu_threads)
         self.engine = LLMEngine(config)
         return {"block_size": self.engine.block_size, "max_model_len": self.engine.max_model_len,
-                "vocab_size": self.engine.vocab_size}
+                "vocab_size": self.engine.vocab_size, "stats": self.engine.stats}
 
     def run(self, requests: list[tuple], budget_s: float):
         """Queue `requests` (request_id, prompt, prompt_token_ids, params), then step for

@@ -7,7 +7,8 @@ from ..outputs import CompletionOutput, RequestOutput
 
 def joined_deltas(outputs: list[RequestOutput]) -> RequestOutput:
     """One output holding what `outputs` (one request's, in order) add up to: texts, token
-    ids, log-probs and masks joined; finish state and the rest from the last."""
+    ids, log-probs and masks joined; the prompt log-probs that came (only a stream's first
+    output carries them); finish state and the rest from the last."""
     if len(outputs) == 1:
         return outputs[0]
     completions = {}
@@ -15,7 +16,8 @@ def joined_deltas(outputs: list[RequestOutput]) -> RequestOutput:
         for c in output.outputs:
             before = completions.get(c.index)
             completions[c.index] = c if before is None else _joined(before, c)
-    return replace(outputs[-1], outputs=[completions[i] for i in sorted(completions)])
+    prompt_logprobs = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
+    return replace(outputs[-1], prompt_logprobs=prompt_logprobs, outputs=[completions[i] for i in sorted(completions)])
 
 
 def _joined(a: CompletionOutput, b: CompletionOutput) -> CompletionOutput:

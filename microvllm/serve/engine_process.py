@@ -189,6 +189,7 @@ class _EngineLoop:
         self.stream_interval = stream_interval
         self.live: set[str] = set()  # requests added and not seen finish
         self.streams: set[str] = set()  # of those, the ones that stream
+        self.started: set[str] = set()  # of those, the ones whose first output has gone out
         self.threads = EngineThreads(torch.get_num_threads(), stream_threads)
 
     def run(self) -> None:
@@ -214,8 +215,8 @@ class _EngineLoop:
 
     def _apply(self, command: tuple) -> list[tuple[str, Exception]]:
         if command[0] == "abort":
-            self.live.discard(command[1])
-            self.streams.discard(command[1])
+            for requests in (self.live, self.streams, self.started):
+                requests.discard(command[1])
             self.llm.abort(command[1], keep_output=False)
             return []
         _, request_id, token_ids, params = command
@@ -236,12 +237,17 @@ class _EngineLoop:
             # the engine is left as if the step had not run, but the requests in it cannot
             # trust their outputs: they end with the error, and the engine carries on
             error = RuntimeError(f"engine step failed: {type(e).__name__}: {e}")
-            failed, self.live, self.streams = self.live, set(), set()
+            failed, self.live, self.streams, self.started = self.live, set(), set(), set()
             for request_id in failed:
                 self.llm.abort(request_id, keep_output=False)
             return [(request_id, error) for request_id in failed]
+        sent = []
         for output in outputs:
+            request_id = output.request_id
+            # a stream's prompt log-probs, the same in every output, cross the pipe once
+            sent.append((request_id, packed(output, with_prompt_logprobs=request_id not in self.started)))
+            self.started.add(request_id)
             if output.finished:
-                self.live.discard(output.request_id)
-                self.streams.discard(output.request_id)
-        return [(output.request_id, packed(output)) for output in outputs]
+                for requests in (self.live, self.streams, self.started):
+                    requests.discard(request_id)
+        return sent

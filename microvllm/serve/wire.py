@@ -12,9 +12,10 @@ from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
 PackedOutput = tuple
 
 
-def packed(output: RequestOutput) -> PackedOutput:
+def packed(output: RequestOutput, with_prompt_logprobs: bool = True) -> PackedOutput:
+    """`with_prompt_logprobs` False: they stay behind (a stream's later outputs repeat them)."""
     m = output.metrics
-    return (output.request_id, output.prompt_logprobs,
+    return (output.request_id, output.prompt_logprobs if with_prompt_logprobs else None,
             [(c.index, c.text, c.token_ids, c.cumulative_logprob, c.logprobs, c.finish_reason, c.stop_reason,
               c.token_masks) for c in output.outputs],
             output.finished, (m.arrival_time, m.first_token_time, m.finished_time), output.num_cached_tokens)
