@@ -13,7 +13,9 @@ row j seeing the sequence as it would be after the first j guesses (speculative/
 Attention sees each of those rows as a decode of its own (one query, the context up to
 it, the sequence's blocks), so each is computed exactly as a plain decode of that
 position would be (through the decode graphs too, where the rows fit them), and the
-output does not depend on whether guesses were checked.
+output does not depend on whether guesses were checked; a backend whose chunk rows are
+exact decodes already (AttentionBackend.exact_chunk_rows: the CPU kernel) takes the
+chunk whole and reads the context once for all its rows.
 Steps without guesses take the plain path, whose cost does not change.
 """
 
@@ -126,7 +128,11 @@ class ModelRunner:
         row_views = None
         if guessing:
             sampled_seqs, row_views, last_rows = self._guessed_rows(batch, inputs)
-            inputs = one_query_per_guessed_row(inputs, int_array([len(s.guesses) for s in batch]))
+            num_guesses = int_array([len(s.guesses) for s in batch])
+            # single queries replay the decode graphs; a backend whose chunk rows are exact
+            # decodes needs them split for nothing else
+            if self.decode_graphs or num_guesses.max() + 1 > self.attention_backend.exact_chunk_rows:
+                inputs = one_query_per_guessed_row(inputs, num_guesses)
             every_token_samples = len(last_rows) == len(inputs["input_ids"])
             sampler_seqs = row_views
         else:

@@ -58,8 +58,8 @@ class CpuPlatform(Platform):
     def backend(self, name: str) -> AttentionBackend:
         if name != "cpu":
             return super().backend(name)
-        from ..cpu.attention import CpuPagedAttention
-        return AttentionBackend(name, CpuPagedAttention, SdpaDecodeAttention)
+        from ..cpu.attention import MAX_KERNEL_QUERY_LEN, CpuPagedAttention
+        return AttentionBackend(name, CpuPagedAttention, SdpaDecodeAttention, exact_chunk_rows=MAX_KERNEL_QUERY_LEN)
 
     def prepare_model(self, model: GPT, backend: AttentionBackend, quantization: str | None) -> GPT:
         if backend.name == "cpu":  # its C library fuses the forward's norms and rotary too

@@ -31,6 +31,10 @@ class AttentionBackend:
     step: type              # over a SequenceKVView: any mix of prefill chunks and decodes
     decode: type            # over a DecodeKVView: capturable in a CUDA graph
     block_size_multiple: int = 1  # block_size must be a multiple of this (and a power of two)
+    # the step backend computes every row of a chunk of up to this many query tokens bit
+    # for bit as a decode of the row's position, so a token and its speculative guesses
+    # can be checked as one chunk; longer ones the runner splits into single queries
+    exact_chunk_rows: int = 1
 
     @property
     def default_block_size(self) -> int:
