@@ -1,0 +1,153 @@
+"""DraftProposer on its own: its guesses are the draft model's samples drawn with the
+target's noise, its mirrors follow their targets through rejected guesses, and it
+refuses a draft whose tokenizer differs from the target's."""
+
+import pytest
+import tiktoken
+import torch
+
+from benchmarks.random_checkpoint import SPLIT_PATTERN, save_checkpoint, tokenizer_with_vocab
+from checkpoints import byte_tokenizer, load_reference
+from microvllm import LLM, SamplingParams
+from microvllm.engine.sequence import Sequence
+from microvllm.speculative.draft import DraftProposer
+from microvllm.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+PROMPTS = [[7, 100, 42, 9], [200, 3, 3, 18, 61, 90], [65, 66, 67], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
+SEEDED = SamplingParams(temperature=1.0, seed=1234, max_tokens=24, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint_dir):
+    return LLM(model=str(checkpoint_dir), enable_prefix_caching=False)
+
+
+@pytest.fixture(scope="module")
+def perturbed_dir(checkpoint_dir, tmp_path_factory):
+    """The target's weights plus a little noise: a draft close to the target, not equal."""
+    state, config = load_reference(checkpoint_dir)
+    gen = torch.Generator().manual_seed(5)
+    noisy = {name: w + 0.1 * w.float().std() * torch.randn(w.shape, generator=gen) if w.numel() > 1 else w
+             for name, w in state.items()}
+    return save_checkpoint(tmp_path_factory.mktemp("draft") / "perturbed", 100, config, noisy, byte_tokenizer())
+
+
+def proposer(llm, draft_dir, k=4) -> DraftProposer:
+    engine = llm.engine
+    return DraftProposer(str(draft_dir), k, engine.tokenizer, engine.dtype, engine.device, engine.platform)
+
+
+def generated(llm, prompt, params) -> Sequence:
+    """The engine's finished sequence for `prompt`: its seed is the engine's own."""
+    request_id = llm.engine.add_request(None, prompt, params)
+    request = llm.engine.output_processor.requests[request_id]
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+    return request.sequences[0]
+
+
+def prefix(seq: Sequence, num_output_tokens: int, seed: int | None = None) -> Sequence:
+    """`seq` as it was after `num_output_tokens` tokens (with another seed, if given)."""
+    prompt = seq.token_ids[:seq.num_prompt_tokens]
+    view = Sequence(seq.seq_id, seq.request, seq.index, list(prompt), seq.seed if seed is None else seed)
+    view.token_ids += seq.output_token_ids[:num_output_tokens]
+    return view
+
+
+def test_a_draft_equal_to_the_target_proposes_its_greedy_continuation(llm, checkpoint_dir):
+    draft = proposer(llm, checkpoint_dir)
+    targets = [generated(llm, prompt, GREEDY) for prompt in PROMPTS]
+    views = [prefix(seq, j) for seq in targets for j in (0, 5, 17)]
+    guesses = draft.propose(views, [4] * len(views))
+    assert guesses == [seq.output_token_ids[j:j + 4] for seq in targets for j in (0, 5, 17)]
+
+
+def test_a_draft_equal_to_the_target_proposes_its_seeded_samples(llm, checkpoint_dir):
+    draft = proposer(llm, checkpoint_dir)
+    targets = [generated(llm, prompt, SEEDED) for prompt in PROMPTS]
+    views = [prefix(seq, j) for seq in targets for j in (0, 5, 17)]
+    guesses = draft.propose(views, [4] * len(views))
+    assert guesses == [seq.output_token_ids[j:j + 4] for seq in targets for j in (0, 5, 17)]
+
+
+def test_a_close_draft_agrees_with_the_target_far_more_often_with_its_noise(llm, perturbed_dir):
+    targets = [generated(llm, prompt, SEEDED) for prompt in PROMPTS]
+    positions = [(seq, j) for seq in targets for j in range(SEEDED.max_tokens)]
+
+    def agreement(seed_of) -> float:
+        views = [prefix(seq, j, seed_of(seq)) for seq, j in positions]
+        guesses = proposer(llm, perturbed_dir).propose(views, [1] * len(views))
+        return sum(g == seq.output_token_ids[j:j + 1] for g, (seq, j) in zip(guesses, positions)) / len(positions)
+
+    shared, independent = agreement(lambda seq: seq.seed), agreement(lambda seq: seq.seed + 1)
+    assert shared > 0.6 and shared > 2 * independent, (shared, independent)
+
+
+@pytest.mark.parametrize("num_accepted", [0, 2, 4])
+def test_after_a_rejection_the_next_guesses_equal_a_fresh_proposers(llm, checkpoint_dir, perturbed_dir,
+                                                                     num_accepted):
+    target = generated(llm, PROMPTS[1], SEEDED)
+    seq = prefix(target, 3)
+    draft = proposer(llm, perturbed_dir)
+    guesses = draft.propose([seq], [4])[0]
+    assert len(guesses) == 4
+    # the target keeps some guesses, then samples a token of its own
+    seq.token_ids += guesses[:num_accepted] + [(guesses[num_accepted] + 1) % 256 if num_accepted < 4 else 5]
+    assert draft.propose([seq], [4]) == proposer(llm, perturbed_dir).propose([seq], [4])
+
+
+def test_guesses_end_at_a_stop_token_and_within_max_tokens(llm, checkpoint_dir):
+    eos = llm.get_tokenizer().bos_id
+    ends_third = lambda output_ids, logits: torch.where(  # noqa: E731
+        torch.arange(len(logits)) == eos, 0.0, -1e9) if len(output_ids) == 2 else logits
+    draft = proposer(llm, checkpoint_dir)
+    stopping = SamplingParams(temperature=0, logits_processors=[ends_third])
+    short = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    seqs = [generated(llm, PROMPTS[0], p) for p in (stopping, short)]
+    stopped, limited = draft.propose([prefix(seq, 0) for seq in seqs], [6, 6])
+    assert len(stopped) == 3 and stopped[-1] == eos
+    assert len(limited) == 3
+
+
+def test_release_frees_the_mirrors_blocks(llm, checkpoint_dir):
+    draft = proposer(llm, checkpoint_dir)
+    blocks = draft.block_manager
+    seqs = [prefix(generated(llm, prompt, GREEDY), 2) for prompt in PROMPTS[:2]]
+    draft.propose(seqs, [4, 4])
+    held = [len(draft.mirrors[seq].seq.block_table) for seq in seqs]
+    assert blocks.num_used_blocks == sum(held) > 0
+    draft.release(seqs[0])
+    assert blocks.num_used_blocks == held[1]
+    draft.release(seqs[1])
+    assert blocks.num_used_blocks == 0 and not draft.mirrors
+
+
+def test_a_mirror_without_room_in_the_kv_cache_proposes_nothing(llm, checkpoint_dir, monkeypatch):
+    monkeypatch.setattr("microvllm.speculative.draft.cpu_kv_blocks", lambda *args: 1)
+    draft = proposer(llm, checkpoint_dir)
+    long_prompt = list(range(3, 3 + 2 * draft.block_manager.block_size))
+    seqs = [prefix(generated(llm, prompt, GREEDY), 0) for prompt in (PROMPTS[0], long_prompt)]
+    fits, does_not = draft.propose(seqs, [2, 2])
+    assert len(fits) == 2 and does_not == []
+
+
+def swapped_bytes_tokenizer() -> tiktoken.Encoding:
+    """As byte_tokenizer, the same size, but with bytes 0 and 1 under each other's ids."""
+    ranks = {bytes([b]): b for b in range(256)} | {b"\x00": 1, b"\x01": 0}
+    special = {token: byte_tokenizer().encode_single_token(token) for token in SPECIAL_TOKENS}
+    return tiktoken.Encoding(name="swapped", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+
+
+@pytest.mark.parametrize("target_tokenizer", [
+    lambda: Tokenizer(tokenizer_with_vocab(300)),
+    lambda: Tokenizer(swapped_bytes_tokenizer())], ids=["other-size", "same-size-other-bytes"])
+def test_a_draft_with_another_tokenizer_is_refused(llm, checkpoint_dir, target_tokenizer):
+    engine = llm.engine
+    with pytest.raises(ValueError, match="speculative_config.model"):
+        DraftProposer(str(checkpoint_dir), 4, target_tokenizer(), engine.dtype, engine.device, engine.platform)
+
+
+def test_a_missing_draft_dir_names_the_setting(llm, tmp_path):
+    with pytest.raises(FileNotFoundError, match="speculative_config.model"):
+        proposer(llm, tmp_path / "missing")
