@@ -36,7 +36,12 @@ class LLM:
     EngineConfig's (step, revision, device, dtype, block_size,
     num_blocks, kv_cache_memory, gpu_memory_utilization, max_num_seqs,
     max_num_batched_tokens, max_model_len, enable_prefix_caching, attention_backend,
-    enforce_eager, logit_softcap, quantization, seed).
+    enforce_eager, logit_softcap, quantization, seed, speculative_config).
+
+    `speculative_config={"method": "ngram", "num_speculative_tokens": k}` (vLLM's
+    spelling; also "prompt_lookup_min"/"prompt_lookup_max", or {"model": DIR, ...} for a
+    draft model) checks guessed tokens in each step: the same outputs, sooner where the
+    guesses are right (microvllm/speculative).
 
     `data_parallel_size=N` runs N engine replicas on Ray (one GPU each, or on CPU
     `cpu_threads_per_replica` cores each, by default an equal share) and shards every

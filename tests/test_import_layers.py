@@ -15,7 +15,7 @@ LAYERS = [
     ("model", ["model"]),
     ("cpu", ["cpu"]),
     ("platform", ["platform"]),
-    ("engine", ["engine"]),
+    ("engine", ["engine", "speculative"]),
     ("scale-out", ["distributed"]),
     ("facade", ["llm", "prompts", "inputs", "ray_data", "nanochat", "core_eval", "convert", "__init__"]),
     ("server", ["serve"]),

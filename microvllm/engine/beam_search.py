@@ -55,6 +55,9 @@ class BeamSearch:
         if engine.forks is None:
             raise ValueError("beam search forks sequences inside one engine, and replicas cannot "
                              "share them: use data_parallel_size=1 for LLM.beam_search")
+        if engine.speculates:
+            raise ValueError("beam search scores one token per beam and step, and speculative decoding "
+                             "emits several: build the LLM without speculative_config for beam_search")
         self.engine = engine
         self.forks = engine.forks
         self.params = params

@@ -159,6 +159,17 @@ class BlockManager:
             seq.block_table.append(self._take_free_block())
         return True
 
+    def release_slots(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back `seq`'s blocks past those its first `num_tokens` tokens need: blocks
+        reserved for tokens that will not be computed (rejected guesses). Nothing was
+        registered in them, so they go back to the free queue empty."""
+        keep = self.blocks_needed(num_tokens)
+        while len(seq.block_table) > keep:
+            block = self.blocks[seq.block_table.pop()]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_block_queue[block.block_id] = None
+
     def can_fork(self, parent: Sequence) -> bool:
         return parent.num_computed_tokens % self.block_size == 0 or self.num_free_blocks > 0
 

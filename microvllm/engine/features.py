@@ -47,6 +47,7 @@ class RequestFeatures:
             self.wake_tokens = _wake_token_sets.setdefault(tokens, tokens)
         self.watches_text = any(f.watches_text for f in items)
         self.forcing = _overriding(items, "forced_tokens")
+        self.masking = _overriding(items, "logits_mask")
         self.stopping = _overriding(items, "stop")
         self.deciding = _overriding(items, "on_token")
         self.committing = _overriding(items, "commit")

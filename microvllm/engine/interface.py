@@ -52,6 +52,7 @@ class Engine(ABC):
     stats: EngineStats      # counters and the load after the last step
     streams: bool           # whether step() returns a request's outputs before it finishes
     forks: Forks | None     # None: sequences live where no driver can reach them
+    speculates = False      # whether a step may emit several tokens of a sequence (speculative_config)
 
     @abstractmethod
     def add_request(self, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,

@@ -6,12 +6,18 @@ model once and hands the sampled tokens to the output processor, which appends t
 applies the stop rules and returns the outputs due; `abort_request` drops a request
 and frees its blocks at once; beam search holds sequences through `forks` (forks.py).
 
+With speculative_config, a speculator (speculative/speculator.py) gives the scheduled
+pure decodes guesses before the forward, which checks them in the same flat batch; the
+output processor keeps those the model agrees with, and the speculator settles the
+rest after the commit.
+
 A step is all or nothing. Scheduling and the closing bookkeeping are short and hold
 Ctrl-C back until they are done (`interrupts_held`); everything slow in between (the
 forward, sampling, detokenising for stop strings and log-probs) only reads the
 engine's state and decides. An exception there leaves the blocks that scheduling
-reserved, which the next step's schedule reuses: the engine carries on as if the step
-had never started.
+reserved, which the next step's schedule reuses (blocks reserved for guesses go back
+when that sequence's next guesses are settled, or when it ends): the engine carries on
+as if the step had never started.
 """
 
 import itertools
@@ -27,6 +33,8 @@ from ..model.weights import load_weights
 from ..outputs import RequestOutput
 from ..platform import platform_for
 from ..sampling_params import RequestOutputKind, SamplingParams
+from ..speculative.config import make_proposer, parse_speculative_config
+from ..speculative.speculator import Speculator
 from ..structured.grammars import Grammars
 from . import logits_processors
 from .block_manager import BlockManager
@@ -100,6 +108,11 @@ class LLMEngine(Engine):
         self.runner = ModelRunner(self.model, self.kv_cache, attention_backend, sampler, self.device, decode_graphs,
                                   StepTimer(platform.device_clock) if config.step_timing else None)
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler, self.max_model_len)
+        speculative = parse_speculative_config(config.speculative_config)
+        self.speculates = speculative is not None
+        self.speculator = None if speculative is None else Speculator(
+            make_proposer(speculative, self.tokenizer, self.dtype, self.device, platform),
+            speculative.num_speculative_tokens, self.scheduler, self.max_model_len)
         self.grammars = Grammars(self.tokenizer)
         self.stats = EngineStats()
         self.stats.record_load(self.scheduler)  # the KV blocks in all, before the first step
@@ -152,13 +165,17 @@ class LLMEngine(Engine):
         with interrupts_held():
             self.forks.copy_forked_blocks()
             scheduled = self.scheduler.schedule()
+            guessing = bool(scheduled) and self.speculator is not None and self.speculator.add_guesses(scheduled)
         if scheduled:
-            result = self.runner.execute(scheduled)
+            result = self.runner.execute(scheduled, guessing)
             decisions = self.output_processor.decide(result)
             with interrupts_held():
                 self.scheduler.update(scheduled)
                 self.output_processor.commit(result, decisions)
                 self.stats.record_step(scheduled, result, self.scheduler, step_start)
+                if guessing:
+                    self.stats.record_guesses(self.speculator.settle(decisions.accepted))
+                    self.stats.record_load(self.scheduler)
         elif self.scheduler.has_unfinished():
             raise RuntimeError("no request could be scheduled although some are waiting")
         return self.output_processor.take_outputs()

@@ -6,6 +6,11 @@ length, so the attention backend can pad similar neighbours together. Index arra
 built with numpy from the sequences' block tables, then moved to the device in one copy.
 A step of single-token sequences replays a CUDA graph when the engine captured them
 (DecodeGraphs); any other step runs eagerly.
+
+An item may carry guesses (ScheduledSequence.guesses, a proposer's): its chunk is its
+new tokens followed by them, and it samples at its last `1 + len(guesses)` rows, row j
+seeing the sequence as it would be after the first j guesses (speculative/ahead.py).
+Steps without guesses take the plain path, whose cost does not change.
 """
 
 import time
@@ -17,6 +22,7 @@ import torch
 
 from ..model.attention import AttentionBackend
 from ..model.gpt import GPT
+from ..speculative.ahead import SequenceAhead, rows_ahead
 from .cuda_graphs import DecodeGraphs
 from .kv_cache import PagedKVCache, SequenceKVView
 from .logprobs import PromptLogprobs, prompt_logprobs_of, wants_prompt_logprobs
@@ -38,6 +44,14 @@ def _batch_order(item: ScheduledSequence) -> int:
     return kind * BATCH_KIND_STRIDE + computed + item.num_new_tokens
 
 
+def _guessed_batch_order(item: ScheduledSequence) -> int:
+    """_batch_order in a step that checks guesses: an item with guesses runs several
+    tokens of a computed sequence, so it goes with the continued chunks."""
+    if not item.guesses:
+        return _batch_order(item)
+    return 2 * BATCH_KIND_STRIDE + item.seq.num_computed_tokens + item.num_new_tokens + len(item.guesses)
+
+
 # what an eager step sends the device, in its one copy
 EAGER_INPUTS = ("input_ids", "positions", "prev_ids", "slot_mapping", "block_tables",
                 "cu_query_lens", "cu_context_lens")
@@ -45,11 +59,13 @@ EAGER_INPUTS = ("input_ids", "positions", "prev_ids", "slot_mapping", "block_tab
 
 @dataclass
 class StepOutput:
-    sampled_seqs: list[ScheduledSequence]   # in the order of `sampled` rows
+    sampled_seqs: list[ScheduledSequence]   # in the order of `sampled` rows (an item with guesses: 1 + g rows)
     sampled: SampledTokens | None
     prompt_logprobs: list[PromptLogprobs]   # of the sequences computing them this step
     forward_seconds: float                  # model forward and logits (host side on CUDA)
     device_seconds: float | None = None     # the whole step's device work, when timed
+    # in a step that checks guesses: each sampled row's view of its sequence, as sampled
+    row_views: list[Sequence | SequenceAhead] | None = None
 
 
 def check_finite(hidden: torch.Tensor) -> None:
@@ -86,18 +102,26 @@ class ModelRunner:
         self.checks_overflow = kv_cache.k.dtype == torch.float16
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSequence]) -> StepOutput:
-        batch = sorted(scheduled, key=_batch_order)  # the attention backend groups neighbours
+    def execute(self, scheduled: list[ScheduledSequence], guessing: bool = False) -> StepOutput:
+        """Run the step; `guessing`: some items carry guesses."""
+        batch = sorted(scheduled, key=_guessed_batch_order if guessing else _batch_order)
         seqs = [s.seq for s in batch]
         if self.timer:
             self.timer.start()
-        inputs = self._prepare(batch, seqs)
+        inputs = self._prepare(batch, seqs, guessing)
         ends = inputs["cu_query_lens"][1:]
-        # ScheduledSequence.samples for the whole batch: this step reaches the last token
-        samples = inputs["context_lens"] == int_array([len(seq.token_ids) for seq in seqs])
-        last_rows = ends[samples] - 1
-        every_token_samples = len(last_rows) == len(inputs["input_ids"])  # decodes only
-        sampled_seqs = batch if every_token_samples else list(compress(batch, samples))
+        row_views = None
+        if guessing:
+            sampled_seqs, row_views, last_rows = self._guessed_rows(batch, inputs)
+            every_token_samples = len(last_rows) == len(inputs["input_ids"])
+            sampler_seqs = row_views
+        else:
+            # ScheduledSequence.samples for the whole batch: this step reaches the last token
+            samples = inputs["context_lens"] == int_array([len(seq.token_ids) for seq in seqs])
+            last_rows = ends[samples] - 1
+            every_token_samples = len(last_rows) == len(inputs["input_ids"])  # decodes only
+            sampled_seqs = batch if every_token_samples else list(compress(batch, samples))
+            sampler_seqs = seqs if every_token_samples else [s.seq for s in sampled_seqs]
         start = time.perf_counter()
         if self.decode_graphs and max(inputs["query_lens"]) == 1:
             hidden = self.decode_graphs.run(inputs)
@@ -113,7 +137,7 @@ class ModelRunner:
         if sampled_seqs:
             if self.checks_overflow:
                 check_finite(last_hidden)
-            sampled = self.sampler(logits, seqs if every_token_samples else [s.seq for s in sampled_seqs])
+            sampled = self.sampler(logits, sampler_seqs)
         prompt_logprobs = []
         if any(p.prompt_logprobs is not None for p in distinct_params(seqs)):
             prompt_logprobs = [
@@ -121,19 +145,37 @@ class ModelRunner:
                                    self.model.compute_logits, self.device)
                 for s, end in zip(batch, ends.tolist()) if wants_prompt_logprobs(s.seq)]
         return StepOutput(sampled_seqs, sampled, prompt_logprobs, forward_seconds,
-                          self.timer.stop() if self.timer else None)
+                          self.timer.stop() if self.timer else None, row_views)
 
-    def _prepare(self, batch: list[ScheduledSequence], seqs: list[Sequence]) -> dict[str, np.ndarray]:
+    @staticmethod
+    def _guessed_rows(batch: list[ScheduledSequence], inputs: dict) -> tuple[list, list, np.ndarray]:
+        """(the item of each sampled row, the row's view of its sequence, the rows) in a
+        step that checks guesses: an item that samples does so at its last 1 + g rows."""
+        num_guesses = int_array([len(s.guesses) for s in batch])
+        samples = inputs["context_lens"] == int_array([len(s.seq.token_ids) for s in batch]) + num_guesses
+        counts = num_guesses[samples] + 1
+        firsts = inputs["cu_query_lens"][1:][samples] - counts
+        rows = np.repeat(firsts, counts) + np.arange(counts.sum()) - np.repeat(cumulative(counts)[:-1], counts)
+        sampled = list(compress(batch, samples))
+        items = list(chain.from_iterable([s] * (1 + len(s.guesses)) for s in sampled))
+        views = list(chain.from_iterable(rows_ahead(s.seq, list(s.guesses)) for s in sampled))
+        return items, views, rows
+
+    def _prepare(self, batch: list[ScheduledSequence], seqs: list[Sequence], guessing: bool) -> dict[str, np.ndarray]:
         # per-sequence values are read in a few list comprehensions, the rest is numpy's C
         # functions and methods: after a forward every function the step calls starts cold,
         # and numpy's Python-level wrappers (np.cumsum, .max, ...) cost more than the work
         bs = self.kv_cache.block_size
-        query_lens = [s.num_new_tokens for s in batch]
+        query_lens = ([s.num_new_tokens + len(s.guesses) for s in batch] if guessing
+                      else [s.num_new_tokens for s in batch])
         starts = [seq.num_computed_tokens for seq in seqs]
         # per sequence: the token before its chunk (-1 at position 0, for smear), then the chunk
-        window = np.fromiter(chain.from_iterable([
-            seq.token_ids[start - 1:start + n] if start else [-1, *seq.token_ids[:n]]
-            for seq, start, n in zip(seqs, starts, query_lens)]), dtype=np.int64)
+        chunks = [seq.token_ids[start - 1:start + n] if start else [-1, *seq.token_ids[:n]]
+                  for seq, start, n in zip(seqs, starts, query_lens)]
+        if guessing:  # the slices stop at the sequence's last token: its guesses follow it
+            for chunk, item in zip(chunks, batch):
+                chunk += item.guesses
+        window = np.fromiter(chain.from_iterable(chunks), dtype=np.int64)
         lens, first_positions = int_array(query_lens), int_array(starts)
         cu_query_lens = cumulative(lens)
         seq_index = np.arange(len(batch)).repeat(lens)  # of each token of the flat batch

@@ -9,6 +9,12 @@ each RequestOutput: whole, or only what is new since the last one for DELTA stre
 A step stays all or nothing by working in two halves: `decide` does everything slow
 (detokenising, log-prob entries) and only reads state; `commit` applies what was decided
 in plain bookkeeping, which the engine runs with Ctrl-C held back.
+
+Checking guesses (speculative decoding) happens here, in `_decide_guessed`: a sequence's
+rows are walked in order, each decided as a plain step would decide it for the sequence
+at that point; the walk stops after the first row whose token is not the next guess
+(that token, the model's own sample, is emitted as a plain step would emit it), and at
+a token that ends the sequence or makes a feature force tokens.
 """
 
 import time
@@ -21,7 +27,7 @@ from .features import RequestFeatures
 from .logprobs import LogprobRows, new_prompt_entries, start_prompt_logprobs
 from .model_runner import StepOutput
 from .request_feature import TokenUpdate
-from .scheduler import Scheduler
+from .scheduler import ScheduledSequence, Scheduler
 from .sequence import Request, Sequence
 
 
@@ -29,6 +35,10 @@ from .sequence import Request, Sequence
 class StepDecisions:
     updates: list[TokenUpdate | None]          # per sampled row; None: the token is only appended
     prompt_logprobs: list[tuple[Request, list[dict[int, Logprob]]]]
+    # in a step that checks guesses: the tokens emitted, in order, with their updates
+    # (in place of `updates`), and each item with guesses with how many were accepted
+    emitted: list[tuple[ScheduledSequence, int, TokenUpdate | None]] | None = None
+    accepted: list[tuple[ScheduledSequence, int]] | None = None
 
 
 class OutputProcessor:
@@ -70,6 +80,10 @@ class OutputProcessor:
     # -- a step's two halves ------------------------------------------------------------
 
     def decide(self, result: StepOutput) -> StepDecisions:
+        tokenizer = self.tokenizer
+        prompt_logprobs = [(chunk.request, new_prompt_entries(chunk, tokenizer)) for chunk in result.prompt_logprobs]
+        if result.row_views is not None:
+            return self._decide_guessed(result, prompt_logprobs)
         sampled = result.sampled
         updates = [None] * len(result.sampled_seqs)
         stop = self._stop  # a local: this loop runs for every row
@@ -81,9 +95,32 @@ class OutputProcessor:
                 finish = stop(seq, token)[0]
                 if finish is not None:
                     updates[row] = TokenUpdate(seq, finish=finish)
-        tokenizer = self.tokenizer
-        return StepDecisions(updates, [(chunk.request, new_prompt_entries(chunk, tokenizer))
-                                       for chunk in result.prompt_logprobs])
+        return StepDecisions(updates, prompt_logprobs)
+
+    def _decide_guessed(self, result: StepOutput, prompt_logprobs: list) -> StepDecisions:
+        """decide() for a step that checks guesses (see the module's docstring)."""
+        sampled, items, views = result.sampled, result.sampled_seqs, result.row_views
+        emitted, accepted = [], []
+        row = 0
+        while row < len(items):
+            item = items[row]
+            guesses = item.guesses
+            for j in range(len(guesses) + 1):
+                view, token = views[row + j], sampled.token_ids[row + j]
+                if token in view.wake_tokens:
+                    update = self._decide_with(view.request.features, view, token, sampled.logprobs, row + j)
+                    update.seq = item.seq
+                else:
+                    finish = self._stop(view, token)[0]
+                    update = None if finish is None else TokenUpdate(item.seq, finish=finish)
+                emitted.append((item, token, update))
+                if (j == len(guesses) or token != guesses[j]
+                        or (update is not None and (update.finish is not None or update.forced))):
+                    break
+            if guesses:
+                accepted.append((item, j))
+            row += len(guesses) + 1
+        return StepDecisions([], prompt_logprobs, emitted, accepted)
 
     def _decide_with(self, features: RequestFeatures, seq: Sequence, token: int,
                      logprobs: LogprobRows | None, row: int) -> TokenUpdate:
@@ -106,8 +143,10 @@ class OutputProcessor:
             request.prompt_logprobs += entries
             self.scheduler.block_manager.keep_prompt_logprobs(request.sequences[0])
         now, final_only = time.time(), RequestOutputKind.FINAL_ONLY  # a local: enum lookups are slow
-        tokens = result.sampled.token_ids if result.sampled else ()
-        for item, token, update in zip(result.sampled_seqs, tokens, decisions.updates):
+        rows = decisions.emitted
+        if rows is None:
+            rows = zip(result.sampled_seqs, result.sampled.token_ids if result.sampled else (), decisions.updates)
+        for item, token, update in rows:
             seq, request = item.seq, item.seq.request
             seq.token_ids.append(token)
             if request.first_token_time is None:

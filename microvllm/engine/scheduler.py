@@ -20,6 +20,9 @@ from .sequence import Sequence, SequenceStatus
 class ScheduledSequence:
     seq: Sequence
     num_new_tokens: int
+    # tokens guessed to follow the sequence's own (a proposer's, speculative/): the step
+    # runs them after its new tokens and samples at each, to check them
+    guesses: list[int] | tuple[()] = ()
 
     @property
     def samples(self) -> bool:

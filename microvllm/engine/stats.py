@@ -28,6 +28,11 @@ class EngineStats:
     timed_steps: int = 0
     step_host_seconds: float = 0.0
     step_device_seconds: float = 0.0
+    # speculative decoding: sequences whose guesses a step checked (one draft each per
+    # step), the guesses checked, and those accepted
+    spec_decode_num_drafts: int = 0
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
 
     def record_step(self, scheduled, result, scheduler, step_start: float) -> None:
         """Count a step that ran: `scheduled` (ScheduledSequences), the runner's StepOutput,
@@ -47,6 +52,15 @@ class EngineStats:
             self.step_host_seconds += time.perf_counter() - step_start
             self.step_device_seconds += result.device_seconds
 
+    def record_guesses(self, settled) -> None:
+        """Count a step's checked guesses (speculator.SettledGuesses), after record_step:
+        they ran through the model, and the rows of rejected ones emitted nothing."""
+        self.spec_decode_num_drafts += settled.num_drafts
+        self.spec_decode_num_draft_tokens += settled.num_draft_tokens
+        self.spec_decode_num_accepted_tokens += settled.num_accepted_tokens
+        self.computed_tokens += settled.num_draft_tokens
+        self.generated_tokens -= settled.num_draft_tokens - settled.num_accepted_tokens
+
     def record_load(self, scheduler) -> None:
         self.running_seqs, self.waiting_seqs = len(scheduler.running), len(scheduler.waiting)
         self.used_blocks = scheduler.block_manager.num_used_blocks
@@ -55,6 +69,18 @@ class EngineStats:
     @property
     def prefix_cache_hit_rate(self) -> float:
         return self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Of the guesses checked, the share accepted."""
+        return (self.spec_decode_num_accepted_tokens / self.spec_decode_num_draft_tokens
+                if self.spec_decode_num_draft_tokens else 0.0)
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens a sequence emits per step that checked its guesses (accepted ones + 1)."""
+        return (1 + self.spec_decode_num_accepted_tokens / self.spec_decode_num_drafts
+                if self.spec_decode_num_drafts else 0.0)
 
     @property
     def host_ms_per_step(self) -> float | None:

@@ -6,6 +6,7 @@ The engine flags are LLM's settings, one per EngineConfig field, spelt as vLLM's
 """
 
 import argparse
+import json
 import logging
 import os
 import typing
@@ -22,7 +23,7 @@ from .engine_process import EngineProcess
 
 logger = logging.getLogger(__name__)
 
-ENGINE_FLAG_TYPES = (bool, int, float, str)
+ENGINE_FLAG_TYPES = (bool, int, float, str, dict)
 # what each engine flag does, and what leaving it out means where its default is None
 ENGINE_FLAG_HELP = {
     "tokenizer": "dir holding tokenizer.pkl or tokenizer.json (default: found beside the model)",
@@ -46,6 +47,8 @@ ENGINE_FLAG_HELP = {
     "quantization": " or ".join(QUANTIZATIONS) + " weights, made at load time (default: none)",
     "seed": "draws the seeds of requests that set none",
     "step_timing": "measure each step's host and device milliseconds",
+    "speculative_config": "speculative decoding, as JSON: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}' "
+                          "or '{\"model\": DRAFT_DIR, \"num_speculative_tokens\": 4}' (default: none)",
     "cpu_threads": "the engine's torch threads on cpu (default: $OMP_NUM_THREADS if set, else the "
                    "cores this process may use less those other processes keep busy, less one for "
                    "the HTTP server, at least one)",
@@ -95,8 +98,21 @@ def _add_engine_flag(group, field) -> None:
         text += f" (default: {default})"
     if kind is bool:
         group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+    elif kind is dict:
+        group.add_argument(flag, type=json_object, default=default, help=text)
     else:
         group.add_argument(flag, type=kind, default=default, help=text)
+
+
+def json_object(text: str) -> dict:
+    """A flag's JSON object (argparse reports the error as the flag's)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"method\": \"ngram\", ...}}', got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
