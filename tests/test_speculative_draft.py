@@ -151,3 +151,33 @@ def test_a_draft_with_another_tokenizer_is_refused(llm, checkpoint_dir, target_t
 def test_a_missing_draft_dir_names_the_setting(llm, tmp_path):
     with pytest.raises(FileNotFoundError, match="speculative_config.model"):
         proposer(llm, tmp_path / "missing")
+
+
+# -- through the engine: LLM(speculative_config={"model": DRAFT_DIR, ...}) ---------------
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_draft_speculation_leaves_outputs_unchanged(checkpoint_dir, perturbed_dir, params):
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    want = LLM(str(checkpoint_dir)).generate(prompts, params, use_tqdm=False)
+    llm = LLM(str(checkpoint_dir), speculative_config={"model": str(perturbed_dir), "num_speculative_tokens": 4})
+    got = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    stats = llm.engine.stats
+    assert stats.spec_decode_num_accepted_tokens > stats.spec_decode_num_draft_tokens / 2
+
+
+def test_a_draft_equal_to_the_target_has_every_seeded_guess_accepted(checkpoint_dir):
+    llm = LLM(str(checkpoint_dir), speculative_config={"model": str(checkpoint_dir), "num_speculative_tokens": 4})
+    llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SEEDED, use_tqdm=False)
+    stats = llm.engine.stats
+    assert stats.spec_decode_num_accepted_tokens == stats.spec_decode_num_draft_tokens > 0
+
+
+def test_finished_sequences_leave_no_mirror_behind(checkpoint_dir, perturbed_dir):
+    llm = LLM(str(checkpoint_dir), speculative_config={"model": str(perturbed_dir), "num_speculative_tokens": 4})
+    llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SEEDED, use_tqdm=False)
+    later = [11, 12, 13]
+    llm.generate([{"prompt_token_ids": later}], GREEDY, use_tqdm=False)  # the first run's are released here
+    draft = llm.engine.speculator.proposer
+    assert all(seq.token_ids[:seq.num_prompt_tokens] == later for seq in draft.mirrors)
+    assert draft.block_manager.num_used_blocks == sum(len(m.seq.block_table) for m in draft.mirrors.values())
