@@ -103,6 +103,14 @@ def test_greedy_outputs_and_logprobs_are_unchanged(checkpoint_dir, proposer):
 
 
 @pytest.mark.parametrize("proposer", PROPOSERS)
+def test_bfloat16_outputs_are_unchanged(checkpoint_dir, proposer):
+    # a guessed row attends as a decode of its own, so even bfloat16 rounds it as a plain step does
+    prompts = REPEATING + make_prompts(11, seed=8)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=0)
+    check_both_ways(checkpoint_dir, proposer, prompts, params, dtype="bfloat16")
+
+
+@pytest.mark.parametrize("proposer", PROPOSERS)
 def test_seeded_sampling_is_unchanged(checkpoint_dir, proposer):
     params = [SamplingParams(temperature=0.8, seed=s, max_tokens=25, ignore_eos=True, logprobs=1, **extra)
               for s, extra in enumerate([{}, dict(top_k=5), dict(top_p=0.7), dict(min_p=0.2),

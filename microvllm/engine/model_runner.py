@@ -8,8 +8,11 @@ A step of single-token sequences replays a CUDA graph when the engine captured t
 (DecodeGraphs); any other step runs eagerly.
 
 An item may carry guesses (ScheduledSequence.guesses, a proposer's): its chunk is its
-new tokens followed by them, and it samples at its last `1 + len(guesses)` rows, row j
-seeing the sequence as it would be after the first j guesses (speculative/ahead.py).
+one new token followed by them, and it samples at all of those `1 + len(guesses)` rows,
+row j seeing the sequence as it would be after the first j guesses (speculative/ahead.py).
+Attention sees each of those rows as a decode of its own (one query, the context up to
+it, the sequence's blocks), so each is computed exactly as a plain decode of that
+position would be, and the output does not depend on whether guesses were checked.
 Steps without guesses take the plain path, whose cost does not change.
 """
 
@@ -43,13 +46,6 @@ def _batch_order(item: ScheduledSequence) -> int:
     kind = 0 if item.num_new_tokens == 1 else 1 if computed == 0 else 2
     return kind * BATCH_KIND_STRIDE + computed + item.num_new_tokens
 
-
-def _guessed_batch_order(item: ScheduledSequence) -> int:
-    """_batch_order in a step that checks guesses: an item with guesses runs several
-    tokens of a computed sequence, so it goes with the continued chunks."""
-    if not item.guesses:
-        return _batch_order(item)
-    return 2 * BATCH_KIND_STRIDE + item.seq.num_computed_tokens + item.num_new_tokens + len(item.guesses)
 
 
 # what an eager step sends the device, in its one copy
@@ -85,6 +81,22 @@ def cumulative(lens: np.ndarray) -> np.ndarray:
     return out
 
 
+def one_query_per_guessed_row(inputs: dict, num_guesses: np.ndarray) -> dict:
+    """The step's attention view with each item that has guesses split into one
+    single-query sequence per token (its context ending at that token, its block table
+    repeated); the flat batch of tokens, and so the KV writes, stay as they are."""
+    parts = np.where(num_guesses > 0, num_guesses + 1, 1)  # attention sequences per item
+    item = np.arange(len(parts)).repeat(parts)
+    guessed = num_guesses[item] > 0
+    row_in_item = np.arange(len(item)) - cumulative(parts)[:-1].repeat(parts)
+    query_lens = np.where(guessed, 1, np.diff(inputs["cu_query_lens"])[item])
+    context_lens = np.where(guessed, inputs["context_lens"][item] - num_guesses[item] + row_in_item,
+                            inputs["context_lens"][item])
+    return inputs | dict(block_tables=inputs["block_tables"][item], query_lens=query_lens.tolist(),
+                         context_lens=context_lens, cu_query_lens=cumulative(query_lens),
+                         cu_context_lens=cumulative(context_lens))
+
+
 class ModelRunner:
     def __init__(self, model: GPT, kv_cache: PagedKVCache, attention_backend: AttentionBackend,
                  sampler: Sampler, device: torch.device, decode_graphs: DecodeGraphs | None = None,
@@ -104,7 +116,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence], guessing: bool = False) -> StepOutput:
         """Run the step; `guessing`: some items carry guesses."""
-        batch = sorted(scheduled, key=_guessed_batch_order if guessing else _batch_order)
+        batch = sorted(scheduled, key=_batch_order)  # an item with guesses is a decode
         seqs = [s.seq for s in batch]
         if self.timer:
             self.timer.start()
@@ -113,6 +125,7 @@ class ModelRunner:
         row_views = None
         if guessing:
             sampled_seqs, row_views, last_rows = self._guessed_rows(batch, inputs)
+            inputs = one_query_per_guessed_row(inputs, int_array([len(s.guesses) for s in batch]))
             every_token_samples = len(last_rows) == len(inputs["input_ids"])
             sampler_seqs = row_views
         else:
@@ -123,7 +136,7 @@ class ModelRunner:
             sampled_seqs = batch if every_token_samples else list(compress(batch, samples))
             sampler_seqs = seqs if every_token_samples else [s.seq for s in sampled_seqs]
         start = time.perf_counter()
-        if self.decode_graphs and max(inputs["query_lens"]) == 1:
+        if self.decode_graphs and not guessing and max(inputs["query_lens"]) == 1:
             hidden = self.decode_graphs.run(inputs)
             # a decode-only step samples every row unless a prompt's last chunks are a token long
             last_hidden = hidden if every_token_samples else \
