@@ -2,6 +2,8 @@
 target's noise, its mirrors follow their targets through rejected guesses, and it
 refuses a draft whose tokenizer differs from the target's."""
 
+from pathlib import Path
+
 import pytest
 import tiktoken
 import torch
@@ -10,6 +12,7 @@ from benchmarks.random_checkpoint import SPLIT_PATTERN, save_checkpoint, tokeniz
 from checkpoints import byte_tokenizer, load_reference
 from microvllm import LLM, SamplingParams
 from microvllm.engine.sequence import Sequence
+from microvllm.model.loader import load_model
 from microvllm.speculative.draft import DraftProposer
 from microvllm.tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -181,3 +184,26 @@ def test_finished_sequences_leave_no_mirror_behind(checkpoint_dir, perturbed_dir
     draft = llm.engine.speculator.proposer
     assert all(seq.token_ids[:seq.num_prompt_tokens] == later for seq in draft.mirrors)
     assert draft.block_manager.num_used_blocks == sum(len(m.seq.block_table) for m in draft.mirrors.values())
+
+
+# -- the bundled draft: models/shakespeare-d2-draft beside models/shakespeare-d4 -----------
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def linear_weights(model_dir: Path) -> int:
+    """Weights each token multiplies (lm_head included): a forward's FLOPs, halved."""
+    return sum(m.weight.numel() for m in load_model(model_dir).modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_the_bundled_draft_costs_at_most_a_quarter_of_the_bundled_model_per_token():
+    assert linear_weights(MODELS / "shakespeare-d2-draft") <= linear_weights(MODELS / "shakespeare-d4") / 4
+
+
+def test_the_bundled_models_guesses_are_mostly_kept_at_temperature_1():
+    llm = LLM(str(MODELS / "shakespeare-d4"), kv_cache_memory=32 * 2**20, speculative_config={
+        "model": str(MODELS / "shakespeare-d2-draft"), "num_speculative_tokens": 4})
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=48, ignore_eos=True) for i in range(4)]
+    llm.generate(["ROMEO.\n", "JULIET.\n", "HAMLET.\n", "KING LEAR.\n"], params, use_tqdm=False)
+    stats = llm.engine.stats
+    assert stats.spec_decode_num_accepted_tokens > 0.4 * stats.spec_decode_num_draft_tokens
