@@ -113,6 +113,14 @@ def test_guesses_end_at_a_stop_token_and_within_max_tokens(llm, checkpoint_dir):
     assert len(limited) == 3
 
 
+def test_a_sequence_asked_for_no_guesses_gets_none_after_earlier_ones(llm, checkpoint_dir):
+    draft = proposer(llm, checkpoint_dir)
+    seq = prefix(generated(llm, PROMPTS[0], GREEDY), 2)
+    assert len(draft.propose([seq], [4])[0]) == 4
+    seq.token_ids.append(seq.token_ids[-1])  # the target rejected every guess
+    assert draft.propose([seq], [0]) == [[]]
+
+
 def test_release_frees_the_mirrors_blocks(llm, checkpoint_dir):
     draft = proposer(llm, checkpoint_dir)
     blocks = draft.block_manager

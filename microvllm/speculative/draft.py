@@ -101,13 +101,14 @@ class DraftProposer(Proposer):
         self.mirrors: dict[Sequence, Mirror] = {}  # by target sequence
 
     def propose(self, seqs: list[Sequence], num_guesses: list[int]) -> list[list[int]]:
-        active = []
+        asked = []  # per sequence: its synced mirror, or None where it gets no guesses
         for seq, num in zip(seqs, num_guesses):
             num = self._within_limits(seq, num)
-            if num > 0:
-                mirror = self._synced_mirror(seq)
+            mirror = self._synced_mirror(seq) if num > 0 else None
+            if mirror is not None:
                 mirror.num_wanted_tokens = len(seq.token_ids) + num
-                active.append(mirror)
+            asked.append(mirror)
+        active = [m for m in asked if m is not None]
         while active:
             scheduled = self._schedule(active)
             if not scheduled:
@@ -118,11 +119,9 @@ class DraftProposer(Proposer):
             for item, token in zip(result.sampled_seqs, result.sampled.token_ids if result.sampled else ()):
                 item.seq.token_ids.append(token)
             active = [m for m in active if m.wants_more(self.eos_token_ids)]
-        guesses = []
-        for seq in seqs:
-            mirror = self.mirrors.get(seq)
-            guesses.append(mirror.seq.token_ids[len(seq.token_ids):] if mirror is not None else [])
-        return guesses
+        # a mirror dropped for want of KV blocks (no longer in self.mirrors) guesses nothing
+        return [mirror.seq.token_ids[len(seq.token_ids):] if mirror is not None and seq in self.mirrors else []
+                for seq, mirror in zip(seqs, asked)]
 
     def release(self, seq: Sequence) -> None:
         mirror = self.mirrors.pop(seq, None)
@@ -130,11 +129,12 @@ class DraftProposer(Proposer):
             self.block_manager.free(mirror.seq)
 
     def _within_limits(self, seq: Sequence, num: int) -> int:
-        """`num` guesses cut to what max_tokens and the draft's context leave; none
+        """`num` guesses cut to num_speculative_tokens and what max_tokens and the
+        draft's context leave; none
         where a feature masks the logits (the draft does not run request features)."""
         if seq.params.structured_outputs is not None:
             return 0
-        num = min(num, self.max_model_len - len(seq.token_ids))
+        num = min(num, self.num_speculative_tokens, self.max_model_len - len(seq.token_ids))
         if seq.params.max_tokens is not None:
             num = min(num, seq.params.max_tokens - seq.num_output_tokens)
         return num
