@@ -13,7 +13,8 @@ from checkpoints import byte_tokenizer, load_reference
 from microvllm import LLM, SamplingParams
 from microvllm.engine.sequence import Sequence
 from microvllm.model.loader import load_model
-from microvllm.speculative.draft import DraftProposer
+from microvllm.speculative.draft import (MIN_PAYOFF_SAMPLES, PAYOFF_WINDOW, PROBE_EVERY, DraftProposer,
+                                          GuessPayoff)
 from microvllm.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 PROMPTS = [[7, 100, 42, 9], [200, 3, 3, 18, 61, 90], [65, 66, 67], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
@@ -121,6 +122,28 @@ def test_a_sequence_asked_for_no_guesses_gets_none_after_earlier_ones(llm, check
     assert draft.propose([seq], [0]) == [[]]
 
 
+def test_guesses_stop_while_they_cost_more_time_than_they_save_and_are_probed_ever_more_seldom():
+    payoff = GuessPayoff()
+    size = (8).bit_length()
+    for _ in range(MIN_PAYOFF_SAMPLES):
+        assert payoff.pays(8)
+        payoff.kept[size].append(0.5)   # half a guess kept per sequence
+        payoff.cost[size].append(1.2)   # for drafting that took longer than the target's step
+    decisions = [payoff.pays(8) for _ in range(3 * PROBE_EVERY)]
+    # a probe after PROBE_EVERY calls; it changes nothing, so the next comes twice as late
+    assert [i for i, d in enumerate(decisions) if d] == [PROBE_EVERY - 1, 3 * PROBE_EVERY - 1]
+    assert payoff.pays(1)  # a batch of another size is judged apart
+    payoff.kept[size].extend([3.0] * PAYOFF_WINDOW)
+    assert all(payoff.pays(8) for _ in range(PROBE_EVERY))
+
+
+def test_a_proposer_whose_guesses_do_not_pay_proposes_nothing(llm, checkpoint_dir, monkeypatch):
+    draft = proposer(llm, checkpoint_dir)
+    monkeypatch.setattr(draft.payoff, "pays", lambda num_seqs: False)
+    seqs = [prefix(generated(llm, prompt, GREEDY), 2) for prompt in PROMPTS[:2]]
+    assert draft.propose(seqs, [4, 4]) == [[], []]
+
+
 def test_release_frees_the_mirrors_blocks(llm, checkpoint_dir):
     draft = proposer(llm, checkpoint_dir)
     blocks = draft.block_manager
@@ -166,26 +189,34 @@ def test_a_missing_draft_dir_names_the_setting(llm, tmp_path):
 
 # -- through the engine: LLM(speculative_config={"model": DRAFT_DIR, ...}) ---------------
 
+def draft_llm(target_dir, draft_dir, monkeypatch, **kwargs) -> LLM:
+    """A target with a draft that guesses whatever the time its guesses take (which makes
+    how many it guesses depend on the machine's load)."""
+    llm = LLM(str(target_dir), speculative_config={"model": str(draft_dir), "num_speculative_tokens": 4}, **kwargs)
+    monkeypatch.setattr(llm.engine.speculator.proposer.payoff, "pays", lambda num_seqs: True)
+    return llm
+
+
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
-def test_draft_speculation_leaves_outputs_unchanged(checkpoint_dir, perturbed_dir, params):
+def test_draft_speculation_leaves_outputs_unchanged(checkpoint_dir, perturbed_dir, params, monkeypatch):
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
     want = LLM(str(checkpoint_dir)).generate(prompts, params, use_tqdm=False)
-    llm = LLM(str(checkpoint_dir), speculative_config={"model": str(perturbed_dir), "num_speculative_tokens": 4})
+    llm = draft_llm(checkpoint_dir, perturbed_dir, monkeypatch)
     got = llm.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
     stats = llm.engine.stats
     assert stats.spec_decode_num_accepted_tokens > stats.spec_decode_num_draft_tokens / 2
 
 
-def test_a_draft_equal_to_the_target_has_every_seeded_guess_accepted(checkpoint_dir):
-    llm = LLM(str(checkpoint_dir), speculative_config={"model": str(checkpoint_dir), "num_speculative_tokens": 4})
+def test_a_draft_equal_to_the_target_has_every_seeded_guess_accepted(checkpoint_dir, monkeypatch):
+    llm = draft_llm(checkpoint_dir, checkpoint_dir, monkeypatch)
     llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SEEDED, use_tqdm=False)
     stats = llm.engine.stats
     assert stats.spec_decode_num_accepted_tokens == stats.spec_decode_num_draft_tokens > 0
 
 
-def test_finished_sequences_leave_no_mirror_behind(checkpoint_dir, perturbed_dir):
-    llm = LLM(str(checkpoint_dir), speculative_config={"model": str(perturbed_dir), "num_speculative_tokens": 4})
+def test_finished_sequences_leave_no_mirror_behind(checkpoint_dir, perturbed_dir, monkeypatch):
+    llm = draft_llm(checkpoint_dir, perturbed_dir, monkeypatch)
     llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SEEDED, use_tqdm=False)
     later = [11, 12, 13]
     llm.generate([{"prompt_token_ids": later}], GREEDY, use_tqdm=False)  # the first run's are released here
@@ -208,9 +239,9 @@ def test_the_bundled_draft_costs_at_most_a_quarter_of_the_bundled_model_per_toke
     assert linear_weights(MODELS / "shakespeare-d2-draft") <= linear_weights(MODELS / "shakespeare-d4") / 4
 
 
-def test_the_bundled_models_guesses_are_mostly_kept_at_temperature_1():
-    llm = LLM(str(MODELS / "shakespeare-d4"), kv_cache_memory=32 * 2**20, speculative_config={
-        "model": str(MODELS / "shakespeare-d2-draft"), "num_speculative_tokens": 4})
+def test_the_bundled_drafts_guesses_are_often_kept_at_temperature_1(monkeypatch):
+    llm = draft_llm(MODELS / "shakespeare-d4", MODELS / "shakespeare-d2-draft", monkeypatch,
+                    kv_cache_memory=32 * 2**20)
     params = [SamplingParams(temperature=1.0, seed=i, max_tokens=48, ignore_eos=True) for i in range(4)]
     llm.generate(["ROMEO.\n", "JULIET.\n", "HAMLET.\n", "KING LEAR.\n"], params, use_tqdm=False)
     stats = llm.engine.stats

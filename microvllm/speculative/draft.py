@@ -15,8 +15,15 @@ cache to keep consistent), and the target's new tokens appended. Then draft step
 over all the mirrors at once: the first computes what each mirror lacks and samples
 its first guess, the others one token each, until every mirror has its guesses or
 reached a stop token. A mirror that cannot get KV blocks proposes nothing.
+
+Unlike prompt lookup, a draft's guesses cost time: each takes a draft forward, which
+on a small target may cost as much as the target's own step (GuessPayoff decides when
+they stop paying, and the proposer then mostly rests).
 """
 
+import statistics
+import time
+from collections import defaultdict, deque
 from dataclasses import dataclass, replace
 
 import torch
@@ -36,6 +43,61 @@ from .proposer import Proposer
 
 # tokens of one draft forward at most (catching up on long sequences takes several)
 MAX_DRAFT_BATCHED_TOKENS = 4096
+# GuessPayoff: the calls it judges by, the fewest it judges on, and how often it guesses
+# anyway while guesses do not pay (to notice when they do again): at first every
+# PROBE_EVERY calls, twice as seldom after each probe that changes nothing, down to
+# every MAX_PROBE_EVERY
+PAYOFF_WINDOW = 16
+MIN_PAYOFF_SAMPLES = 8
+PROBE_EVERY = 16
+MAX_PROBE_EVERY = 512
+
+
+class GuessPayoff:
+    """Whether the draft's guesses are worth the time they take, judged apart for each
+    batch size (to a power of two): a target step over a larger batch costs more, the
+    draft's often barely more.
+
+    A step whose sequences keep `kept` guesses each, on average, emits 1 + kept tokens
+    per sequence in the target's step time plus the draft's; without guesses it emits 1
+    in the target's step time. Guessing pays while kept > draft time / target step
+    time. Both are read off the proposer's calls (the time between two calls is the
+    target's step), as medians of the last PAYOFF_WINDOW, so that one slow step or a
+    pause between requests does not decide.
+    """
+
+    def __init__(self):
+        new_window = lambda: deque(maxlen=PAYOFF_WINDOW)  # noqa: E731
+        self.kept: defaultdict[int, deque[float]] = defaultdict(new_window)  # guesses kept per sequence
+        self.cost: defaultdict[int, deque[float]] = defaultdict(new_window)  # draft time / target step time
+        self.probe_every: defaultdict[int, int] = defaultdict(lambda: PROBE_EVERY)
+        self.calls_since_probe: defaultdict[int, int] = defaultdict(int)
+        self.drafted_size: int | None = None  # of the last call, if it guessed: what is kept next is its
+        self.last_call_end: float | None = None
+
+    def pays(self, num_seqs: int) -> bool:
+        size = num_seqs.bit_length()
+        kept, cost = self.kept[size], self.cost[size]
+        if len(cost) < MIN_PAYOFF_SAMPLES or not kept or statistics.median(kept) > statistics.median(cost):
+            self.probe_every[size] = PROBE_EVERY
+            return True
+        self.calls_since_probe[size] += 1
+        if self.calls_since_probe[size] < self.probe_every[size]:
+            return False
+        self.calls_since_probe[size] = 0
+        self.probe_every[size] = min(2 * self.probe_every[size], MAX_PROBE_EVERY)
+        return True
+
+    def record(self, kept: list[int], num_seqs: int, call_start: float, drafted: bool) -> None:
+        """After a call for `num_seqs` sequences: how many of the guesses the last call
+        gave each sequence it kept, when the call began, and whether it ran the draft."""
+        now = time.perf_counter()
+        if kept and self.drafted_size is not None:
+            self.kept[self.drafted_size].append(sum(kept) / len(kept))
+        if drafted and self.last_call_end is not None:
+            self.cost[num_seqs.bit_length()].append((now - call_start) / max(call_start - self.last_call_end, 1e-6))
+        self.drafted_size = num_seqs.bit_length() if drafted else None
+        self.last_call_end = now
 
 
 @dataclass(eq=False)
@@ -45,6 +107,7 @@ class Mirror:
     seq: Sequence
     num_synced_tokens: int = 0  # the target's tokens at the last sync, all final
     num_wanted_tokens: int = 0  # in this propose: the target's tokens and the guesses asked for
+    num_guesses: int = 0        # given at the last call, not yet checked against the target
 
     @classmethod
     def of(cls, target: Sequence) -> "Mirror":
@@ -99,16 +162,25 @@ class DraftProposer(Proposer):
         self.runner = ModelRunner(model, kv_cache, attention_backend, sampler, device)
         self.eos_token_ids = tokenizer.eos_token_ids
         self.mirrors: dict[Sequence, Mirror] = {}  # by target sequence
+        self.payoff = GuessPayoff()
 
     def propose(self, seqs: list[Sequence], num_guesses: list[int]) -> list[list[int]]:
-        asked = []  # per sequence: its synced mirror, or None where it gets no guesses
-        for seq, num in zip(seqs, num_guesses):
-            num = self._within_limits(seq, num)
-            mirror = self._synced_mirror(seq) if num > 0 else None
-            if mirror is not None:
+        call_start = time.perf_counter()
+        nums = [self._within_limits(seq, num) for seq, num in zip(seqs, num_guesses)]
+        drafting = any(num > 0 for num in nums) and self.payoff.pays(len(seqs))
+        asked, kept = [], []  # per sequence: its synced mirror, or None where it gets no guesses
+        for seq, num in zip(seqs, nums):
+            mirror = self.mirrors.get(seq)
+            # a mirror that guessed last time is synced regardless, to count what was kept
+            if (drafting and num > 0) or (mirror is not None and mirror.num_guesses):
+                mirror = self._synced_mirror(seq, kept)
+            if drafting and num > 0:
                 mirror.num_wanted_tokens = len(seq.token_ids) + num
-            asked.append(mirror)
+                asked.append(mirror)
+            else:
+                asked.append(None)
         active = [m for m in asked if m is not None]
+        drafted = bool(active)
         while active:
             scheduled = self._schedule(active)
             if not scheduled:
@@ -119,9 +191,16 @@ class DraftProposer(Proposer):
             for item, token in zip(result.sampled_seqs, result.sampled.token_ids if result.sampled else ()):
                 item.seq.token_ids.append(token)
             active = [m for m in active if m.wants_more(self.eos_token_ids)]
-        # a mirror dropped for want of KV blocks (no longer in self.mirrors) guesses nothing
-        return [mirror.seq.token_ids[len(seq.token_ids):] if mirror is not None and seq in self.mirrors else []
-                for seq, mirror in zip(seqs, asked)]
+        self.payoff.record(kept, len(seqs), call_start, drafted)
+        guesses = []
+        for seq, mirror in zip(seqs, asked):
+            # a mirror dropped for want of KV blocks (no longer in self.mirrors) guesses nothing
+            if mirror is not None and seq in self.mirrors:
+                guesses.append(mirror.seq.token_ids[len(seq.token_ids):])
+                mirror.num_guesses = len(guesses[-1])
+            else:
+                guesses.append([])
+        return guesses
 
     def release(self, seq: Sequence) -> None:
         mirror = self.mirrors.pop(seq, None)
@@ -139,8 +218,9 @@ class DraftProposer(Proposer):
             num = min(num, seq.params.max_tokens - seq.num_output_tokens)
         return num
 
-    def _synced_mirror(self, seq: Sequence) -> Mirror:
-        """`seq`'s mirror holding exactly seq's tokens, its KV valid as far as they agree."""
+    def _synced_mirror(self, seq: Sequence, kept: list[int]) -> Mirror:
+        """`seq`'s mirror holding exactly seq's tokens, its KV valid as far as they agree;
+        appends to `kept` how many of its last guesses the target kept, if it had some."""
         mirror = self.mirrors.get(seq)
         if mirror is None:
             mirror = self.mirrors[seq] = Mirror.of(seq)
@@ -152,6 +232,9 @@ class DraftProposer(Proposer):
             if mirrored[i] != tokens[i]:
                 common = i
                 break
+        if mirror.num_guesses:
+            kept.append(min(common - mirror.num_synced_tokens, mirror.num_guesses))
+            mirror.num_guesses = 0
         del mirrored[common:]
         mirrored += tokens[common:]
         # the last token is computed again, if need be, for the logits of the first guess
