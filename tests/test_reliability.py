@@ -41,11 +41,11 @@ def test_keyboard_interrupt_inside_generate_leaves_engine_usable(checkpoint_dir,
     execute = llm.engine.runner.execute
     calls = {"n": 0}
 
-    def interrupted(scheduled):
+    def interrupted(scheduled, *args):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return execute(scheduled)
+        return execute(scheduled, *args)
 
     monkeypatch.setattr(llm.engine.runner, "execute", interrupted)
     with pytest.raises(KeyboardInterrupt):

@@ -11,13 +11,13 @@ import json
 import pytest
 import torch
 
-from helpers import make_prompts, tool_call, varied_lengths, writing
+from helpers import make_prompts, tool_call, varied_lengths, with_decode_graphs, writing
 
 from microvllm import LLM, SamplingParams, StructuredOutputsParams
 from microvllm.serve.cli import build_parser
 from microvllm.serve.metrics import prometheus_text
 from microvllm.speculative.config import SpeculativeConfig, parse_speculative_config
-from microvllm.speculative.ngram import lookup
+from microvllm.speculative.ngram import NgramIndex
 from microvllm.speculative.proposer import Proposer
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
@@ -108,6 +108,19 @@ def test_bfloat16_outputs_are_unchanged(checkpoint_dir, proposer):
     prompts = REPEATING + make_prompts(11, seed=8)
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=0)
     check_both_ways(checkpoint_dir, proposer, prompts, params, dtype="bfloat16")
+
+
+def test_guessed_decode_steps_replay_decode_graphs(checkpoint_dir):
+    prompts = REPEATING
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=0)
+    plain = LLM(checkpoint_dir, max_num_seqs=32)
+    with_decode_graphs(plain)
+    want = plain.generate(prompts, params, use_tqdm=False)
+    llm = spec_llm(checkpoint_dir, "oracle", Reference(prompts, want), max_num_seqs=32)
+    capture = with_decode_graphs(llm)
+    assert_same_outputs(llm.generate(prompts, params, use_tqdm=False), want)
+    # 5 sequences with up to 4 guesses each: more rows than sequences, within the 32 captured
+    assert max(capture.replays) > len(prompts)
 
 
 @pytest.mark.parametrize("proposer", PROPOSERS)
@@ -311,13 +324,28 @@ def test_guesses_stay_within_the_step_token_budget(checkpoint_dir):
 
 # -- configuration ---------------------------------------------------------------------
 
+def lookup(tokens, min_n, max_n, num_guesses):
+    return NgramIndex(min_n, max_n).guesses(tokens, num_guesses)
+
+
 def test_ngram_lookup_follows_the_latest_longest_match():
-    import numpy as np
-    tokens = np.array([1, 2, 3, 9, 2, 3, 8, 7, 2, 3])
-    assert lookup(tokens, 1, 3, 2) == [8, 7]         # "2 3" last seen before "8 7"
-    assert lookup(np.array([5, 6, 1, 2, 3, 7, 2, 3]), 2, 3, 3) == [7, 2, 3]
-    assert lookup(np.array([1, 2, 3, 4]), 1, 3, 4) == []
-    assert lookup(np.array([4, 1, 2, 3, 9, 2, 3]), 3, 3, 2) == []  # "1 2 3"? no: "9 2 3" never occurred
+    assert lookup([1, 2, 3, 9, 2, 3, 8, 7, 2, 3], 1, 3, 2) == [8, 7]  # "2 3" last seen before "8 7"
+    assert lookup([5, 6, 1, 2, 3, 7, 2, 3], 2, 3, 3) == [7, 2, 3]
+    assert lookup([1, 9, 3, 4, 2, 3, 4], 2, 3, 2) == [2, 3]  # "3 4" after "9": the 3-gram "2 3 4" is new
+    assert lookup([1, 2, 3, 4], 1, 3, 4) == []
+    assert lookup([4, 1, 2, 3, 9, 2, 3], 3, 3, 2) == []  # "9 2 3" never occurred before
+    assert lookup([7, 7], 1, 3, 3) == [7]
+
+
+def test_ngram_index_grows_with_the_sequence():
+    index, tokens = NgramIndex(1, 2), [1, 2, 3]
+    assert index.guesses(tokens, 2) == []
+    tokens += [1, 2]
+    assert index.guesses(tokens, 2) == [3, 1]
+    tokens += [3, 1, 2]  # guesses accepted: the index takes in the tokens it has not seen
+    assert index.guesses(tokens, 3) == [3, 1, 2]
+    tokens += [5]
+    assert index.guesses(tokens, 3) == []
 
 
 def test_vllm_defaults_for_prompt_lookup():

@@ -75,6 +75,10 @@ class DecodeGraphs:
             raise RuntimeError(f"capturing the decode CUDA graphs failed: {e}\n"
                                "enforce_eager=True runs every step without graphs") from e
 
+    @property
+    def max_batch_size(self) -> int:
+        return self.batch_sizes[-1]
+
     @staticmethod
     def _split(flat, n: int, table_width: int) -> dict:
         rows = {name: flat[i * n:(i + 1) * n] for i, name in enumerate(INPUT_ROWS)}

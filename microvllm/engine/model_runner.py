@@ -12,7 +12,8 @@ one new token followed by them, and it samples at all of those `1 + len(guesses)
 row j seeing the sequence as it would be after the first j guesses (speculative/ahead.py).
 Attention sees each of those rows as a decode of its own (one query, the context up to
 it, the sequence's blocks), so each is computed exactly as a plain decode of that
-position would be, and the output does not depend on whether guesses were checked.
+position would be (through the decode graphs too, where the rows fit them), and the
+output does not depend on whether guesses were checked.
 Steps without guesses take the plain path, whose cost does not change.
 """
 
@@ -136,7 +137,10 @@ class ModelRunner:
             sampled_seqs = batch if every_token_samples else list(compress(batch, samples))
             sampler_seqs = seqs if every_token_samples else [s.seq for s in sampled_seqs]
         start = time.perf_counter()
-        if self.decode_graphs and not guessing and max(inputs["query_lens"]) == 1:
+        # a step checking guesses is a decode step too where every item is a decode (its
+        # rows split into single queries) and the rows fit the largest graph
+        if self.decode_graphs and max(inputs["query_lens"]) == 1 and (
+                not guessing or len(inputs["input_ids"]) <= self.decode_graphs.max_batch_size):
             hidden = self.decode_graphs.run(inputs)
             # a decode-only step samples every row unless a prompt's last chunks are a token long
             last_hidden = hidden if every_token_samples else \

@@ -85,17 +85,18 @@ class OutputProcessor:
         if result.row_views is not None:
             return self._decide_guessed(result, prompt_logprobs)
         sampled = result.sampled
-        updates = [None] * len(result.sampled_seqs)
-        stop = self._stop  # a local: this loop runs for every row
-        for row, (item, token) in enumerate(zip(result.sampled_seqs, sampled.token_ids if sampled else ())):
-            seq = item.seq
-            if token in seq.wake_tokens:
-                updates[row] = self._decide_with(seq.request.features, seq, token, sampled.logprobs, row)
-            else:
-                finish = stop(seq, token)[0]
-                if finish is not None:
-                    updates[row] = TokenUpdate(seq, finish=finish)
+        decide_row = self._decide_row  # a local: this runs for every row
+        updates = [decide_row(item.seq, token, sampled.logprobs, row)
+                   for row, (item, token) in enumerate(zip(result.sampled_seqs, sampled.token_ids if sampled else ()))]
         return StepDecisions(updates, prompt_logprobs)
+
+    def _decide_row(self, seq: Sequence, token: int, logprobs: LogprobRows | None, row: int) -> TokenUpdate | None:
+        """What sampling `token` at `row` does beyond appending it (None: nothing); `seq`
+        is the sequence as the row saw it."""
+        if token in seq.wake_tokens:
+            return self._decide_with(seq.request.features, seq, token, logprobs, row)
+        finish = self._stop(seq, token)[0]
+        return None if finish is None else TokenUpdate(seq, finish=finish)
 
     def _decide_guessed(self, result: StepOutput, prompt_logprobs: list) -> StepDecisions:
         """decide() for a step that checks guesses (see the module's docstring)."""
@@ -106,13 +107,10 @@ class OutputProcessor:
             item = items[row]
             guesses = item.guesses
             for j in range(len(guesses) + 1):
-                view, token = views[row + j], sampled.token_ids[row + j]
-                if token in view.wake_tokens:
-                    update = self._decide_with(view.request.features, view, token, sampled.logprobs, row + j)
-                    update.seq = item.seq
-                else:
-                    finish = self._stop(view, token)[0]
-                    update = None if finish is None else TokenUpdate(item.seq, finish=finish)
+                token = sampled.token_ids[row + j]
+                update = self._decide_row(views[row + j], token, sampled.logprobs, row + j)
+                if update is not None:
+                    update.seq = item.seq  # decided on the row's view; committed to the sequence
                 emitted.append((item, token, update))
                 if (j == len(guesses) or token != guesses[j]
                         or (update is not None and (update.finish is not None or update.forced))):

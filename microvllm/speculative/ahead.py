@@ -13,17 +13,23 @@ from ..engine.sequence import Sequence
 
 
 class SequenceAhead:
-    __slots__ = ("seq", "params", "seed", "request", "wake_tokens", "token_ids", "num_prompt_tokens")
+    __slots__ = ("seq", "params", "seed", "request", "wake_tokens", "num_prompt_tokens", "num_tokens", "ahead",
+                 "_token_ids")
 
     def __init__(self, seq: Sequence, ahead: list[int]):
         self.seq = seq
         self.params, self.seed, self.request = seq.params, seq.seed, seq.request
         self.wake_tokens, self.num_prompt_tokens = seq.wake_tokens, seq.num_prompt_tokens
-        self.token_ids = seq.token_ids + ahead
+        self.num_tokens = len(seq.token_ids) + len(ahead)
+        self.ahead = ahead
+        self._token_ids = None
 
     @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
+    def token_ids(self) -> list[int]:
+        # built on first use: most steps read only the counts, and a long sequence's copy is not free
+        if self._token_ids is None:
+            self._token_ids = self.seq.token_ids + self.ahead
+        return self._token_ids
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -31,7 +37,7 @@ class SequenceAhead:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return self.num_tokens - self.num_prompt_tokens
 
     def __hash__(self) -> int:
         return hash(self.seq)

@@ -10,9 +10,10 @@ with, and `settle` counts the accepted ones as computed (registering only their 
 blocks with the prefix cache) and gives back the blocks that rejected ones needed.
 
 Each sequence paces its guesses by how they fare (GuessPace): all accepted, it asks for
-more next time; some, one more than were accepted; none, it stops guessing for a while
-(longer after each miss in a row) and then tries a single guess, so text the proposer
-cannot predict costs next to nothing.
+more next time; some, one more than were accepted; none, a single guess next time, and
+after further misses in a row (or lookups that found nothing) it stops guessing for
+ever longer (up to MAX_WAIT_STEPS) before trying again, so text the proposer cannot
+predict costs next to nothing.
 
 Not guessed: requests whose features mask the logits (structured outputs: the matcher
 would have to advance over the guesses), and requests with stop strings before
@@ -25,15 +26,16 @@ from ..engine.scheduler import ScheduledSequence, Scheduler
 from ..engine.sequence import Sequence, SequenceStatus
 from .proposer import Proposer
 
-# the longest a sequence whose guesses keep missing goes without trying again, in its steps
-MAX_WAIT_STEPS = 32
+# the longest a sequence whose guesses keep missing (or whose proposer keeps finding
+# nothing) goes without trying again, in its decode steps
+MAX_WAIT_STEPS = 16
 
 
 @dataclass
 class GuessPace:
     num_guesses: int        # to ask for at the next try
     wait_steps: int = 0     # decode steps to go without guesses before that try
-    misses: int = 0         # tries in a row with no guess accepted
+    misses: int = 0         # tries in a row with no guess accepted, or none proposed
 
 
 @dataclass
@@ -77,6 +79,9 @@ class Speculator:
         guessed = False
         for item, guesses, num in zip(items, self.proposer.propose([s.seq for s in items], wanted), wanted):
             seq = item.seq
+            if not guesses:  # nothing to guess from: look again after a while
+                self._wait(self.paces[seq])
+                continue
             # only blocks free now: room for the decode token and the guesses after it
             room = (len(seq.block_table) + block_manager.num_free_blocks) * block_size - len(seq.token_ids)
             guesses = list(guesses[:min(num, room)])
@@ -130,13 +135,18 @@ class Speculator:
         if pace is None:
             return
         if num_accepted == 0:
-            pace.misses += 1
-            pace.wait_steps = min(2 ** pace.misses, MAX_WAIT_STEPS)
+            self._wait(pace)
             pace.num_guesses = 1
         else:
             pace.misses = 0
             pace.num_guesses = min(self.max_guesses, max(pace.num_guesses, 2 * num_guesses)
                                    if num_accepted == num_guesses else num_accepted + 1)
+
+    @staticmethod
+    def _wait(pace: GuessPace) -> None:
+        """After a try that came to nothing: none the first time, then ever longer waits."""
+        pace.wait_steps = min(2 ** pace.misses - 1, MAX_WAIT_STEPS)
+        pace.misses += 1
 
     def _forget_stopped(self) -> None:
         """Drop the pace, and the proposer's state, of sequences no longer running
