@@ -13,8 +13,8 @@ from checkpoints import byte_tokenizer, load_reference
 from microvllm import LLM, SamplingParams
 from microvllm.engine.sequence import Sequence
 from microvllm.model.loader import load_model
-from microvllm.speculative.draft import (MIN_PAYOFF_SAMPLES, PAYOFF_WINDOW, PROBE_EVERY, DraftProposer,
-                                          GuessPayoff)
+from microvllm.speculative.draft import DraftProposer
+from microvllm.speculative.guess_payoff import MIN_PAYOFF_SAMPLES, PAYOFF_WINDOW, PROBE_EVERY, GuessPayoff
 from microvllm.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 PROMPTS = [[7, 100, 42, 9], [200, 3, 3, 18, 61, 90], [65, 66, 67], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
