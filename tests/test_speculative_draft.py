@@ -10,6 +10,7 @@ import torch
 
 from benchmarks.random_checkpoint import SPLIT_PATTERN, save_checkpoint, tokenizer_with_vocab
 from checkpoints import byte_tokenizer, load_reference
+from helpers import make_prompts
 from microvllm import LLM, SamplingParams
 from microvllm.engine.sequence import Sequence
 from microvllm.model.loader import load_model
@@ -206,6 +207,18 @@ def test_draft_speculation_leaves_outputs_unchanged(checkpoint_dir, perturbed_di
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
     stats = llm.engine.stats
     assert stats.spec_decode_num_accepted_tokens > stats.spec_decode_num_draft_tokens / 2
+
+
+def test_draft_speculation_leaves_n_samples_and_preempted_sequences_unchanged(checkpoint_dir, perturbed_dir,
+                                                                             monkeypatch):
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS + make_prompts(6, seed=9)]
+    params = SamplingParams(n=2, temperature=1.0, seed=7, max_tokens=24, ignore_eos=True)
+    small_cache = dict(num_blocks=24, block_size=4)
+    want = LLM(str(checkpoint_dir), **small_cache).generate(prompts, params, use_tqdm=False)
+    llm = draft_llm(checkpoint_dir, perturbed_dir, monkeypatch, **small_cache)
+    got = llm.generate(prompts, params, use_tqdm=False)
+    assert [[c.token_ids for c in o.outputs] for o in got] == [[c.token_ids for c in o.outputs] for o in want]
+    assert llm.engine.stats.preemptions > 0 and llm.engine.stats.spec_decode_num_accepted_tokens > 0
 
 
 def test_a_draft_equal_to_the_target_has_every_seeded_guess_accepted(checkpoint_dir, monkeypatch):
