@@ -39,8 +39,12 @@ def perturbed_dir(checkpoint_dir, tmp_path_factory):
 
 
 def proposer(llm, draft_dir, k=4) -> DraftProposer:
+    """A draft proposer beside `llm`'s engine that guesses whenever asked, whatever its
+    guesses' payoff so far (GuessPayoff, tested apart)."""
     engine = llm.engine
-    return DraftProposer(str(draft_dir), k, engine.tokenizer, engine.dtype, engine.device, engine.platform)
+    draft = DraftProposer(str(draft_dir), k, engine.tokenizer, engine.dtype, engine.device, engine.platform)
+    draft.payoff.pays = lambda num_seqs: True
+    return draft
 
 
 def generated(llm, prompt, params) -> Sequence:
@@ -123,24 +127,32 @@ def test_a_sequence_asked_for_no_guesses_gets_none_after_earlier_ones(llm, check
     assert draft.propose([seq], [0]) == [[]]
 
 
-def test_guesses_stop_while_they_cost_more_time_than_they_save_and_are_probed_ever_more_seldom():
+def test_guesses_stop_while_they_slow_their_sequences_and_are_probed_ever_more_seldom():
     payoff = GuessPayoff()
     size = (8).bit_length()
-    for _ in range(MIN_PAYOFF_SAMPLES):
-        assert payoff.pays(8)
-        payoff.kept[size].append(0.5)   # half a guess kept per sequence
-        payoff.cost[size].append(1.2)   # for drafting that took longer than the target's step
+    assert [payoff.pays(8) for _ in range(4)] == [True, False, True, False]  # learning: every other call
+    payoff.rates[True][size].extend([90.0] * MIN_PAYOFF_SAMPLES)   # tokens/s per sequence, guessing
+    payoff.rates[False][size].extend([100.0] * MIN_PAYOFF_SAMPLES)  # and not
     decisions = [payoff.pays(8) for _ in range(3 * PROBE_EVERY)]
     # a probe after PROBE_EVERY calls; it changes nothing, so the next comes twice as late
     assert [i for i, d in enumerate(decisions) if d] == [PROBE_EVERY - 1, 3 * PROBE_EVERY - 1]
     assert payoff.pays(1)  # a batch of another size is judged apart
-    payoff.kept[size].extend([3.0] * PAYOFF_WINDOW)
+    payoff.rates[True][size].extend([150.0] * PAYOFF_WINDOW)
     assert all(payoff.pays(8) for _ in range(PROBE_EVERY))
 
 
-def test_a_proposer_whose_guesses_do_not_pay_proposes_nothing(llm, checkpoint_dir, monkeypatch):
+def test_the_payoff_reads_tokens_per_second_since_the_last_call(llm):
+    payoff = GuessPayoff()
+    seq = prefix(generated(llm, PROMPTS[0], GREEDY), 2)
+    payoff.record([seq], call_start=10.0, guessed=True)
+    seq.token_ids += [1, 2, 3]  # the target's step kept two guesses and added its own token
+    payoff.record([seq], call_start=10.5, guessed=False)
+    assert list(payoff.rates[True][1]) == [6.0] and not payoff.rates[False][1]
+
+
+def test_a_proposer_whose_guesses_do_not_pay_proposes_nothing(llm, checkpoint_dir):
     draft = proposer(llm, checkpoint_dir)
-    monkeypatch.setattr(draft.payoff, "pays", lambda num_seqs: False)
+    draft.payoff.pays = lambda num_seqs: False
     seqs = [prefix(generated(llm, prompt, GREEDY), 2) for prompt in PROMPTS[:2]]
     assert draft.propose(seqs, [4, 4]) == [[], []]
 

@@ -49,7 +49,6 @@ class Mirror:
     seq: Sequence
     num_synced_tokens: int = 0  # the target's tokens at the last sync, all final
     num_wanted_tokens: int = 0  # in this propose: the target's tokens and the guesses asked for
-    num_guesses: int = 0        # given at the last call, not yet checked against the target
 
     @classmethod
     def of(cls, target: Sequence) -> "Mirror":
@@ -110,17 +109,13 @@ class DraftProposer(Proposer):
         call_start = time.perf_counter()
         nums = [self._within_limits(seq, num) for seq, num in zip(seqs, num_guesses)]
         drafting = any(num > 0 for num in nums) and self.payoff.pays(len(seqs))
-        asked, kept = [], []  # per sequence: its synced mirror, or None where it gets no guesses
+        asked = []  # per sequence: its synced mirror, or None where it gets no guesses
         for seq, num in zip(seqs, nums):
-            mirror = self.mirrors.get(seq)
-            # a mirror that guessed last time is synced regardless, to count what was kept
-            if (drafting and num > 0) or (mirror is not None and mirror.num_guesses):
-                mirror = self._synced_mirror(seq, kept)
+            mirror = None
             if drafting and num > 0:
+                mirror = self._synced_mirror(seq)
                 mirror.num_wanted_tokens = len(seq.token_ids) + num
-                asked.append(mirror)
-            else:
-                asked.append(None)
+            asked.append(mirror)
         active = [m for m in asked if m is not None]
         drafted = bool(active)
         while active:
@@ -133,16 +128,10 @@ class DraftProposer(Proposer):
             for item, token in zip(result.sampled_seqs, result.sampled.token_ids if result.sampled else ()):
                 item.seq.token_ids.append(token)
             active = [m for m in active if m.wants_more(self.eos_token_ids)]
-        self.payoff.record(kept, len(seqs), call_start, drafted)
-        guesses = []
-        for seq, mirror in zip(seqs, asked):
-            # a mirror dropped for want of KV blocks (no longer in self.mirrors) guesses nothing
-            if mirror is not None and seq in self.mirrors:
-                guesses.append(mirror.seq.token_ids[len(seq.token_ids):])
-                mirror.num_guesses = len(guesses[-1])
-            else:
-                guesses.append([])
-        return guesses
+        self.payoff.record(seqs, call_start, drafted)
+        # a mirror dropped for want of KV blocks (no longer in self.mirrors) guesses nothing
+        return [mirror.seq.token_ids[len(seq.token_ids):] if mirror is not None and seq in self.mirrors else []
+                for seq, mirror in zip(seqs, asked)]
 
     def release(self, seq: Sequence) -> None:
         mirror = self.mirrors.pop(seq, None)
@@ -160,9 +149,8 @@ class DraftProposer(Proposer):
             num = min(num, seq.params.max_tokens - seq.num_output_tokens)
         return num
 
-    def _synced_mirror(self, seq: Sequence, kept: list[int]) -> Mirror:
-        """`seq`'s mirror holding exactly seq's tokens, its KV valid as far as they agree;
-        appends to `kept` how many of its last guesses the target kept, if it had some."""
+    def _synced_mirror(self, seq: Sequence) -> Mirror:
+        """`seq`'s mirror holding exactly seq's tokens, its KV valid as far as they agree."""
         mirror = self.mirrors.get(seq)
         if mirror is None:
             mirror = self.mirrors[seq] = Mirror.of(seq)
@@ -174,9 +162,6 @@ class DraftProposer(Proposer):
             if mirrored[i] != tokens[i]:
                 common = i
                 break
-        if mirror.num_guesses:
-            kept.append(min(common - mirror.num_synced_tokens, mirror.num_guesses))
-            mirror.num_guesses = 0
         del mirrored[common:]
         mirrored += tokens[common:]
         # the last token is computed again, if need be, for the logits of the first guess
