@@ -7,6 +7,10 @@ at each batch size (over at least 8 prompts, run that many at a time), on two wo
   blank line, then the passage's first lines again, greedy: the continuation copies
   the passage, which prompt lookup finds;
 - free writing: a speaker's name, sampled (temperature 0.8, seeded): little to look up.
+With a draft model (`{"model": DIR, ...}`) the workloads are free writing only, greedy
+and sampled at temperature 1 (seeded): a draft guesses any text, and at temperature > 0
+it draws with the target's own noise. The run then also times the draft alone against
+the target, to say how much cheaper per token it is.
 The run needs nothing but the model.
 Each figure is the best of `--rounds` runs (what other processes take from a run only
 slows it), in output tokens per second of wall time and of the process's CPU time (on
@@ -17,6 +21,8 @@ per sequence step that checked guesses) are the speculative engine's.
 
     python -m benchmarks.speculative [--model models/shakespeare-d4] [--batch-sizes 1 8 64]
         [--speculative-config '{"method": "ngram", "num_speculative_tokens": 4}']
+    python -m benchmarks.speculative \
+        --speculative-config '{"model": "models/shakespeare-d2-draft", "num_speculative_tokens": 4}'
 """
 
 import argparse
@@ -31,7 +37,10 @@ from microvllm import LLM, SamplingParams
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "shakespeare-d4"
 DEFAULT_CONFIG = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
 SPEAKERS = ["OTHELLO.", "HAMLET.", "KING LEAR.", "PORTIA.", "ROSALIND.", "MACBETH.", "JULIET.", "PROSPERO."]
-TARGETS = {("input-grounded", 1): 2.0, ("input-grounded", 8): 1.3}  # the least ratio each should reach
+# the least ratio each should reach
+TARGETS = {("input-grounded", 1): 2.0, ("input-grounded", 8): 1.3, ("greedy", 1): 1.5, ("temperature 1", 1): 1.5}
+NGRAM_WORKLOADS = ("input-grounded", "free writing")
+DRAFT_WORKLOADS = ("greedy", "temperature 1")  # free writing, as a draft model guesses it
 FREE_WRITING_FLOOR = 0.95
 MIN_PROMPTS = len(SPEAKERS)
 
@@ -49,7 +58,8 @@ def workload(name: str, llm: LLM, batch_size: int, max_tokens: int) -> tuple[lis
         prompts = [text + "\n\n" + text[:max(text.find("\n", len(text.split("\n")[0]) + 1), 16)] for text in texts]
         return prompts, [SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)] * batch_size
     prompts = [f"{SPEAKERS[i % len(SPEAKERS)]}\n" for i in range(batch_size)]
-    return prompts, [SamplingParams(temperature=0.8, seed=i, max_tokens=max_tokens, ignore_eos=True)
+    temperature = {"greedy": 0.0, "temperature 1": 1.0}.get(name, 0.8)
+    return prompts, [SamplingParams(temperature=temperature, seed=i, max_tokens=max_tokens, ignore_eos=True)
                      for i in range(batch_size)]
 
 
@@ -64,6 +74,23 @@ def timed(llm: LLM, prompts: list[str], params: list[SamplingParams],
     return time.perf_counter() - wall, time.process_time() - cpu, [o.outputs[0].token_ids for o in outputs]
 
 
+def decode_rates(llm: LLM, max_tokens: int, rounds: int) -> tuple[float, float]:
+    """Output tokens per second of one greedy free-writing sequence at a time (batch 1),
+    the best of `rounds`: of wall time, of the process's CPU time."""
+    prompts, params = workload("greedy", llm, MIN_PROMPTS, max_tokens)
+    timed(llm, prompts, params, 1)  # warm up
+    runs = [timed(llm, prompts, params, 1) for _ in range(rounds)]
+    return tuple(len(prompts) * max_tokens / min(run[clock] for run in runs) for clock in (0, 1))
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(BUNDLED_MODEL))
@@ -75,12 +102,21 @@ def main(argv=None):
 
     plain = LLM(args.model)
     spec = LLM(args.model, speculative_config=args.speculative_config)
-    print(f"{args.model}, {spec.engine.device}, {torch.get_num_threads()} threads; "
+    print(f"{args.model}, {spec.engine.device} ({cpu_name()}), {torch.get_num_threads()} threads; "
           f"speculative_config={json.dumps(args.speculative_config)}")
+    draft_model = args.speculative_config.get("model")
+    if draft_model is not None:
+        draft = LLM(draft_model)
+        # alternately, so that the machine's load slows both alike
+        (target_wall, target_cpu), (draft_wall, draft_cpu) = (decode_rates(llm, args.max_tokens, args.rounds)
+                                                              for llm in (plain, draft))
+        print(f"alone at batch 1: target {target_wall:.1f} tok/s, draft {draft_wall:.1f} tok/s (wall); a target "
+              f"token costs {draft_wall / target_wall:.2f}x a draft token (wall), {draft_cpu / target_cpu:.2f}x (CPU)")
+        del draft
     print(f"{'':>21} {'wall time':^30} {'CPU time':^30}")
     print(f"{'workload':>15} {'batch':>5} {'plain tok/s':>12} {'spec tok/s':>11} {'ratio':>6} "
           f"{'plain tok/s':>12} {'spec tok/s':>11} {'ratio':>6} {'accept':>7} {'mean len':>8}  target (CPU time)")
-    for name in ("input-grounded", "free writing"):
+    for name in NGRAM_WORKLOADS if draft_model is None else DRAFT_WORKLOADS:
         for batch_size in args.batch_sizes:
             # at least MIN_PROMPTS, so that a small batch does not stand or fall by one prompt
             prompts, params = workload(name, plain, max(batch_size, MIN_PROMPTS), args.max_tokens)
@@ -109,7 +145,7 @@ def main(argv=None):
             accepted = stats.spec_decode_num_accepted_tokens - accepted
             rate = accepted / proposed if proposed else 0.0
             mean_len = 1 + accepted / drafts if drafts else 0.0
-            target = TARGETS.get((name, batch_size), FREE_WRITING_FLOOR if name == "free writing" else None)
+            target = TARGETS.get((name, batch_size), FREE_WRITING_FLOOR if name != "input-grounded" else None)
             verdict = "" if target is None else f">= {target:.2f}x: {'met' if ratio >= target else 'NOT met'}"
             print(f"{name:>15} {batch_size:>5} " + " ".join(
                 f"{plain_rate:>12.1f} {spec_rate:>11.1f} {spec_rate / plain_rate:>5.2f}x" for plain_rate, spec_rate in rates)

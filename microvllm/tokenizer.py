@@ -102,6 +102,15 @@ class Tokenizer:
         # nanochat stops a reply at <|assistant_end|>, and a base model's text at <|bos|>
         self.eos_token_ids = frozenset({self.special["<|assistant_end|>"], self.bos_id})
 
+    def same_tokens_as(self, other: "Tokenizer") -> bool:
+        """Whether every token id means the same bytes (or special token) in both, so that
+        token ids pass from one model to the other unchanged."""
+        if self.vocab_size != other.vocab_size or self.special != other.special:
+            return False
+        byte_tokens = [i for i in range(self.vocab_size) if i not in self.special_ids]
+        return all(map(bytes.__eq__, map(self.encoding.decode_single_token_bytes, byte_tokens),
+                       map(other.encoding.decode_single_token_bytes, byte_tokens)))
+
     # transformers' names, which vLLM code reads from get_tokenizer()
     @property
     def bos_token_id(self) -> int:

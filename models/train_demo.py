@@ -17,6 +17,10 @@ Training stage (microvllm's own GPT, nanochat's era-E architecture):
 
 Usage (both stages; about 25 minutes on one core of a 2-core CPU):
     python models/train_demo.py --stage all --out models/shakespeare-d4 --threads 1
+The draft model for speculative decoding (models/README.md), on the same tokenizer:
+    python models/train_demo.py --stage train --out models/shakespeare-d2-draft \
+        --tokenizer-from models/shakespeare-d4/tokenizer --depth 2 --n-embd 96 --n-head 1 \
+        --n-kv-head 1 --window-pattern SL --threads 1
 """
 
 import argparse
@@ -24,6 +28,7 @@ import json
 import math
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -345,6 +350,10 @@ def run_train_stage(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tokenizer_from is not None:
+        # a draft model shares its target's tokenizer exactly: copied, not retrained
+        (Path(args.out) / "tokenizer").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(args.tokenizer_from) / "tokenizer.pkl", Path(args.out) / "tokenizer" / "tokenizer.pkl")
     tokenizer = Tokenizer.from_dir(Path(args.out) / "tokenizer")
     enc, bos_id = tokenizer.encoding, tokenizer.bos_id
     train_text, val_text = split_corpus(fetch_corpus(args.cache_dir), args.val_fraction)
@@ -438,6 +447,9 @@ def main() -> None:
                         help="all = tokenizer, then train")
     parser.add_argument("--out", type=Path, default=MODELS_DIR / "shakespeare-d4")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
+    parser.add_argument("--tokenizer-from", type=Path, default=None,
+                        help="train stage: copy this dir's tokenizer.pkl to <out>/tokenizer first "
+                             "(a draft model for speculative decoding shares its target's)")
     parser.add_argument("--val-fraction", type=float, default=0.05)
     parser.add_argument("--vocab-size", type=int, default=4096,
                         help="total vocabulary size, special tokens included")

@@ -5,8 +5,10 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from microvllm import LLM, SamplingParams
+from microvllm.model.attention import DenseCausalAttention
 from microvllm.model.loader import load_model
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "shakespeare-d4"
@@ -41,3 +43,12 @@ def test_bundled_model_generates_text_greedily(llm):
     assert len(first.outputs[0].token_ids) > 0 and text.strip()
     assert len(re.findall(r"[A-Za-z]{2,}", text)) >= 3  # words, not byte soup
     assert again.outputs[0].text == text                 # greedy is deterministic
+
+
+def test_the_model_trains_as_train_demo_trains_it(checkpoint_dir):
+    """models/train_demo.py backpropagates through the forward the engine runs."""
+    model = load_model(checkpoint_dir).train().requires_grad_(True)
+    ids = torch.arange(1, 17)
+    hidden = model(ids, torch.arange(16), torch.cat([torch.tensor([-1]), ids[:-1]]), DenseCausalAttention(1))
+    model.compute_logits(hidden).logsumexp(dim=-1).sum().backward()
+    assert all(p.grad is not None for p in (model.lm_head.weight, model.transformer.h[0].mlp.c_fc.weight))

@@ -16,7 +16,7 @@ from helpers import make_prompts, tool_call, varied_lengths, with_decode_graphs,
 from microvllm import LLM, SamplingParams, StructuredOutputsParams
 from microvllm.serve.cli import build_parser
 from microvllm.serve.metrics import prometheus_text
-from microvllm.speculative.config import SpeculativeConfig, make_proposer, parse_speculative_config
+from microvllm.speculative.config import SpeculativeConfig, parse_speculative_config
 from microvllm.speculative.ngram import NgramIndex
 from microvllm.speculative.proposer import Proposer
 
@@ -374,12 +374,6 @@ def test_vllm_defaults_for_prompt_lookup():
 def test_bad_speculative_configs_are_refused_by_name(checkpoint_dir, config, message):
     with pytest.raises(ValueError, match=message):
         LLM(checkpoint_dir, speculative_config=config)
-
-
-def test_a_missing_draft_module_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(__import__("sys").modules, "microvllm.speculative.draft", None)
-    with pytest.raises(ValueError, match="draft-model speculation is not available"):
-        make_proposer(SpeculativeConfig("draft_model", 2, model="/d"), None, torch.float32, None, None)
 
 
 def test_beam_search_refuses_a_speculative_engine(checkpoint_dir):

@@ -33,7 +33,8 @@ from ..model.weights import load_weights
 from ..outputs import RequestOutput
 from ..platform import platform_for
 from ..sampling_params import RequestOutputKind, SamplingParams
-from ..speculative.config import make_proposer, parse_speculative_config
+from ..speculative.config import parse_speculative_config
+from ..speculative.factory import make_proposer
 from ..speculative.speculator import Speculator
 from ..structured.grammars import Grammars
 from . import logits_processors

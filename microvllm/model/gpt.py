@@ -61,8 +61,10 @@ class TorchOps:
 
     @staticmethod
     def relu_squared_(x: torch.Tensor) -> torch.Tensor:
-        """relu(x)^2, in place: the MLP's hidden activation is the forward's largest tensor."""
-        return x.relu_().square_()
+        """relu(x)^2, in place: the MLP's hidden activation is the forward's largest tensor.
+        Out of place where autograd records it (models/train_demo.py): square's backward
+        reads relu's output."""
+        return x.relu().square() if x.requires_grad else x.relu_().square_()
 
 
 class CausalSelfAttention(nn.Module):
@@ -189,4 +191,7 @@ class GPT(nn.Module):
         cap = self.config.logit_softcap
         # cap * tanh(x / cap), written as cap * (2 sigmoid(2x / cap) - 1): torch's CPU tanh
         # is several times slower than its sigmoid, on [rows, vocab] every step
-        return torch.sigmoid(logits.mul_(2 / cap)).mul_(2 * cap).sub_(cap)
+        squashed = torch.sigmoid(logits.mul_(2 / cap))
+        # sigmoid's backward reads its output: training (models/train_demo.py) needs it kept
+        scaled = squashed.mul(2 * cap) if squashed.requires_grad else squashed.mul_(2 * cap)
+        return scaled.sub_(cap)

@@ -1,4 +1,4 @@
-"""SpeculativeConfig: LLM(speculative_config=...) checked, and the proposer it asks for.
+"""SpeculativeConfig: LLM(speculative_config=...) checked (factory.py builds the proposer it asks for).
 
 Spelt as vLLM's: `{"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": a,
 "prompt_lookup_max": b}` guesses by prompt lookup (ngram.py); `{"model": DIR,
@@ -9,9 +9,6 @@ bound left out takes the other's value, and both default to 5.
 
 from dataclasses import dataclass
 from typing import Any
-
-from .ngram import NgramProposer
-from .proposer import Proposer
 
 METHODS = ("ngram", "draft_model")
 # vLLM's other methods: they need model parts nanochat checkpoints do not have
@@ -80,17 +77,3 @@ def parse_speculative_config(value: Any) -> SpeculativeConfig | None:
         raise ValueError(f"{_field('prompt_lookup_min')}={low} must be <= "
                          f"{_field('prompt_lookup_max')}={high}")
     return SpeculativeConfig(method, k, low, high)
-
-
-def make_proposer(config: SpeculativeConfig, target_tokenizer, dtype, device, platform) -> Proposer:
-    """The proposer `config` asks for, built beside an engine with these parts."""
-    if config.method == "ngram":
-        return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
-    try:  # imported only when asked for: it loads a second model
-        from .draft import DraftProposer
-    except ModuleNotFoundError as e:
-        if e.name != "microvllm.speculative.draft":
-            raise
-        raise ValueError("speculative_config.model: draft-model speculation is not available in this "
-                         "build (microvllm.speculative.draft is missing); use method 'ngram'") from None
-    return DraftProposer(config.model, config.num_speculative_tokens, target_tokenizer, dtype, device, platform)
