@@ -9,7 +9,8 @@ committed tokens alone take it. Outputs are those of a run without speculation.
 import pytest
 import torch
 
-from test_speculative import PROPOSERS, REPEATING, OracleProposer, Reference, assert_same_outputs, check_both_ways
+from test_speculative import (PROPOSERS, REPEATING, OracleProposer, Reference, assert_same_outputs, check_both_ways,
+                              spec_llm)
 
 from microvllm import LLM, SamplingParams, StructuredOutputsParams
 from microvllm.engine.features import request_features
@@ -57,11 +58,14 @@ def test_oracle_guesses_of_constrained_requests_are_all_accepted(checkpoint_dir,
 
 def test_the_stop_token_is_guessed_and_accepted_where_the_grammar_ends(checkpoint_dir):
     params = constrained(CONSTRAINTS["choice"], "seeded")
-    llm = check_both_ways(checkpoint_dir, "oracle", REPEATING, params)
-    outputs = llm.generate(REPEATING, params, use_tqdm=False)
-    assert all(o.outputs[0].finish_reason == "stop" for o in outputs)
-    # every output (6 letters, then the stop token) in fewer steps than its 7 tokens
-    assert llm.engine.stats.acceptance_rate == 1.0 and llm.engine.stats.steps < 7
+    want = LLM(checkpoint_dir).generate(REPEATING, params, use_tqdm=False)
+    assert all(o.outputs[0].finish_reason == "stop" for o in want)
+    llm = spec_llm(checkpoint_dir, "oracle", Reference(REPEATING, want))
+    assert_same_outputs(llm.generate(REPEATING, params, use_tqdm=False), want)
+    stats = llm.engine.stats
+    # 6 letters and the stop token: the first sampled, 4 guessed, then the stop token guessed
+    assert stats.spec_decode_num_accepted_tokens == stats.spec_decode_num_draft_tokens == 5 * len(REPEATING)
+    assert stats.steps == 3
 
 
 def test_ngram_guesses_follow_a_grammar_that_repeats_itself(checkpoint_dir):
