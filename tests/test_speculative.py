@@ -13,7 +13,7 @@ import torch
 
 from helpers import make_prompts, tool_call, varied_lengths, with_decode_graphs, writing
 
-from microvllm import LLM, SamplingParams, StructuredOutputsParams
+from microvllm import LLM, SamplingParams
 from microvllm.serve.cli import build_parser
 from microvllm.serve.metrics import prometheus_text
 from microvllm.speculative.config import SpeculativeConfig, parse_speculative_config
@@ -225,15 +225,6 @@ def test_tool_calls_are_unchanged(checkpoint_dir, proposer):
     params = SamplingParams(temperature=0, max_tokens=len(script) + 12, ignore_eos=True, logprobs=0,
                             logits_processors=[writing(script)])
     check_both_ways(checkpoint_dir, proposer, REPEATING, params, block_size=16)
-
-
-@pytest.mark.parametrize("proposer", PROPOSERS)
-def test_structured_outputs_are_unchanged_and_never_guessed(checkpoint_dir, proposer):
-    pytest.importorskip("xgrammar")
-    params = SamplingParams(temperature=1.0, seed=3, max_tokens=20,
-                            structured_outputs=StructuredOutputsParams(regex="[a-e]{3,12}"))
-    llm = check_both_ways(checkpoint_dir, proposer, REPEATING, params)
-    assert llm.engine.stats.spec_decode_num_drafts == 0
 
 
 # -- blocks -------------------------------------------------------------------------

@@ -47,7 +47,7 @@ class RequestFeatures:
             self.wake_tokens = _wake_token_sets.setdefault(tokens, tokens)
         self.watches_text = any(f.watches_text for f in items)
         self.forcing = _overriding(items, "forced_tokens")
-        self.masking = _overriding(items, "logits_mask")
+        self.guessing = _overriding(items, "check_guesses")
         self.stopping = _overriding(items, "stop")
         self.deciding = _overriding(items, "on_token")
         self.committing = _overriding(items, "commit")
@@ -55,6 +55,12 @@ class RequestFeatures:
 
     def logits_mask(self, seq: Sequence):
         return next((m for f in self.items if (m := f.logits_mask(seq)) is not None), None)
+
+    def check_guesses(self, seq: Sequence, guesses: list[int]) -> list[int]:
+        """The leading `guesses` every feature lets the step check."""
+        for feature in self.guessing:
+            guesses = guesses[:feature.check_guesses(seq, guesses)]
+        return guesses
 
     def output_text(self, seq: Sequence) -> str | None:
         return next((t for f in self.items if (t := f.output_text(seq)) is not None), None)
@@ -81,5 +87,5 @@ def request_features(params: SamplingParams, output_kind: RequestOutputKind, tok
 
 
 def logits_masks(seqs: list[Sequence]) -> list:
-    """Each row's grammar matcher (see RequestFeature.logits_mask), or None."""
+    """Each row's grammar mask (see RequestFeature.logits_mask), or None."""
     return [None if (f := seq.request.features) is None else f.logits_mask(seq) for seq in seqs]

@@ -116,7 +116,11 @@ class OutputProcessor:
                         or (update is not None and (update.finish is not None or update.forced))):
                     break
             if guesses:
-                accepted.append((item, j))
+                # a right guess that ended the sequence counts as accepted (its KV no longer
+                # matters); one a tool's answer follows is recomputed with it, as a plain step would
+                ended_on_guess = j < len(guesses) and token == guesses[j] and update is not None \
+                    and update.finish is not None
+                accepted.append((item, j + ended_on_guess))
             row += len(guesses) + 1
         return StepDecisions([], prompt_logprobs, emitted, accepted)
 

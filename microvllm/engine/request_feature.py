@@ -8,8 +8,11 @@ nothing unless a feature overrides them. A request's features sit in one list
 (`features.RequestFeatures`); a request without any has none, and its rows skip them.
 
 A step calls the hooks in this order:
+0. `check_guesses` (speculative decoding, before the step): how many of a proposer's
+   guesses the feature lets the step check;
 1. `logits_mask` (the sampler, in a step that holds a constrained request): a grammar
-   matcher whose allowed tokens mask the row;
+   matcher whose allowed tokens mask the row (or, for a row after checked guesses, the
+   bitmask row `check_guesses` filled);
 then, on the rows a feature wakes (every row where `every_token`, else those that
 sampled its `wake_token`; `Sequence.wake_tokens` holds the request's):
 2. `forced_tokens` (decide): tokens the feature forces after the sampled one;
@@ -44,8 +47,14 @@ class RequestFeature:
     watches_text = False        # whether `stop` needs the output's text decoded
 
     def logits_mask(self, seq: Sequence):
-        """The xgrammar GrammarMatcher whose allowed tokens mask `seq`'s next logits, or None."""
+        """What masks `seq`'s next logits: an xgrammar GrammarMatcher (its allowed tokens),
+        a filled bitmask row (int32, one bit per token), or None."""
         return None
+
+    def check_guesses(self, seq: Sequence, guesses: list[int]) -> int:
+        """How many of the leading `guesses` (a proposer's, for the tokens after `seq`'s last)
+        the step may check; `logits_mask` then answers for `seq` with those appended."""
+        return len(guesses)
 
     def forced_tokens(self, seq: Sequence, token: int) -> list[int]:
         """Tokens to force after `token`, which `seq` just sampled."""

@@ -15,9 +15,11 @@ after further misses in a row (or lookups that found nothing) it stops guessing 
 ever longer (up to MAX_WAIT_STEPS) before trying again, so text the proposer cannot
 predict costs next to nothing.
 
-Not guessed: requests whose features mask the logits (structured outputs: the matcher
-would have to advance over the guesses), and requests with stop strings before
-min_tokens is reached (a stop string may not be searched for in those tokens' text).
+A request's features see the guesses before the step (RequestFeatures.check_guesses):
+a structured output keeps only the leading guesses its grammar allows (a refused one
+could never be the model's sample, its row being masked) and readies each checked
+row's mask. Not guessed: requests with stop strings before min_tokens is reached (a
+stop string may not be searched for in those tokens' text).
 """
 
 from dataclasses import dataclass
@@ -85,6 +87,12 @@ class Speculator:
             # only blocks free now: room for the decode token and the guesses after it
             room = (len(seq.block_table) + block_manager.num_free_blocks) * block_size - len(seq.token_ids)
             guesses = list(guesses[:min(num, room)])
+            features = seq.request.features
+            if guesses and features is not None and features.guessing:
+                # a grammar keeps the guesses it allows; none left counts as a miss
+                guesses = features.check_guesses(seq, guesses)
+                if not guesses:
+                    self._pace(seq, 1, 0)
             if guesses:
                 block_manager.append_slots(seq, 1 + len(guesses))
                 item.guesses = guesses
@@ -94,8 +102,7 @@ class Speculator:
     def _wanted(self, seq: Sequence) -> int:
         """How many guesses to ask for `seq` this step."""
         p = seq.params
-        features = seq.request.features
-        if (features is not None and features.masking) or (p.stop_strings and seq.num_output_tokens < p.min_tokens):
+        if p.stop_strings and seq.num_output_tokens < p.min_tokens:
             return 0
         pace = self.paces.get(seq)
         if pace is None:

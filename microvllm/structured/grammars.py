@@ -75,4 +75,5 @@ class Grammars:
 
 def new_matcher(compiled_grammar):
     """A new xgrammar GrammarMatcher at the start of a compiled grammar."""
-    return import_xgrammar().GrammarMatcher(compiled_grammar)
+    # -1: it rolls back any number of tokens (speculative decoding rolls back over a step's guesses)
+    return import_xgrammar().GrammarMatcher(compiled_grammar, max_rollback_tokens=-1)
