@@ -64,17 +64,10 @@ def prefix(seq: Sequence, num_output_tokens: int, seed: int | None = None) -> Se
     return view
 
 
-def test_a_draft_equal_to_the_target_proposes_its_greedy_continuation(llm, checkpoint_dir):
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_a_draft_equal_to_the_target_proposes_the_targets_own_continuation(llm, checkpoint_dir, params):
     draft = proposer(llm, checkpoint_dir)
-    targets = [generated(llm, prompt, GREEDY) for prompt in PROMPTS]
-    views = [prefix(seq, j) for seq in targets for j in (0, 5, 17)]
-    guesses = draft.propose(views, [4] * len(views))
-    assert guesses == [seq.output_token_ids[j:j + 4] for seq in targets for j in (0, 5, 17)]
-
-
-def test_a_draft_equal_to_the_target_proposes_its_seeded_samples(llm, checkpoint_dir):
-    draft = proposer(llm, checkpoint_dir)
-    targets = [generated(llm, prompt, SEEDED) for prompt in PROMPTS]
+    targets = [generated(llm, prompt, params) for prompt in PROMPTS]
     views = [prefix(seq, j) for seq in targets for j in (0, 5, 17)]
     guesses = draft.propose(views, [4] * len(views))
     assert guesses == [seq.output_token_ids[j:j + 4] for seq in targets for j in (0, 5, 17)]
