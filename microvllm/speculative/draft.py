@@ -42,6 +42,8 @@ from .proposer import Proposer
 
 # tokens of one draft forward at most (catching up on long sequences takes several)
 MAX_DRAFT_BATCHED_TOKENS = 4096
+
+
 @dataclass(eq=False)
 class Mirror:
     """The draft's copy of a target sequence: its tokens, then the draft's guesses."""
@@ -140,8 +142,8 @@ class DraftProposer(Proposer):
 
     def _within_limits(self, seq: Sequence, num: int) -> int:
         """`num` guesses cut to num_speculative_tokens and what max_tokens and the
-        draft's context leave; none
-        where a feature masks the logits (the draft does not run request features)."""
+        draft's context leave; none where a feature masks the logits (the draft does not
+        run request features)."""
         if seq.params.structured_outputs is not None:
             return 0
         num = min(num, self.num_speculative_tokens, self.max_model_len - len(seq.token_ids))
