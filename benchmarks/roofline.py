@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
             warmup_max_tokens=warmup_max_tokens)))
         result = in_subprocess(args.vllm_python, "vllm", hf_dir, workload_file, str(dtype).removeprefix("torch."))
         vllm_wall = output_tokens / result["tok_s"]
-        print(f"vLLM ({result['dtype']}): wall {vllm_wall:.2f} s, {result['tok_s']:,.0f} output tok/s; "
+        print(f"vLLM ({result['dtype']}, {result['threads']} threads): wall {vllm_wall:.2f} s, "
+              f"{result['tok_s']:,.0f} output tok/s; "
               f"roofline / measured {roofline / vllm_wall:.2f} (microvllm {roofline / wall:.2f}, the same "
               f"roofline: microvllm's schedule)")
 
