@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     model, dtype = llm.engine.model, llm.engine.dtype
     threads = torch.get_num_threads()
     print(f"{os.cpu_count()} CPUs ({cpu_features()}), {threads} torch threads, {str(dtype).removeprefix('torch.')}, "
-          f"model {args.model} ({model.config.n_layer} layers x {model.config.n_embd}, vocab {model.config.vocab_size})")
+          f"model {args.model} ({model.config.n_layer} layers x {model.config.n_embd}, "
+          f"vocab {model.config.vocab_size})")
 
     linears = layer_linears(model)
     print("\n| rows | one block's linears GFLOP/s | LM head GFLOP/s |\n|---|---|---|")

@@ -172,7 +172,8 @@ def profiled(profile_file: str | None):
     import torch
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         yield
-    table = profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=PROFILE_ROWS, max_name_column_width=60)
+    table = profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=PROFILE_ROWS,
+                                         max_name_column_width=60)
     Path(profile_file).write_text(f"{torch.get_num_threads()} torch threads\n{table}")
 
 
