@@ -18,6 +18,7 @@ one, if transformers is importable here).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -44,6 +45,7 @@ WORKLOADS = {
 SEQUENCE_LEN = 1024
 CHECK_TOKENS = 48  # length of the sequence whose logits the export is checked on
 CHECK_FILE = "check_logits.pt"
+PROFILE_ROWS = 30  # ops per profile table
 
 
 def make_workload(num_requests, prompt_lens, output_lens, vocab_size, seed=0):
@@ -111,7 +113,7 @@ def both_formats(directory: Path, name: str, export_python: str) -> tuple[Path, 
 
 # -- one engine, one process --------------------------------------------------------------
 
-def run_ours(model_dir: str, workload: dict, dtype: str | None) -> dict:
+def run_ours(model_dir: str, workload: dict, dtype: str | None, profile_file: str | None = None) -> dict:
     start = time.perf_counter()
     from microvllm import LLM, SamplingParams
     llm = LLM(model_dir, dtype=dtype)
@@ -120,11 +122,14 @@ def run_ours(model_dir: str, workload: dict, dtype: str | None) -> dict:
     def generate(prompts, max_tokens):
         params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
         return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    timed = _timed(generate, workload, profile_file)
+    # the KV cache's size decides preemptions: counted over both generates, warm-up and timed
     return dict(startup=startup, dtype=str(llm.engine.dtype).removeprefix("torch."),
-                **_timed(generate, workload))
+                kv_tokens=llm.engine.kv_cache.num_blocks * llm.engine.kv_cache.block_size,
+                preemptions=llm.engine.stats.preemptions, **timed)
 
 
-def run_vllm(model_dir: str, workload: dict, dtype: str | None) -> dict:
+def run_vllm(model_dir: str, workload: dict, dtype: str | None, profile_file: str | None = None) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     start = time.perf_counter()
@@ -139,27 +144,47 @@ def run_vllm(model_dir: str, workload: dict, dtype: str | None) -> dict:
                   for m in max_tokens]
         return [list(o.outputs[0].token_ids) for o in llm.generate(inputs, params, use_tqdm=False)]
     return dict(startup=startup, dtype=str(llm.llm_engine.model_config.dtype).removeprefix("torch."),
-                **_timed(generate, workload))
+                **_timed(generate, workload, profile_file))
 
 
-def _timed(generate, workload: dict) -> dict:
+def _timed(generate, workload: dict, profile_file: str | None) -> dict:
     # the warm-up runs a workload of the same shape with other prompts: both engines cache
     # prefixes, and a repeat of the timed prompts would skip most of their prefill
     start = time.perf_counter()
     warmup_tokens = sum(map(len, generate(workload["warmup_prompts"], workload["warmup_max_tokens"])))
     warmup = time.perf_counter() - start
-    start = time.perf_counter()
-    outputs = generate(workload["prompts"], workload["max_tokens"])
-    wall = time.perf_counter() - start
-    return dict(tok_s=sum(map(len, outputs)) / wall, first_tok_s=warmup_tokens / warmup, outputs=outputs)
+    with profiled(profile_file):
+        start = time.perf_counter()
+        outputs = generate(workload["prompts"], workload["max_tokens"])
+        wall = time.perf_counter() - start
+    import torch  # the worker's own: each engine's process imports its torch
+    return dict(tok_s=sum(map(len, outputs)) / wall, first_tok_s=warmup_tokens / warmup, outputs=outputs,
+                threads=torch.get_num_threads())
 
 
-def in_subprocess(python: str, engine: str, model_dir: Path, workload_file: Path,
-                  dtype: str | None, repo: Path = REPO, module: str = "benchmarks.vs_vllm") -> dict:
+@contextlib.contextmanager
+def profiled(profile_file: str | None):
+    """torch's profiler around the block, its ops by self CPU time written to `profile_file`
+    (nothing without one)."""
+    if profile_file is None:
+        yield
+        return
+    import torch
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        yield
+    table = profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=PROFILE_ROWS,
+                                         max_name_column_width=60)
+    Path(profile_file).write_text(f"{torch.get_num_threads()} torch threads\n{table}")
+
+
+def in_subprocess(python: str, engine: str, model_dir: Path, workload_file: Path, dtype: str | None,
+                  repo: Path = REPO, module: str = "benchmarks.vs_vllm", profile_file: Path | None = None) -> dict:
     """The last JSON line `python -m module --worker engine ...` prints: one engine's run in a
     process of its own (`module` takes the same worker flags as this one)."""
     command = [python, "-m", module, "--worker", engine, "--model-dir", str(model_dir),
                "--workload-file", str(workload_file)] + (["--dtype", dtype] if dtype else [])
+    if profile_file is not None:
+        command += ["--profile-file", str(profile_file)]
     # the worker imports microvllm from its repo (the current directory comes first on sys.path)
     done = subprocess.run(command, cwd=repo, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -198,9 +223,14 @@ def main(argv=None):
     parser.add_argument("--vllm-dtype", help="vLLM dtype (default: its own default)")
     parser.add_argument("--baseline-repo", type=Path, help="another microvllm checkout to run side by side")
     parser.add_argument("--dir", help="where to write the checkpoints (default: a temporary dir)")
+    parser.add_argument("--model", choices=MODELS, help="run every chosen workload on this model instead of its own")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile each timed generate (torch.profiler): top ops by self CPU time, a file "
+                             "per engine and round in --dir (tok/s then include the profiler's cost)")
     parser.add_argument("--worker", choices=("ours", "vllm", "logits"), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--workload-file", help=argparse.SUPPRESS)
+    parser.add_argument("--profile-file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker == "logits":
@@ -208,12 +238,13 @@ def main(argv=None):
     if args.worker:
         workload = json.loads(Path(args.workload_file).read_text())
         run = run_ours if args.worker == "ours" else run_vllm
-        print(json.dumps(run(args.model_dir, workload, args.dtype)))
+        print(json.dumps(run(args.model_dir, workload, args.dtype, args.profile_file)))
         return
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="vs_vllm_"))
     chosen = [list(WORKLOADS)[i] for i in (args.workloads if args.workloads is not None else range(len(WORKLOADS)))]
-    models = {WORKLOADS[name][0] for name in chosen}
+    model_of = {name: args.model or WORKLOADS[name][0] for name in chosen}
+    models = set(model_of.values())
     for name in sorted(models):
         both_formats(root / name, name, args.vllm_python or sys.executable)
 
@@ -224,7 +255,8 @@ def main(argv=None):
         engines["vLLM"] = (args.vllm_python, "vllm", "hf", args.vllm_dtype, REPO)
     rows = []
     for name in chosen:
-        model, num_requests, prompt_lens, output_lens = WORKLOADS[name]
+        _, num_requests, prompt_lens, output_lens = WORKLOADS[name]
+        model = model_of[name]
         vocab_size = MODELS[model]["vocab_size"]
         prompts, max_tokens = make_workload(num_requests, prompt_lens, output_lens, vocab_size)
         warmup_prompts, warmup_max_tokens = make_workload(num_requests, prompt_lens, output_lens, vocab_size, seed=1)
@@ -236,11 +268,17 @@ def main(argv=None):
             order = list(engines) if r % 2 == 0 else list(engines)[::-1]
             for engine in order:
                 python, worker, form, dtype, repo = engines[engine]
-                result = in_subprocess(python, worker, root / model / form, workload_file, dtype, repo)
+                profile_file = (root / f"profile_{workload_file.stem}_{model}_{engine}_{r}.txt"
+                                if args.profile else None)
+                result = in_subprocess(python, worker, root / model / form, workload_file, dtype, repo,
+                                       profile_file=profile_file)
                 results[engine].append(result)
                 print(f"  {name} | {engine:9} round {r}: {result['tok_s']:7.0f} out tok/s "
                       f"(first generate {result['first_tok_s']:.0f}, start-up {result['startup']:.1f} s, "
-                      f"{result['dtype']})", flush=True)
+                      f"{result['dtype']}, {result.get('threads', '?')} threads"
+                      + (f", KV {result['kv_tokens']:,} tokens, {result['preemptions']} preemptions in warm-up "
+                         f"and timed" if "preemptions" in result else "") + ")"
+                      + (f", profile in {profile_file}" if profile_file else ""), flush=True)
         rows.append((name, results))
 
     print(f"\n{os.cpu_count()} CPUs ({cpu_features()}), median of {args.rounds} rounds, output tokens/s")
@@ -255,7 +293,7 @@ def main(argv=None):
         if "vLLM" in engines:
             same, prefix = matching(results["microvllm"][0]["outputs"], results["vLLM"][0]["outputs"])
             cells.append(f"{same:.0%} (leading tokens {prefix:.0%})")
-        print(f"| {name} | " + " | ".join(cells) + " |")
+        print(f"| {name}{', ' + model_of[name] if args.model else ''} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -126,12 +126,27 @@ def test_step_timing_is_opt_in_and_times_every_step(checkpoint_dir):
 
 
 def test_cpu_default_is_capped_by_the_ram_available_but_holds_one_sequence(checkpoint_dir, monkeypatch):
-    from microvllm.engine import memory
     per_block = 16 * BYTES_PER_TOKEN
-    monkeypatch.setattr(memory, "available_ram", lambda: 4 * 20 * per_block)  # a quarter: 20 blocks
+    monkeypatch.setattr(memory, "available_ram", lambda: 2 * 20 * per_block)  # a half: 20 blocks
     assert LLM(checkpoint_dir, max_num_seqs=8, block_size=16).engine.kv_cache.num_blocks == 20
     monkeypatch.setattr(memory, "available_ram", lambda: 0)
     assert LLM(checkpoint_dir, max_num_seqs=8, block_size=16).engine.kv_cache.num_blocks == 64 // 16
+
+
+def test_cpu_default_gives_a_large_model_half_the_ram_available(monkeypatch):
+    # nanochat d20 in float32: 204,800 bytes a token, 256 sequences of 1,024 need 50 GiB
+    per_block = 16 * 204_800
+    monkeypatch.setattr(memory, "available_ram", lambda: 20 * 1024**3)
+    assert memory.cpu_kv_blocks(256, 1024, 16, per_block) == 10 * 1024**3 // per_block
+
+
+def test_cpu_default_logs_why_it_chose_its_size(checkpoint_dir, monkeypatch, caplog):
+    monkeypatch.setattr(memory, "available_ram", lambda: 2 * 20 * 16 * BYTES_PER_TOKEN)
+    with caplog.at_level(logging.INFO, logger="microvllm"):
+        LLM(checkpoint_dir, max_num_seqs=8, block_size=16)
+        LLM(checkpoint_dir, max_num_seqs=1, block_size=16)
+    assert "50% of the" in caplog.text and "62% of what max_num_seqs=8 sequences" in caplog.text
+    assert "room for max_num_seqs=1 sequences of max_model_len=64" in caplog.text
 
 
 def cpu_kv_cache(*shape_and_dtype) -> PagedKVCache:

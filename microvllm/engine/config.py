@@ -14,8 +14,9 @@ from ..validation import check_bool, check_choice, check_int, check_real, check_
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # vLLM's other names for them, so that its dtype="half" and dtype="float" carry over
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}
-# on CPU, by default: room for max_num_seqs full-length sequences, at most this much
-MAX_DEFAULT_CPU_KV_CACHE_MEMORY = 1024**3
+# on CPU, by default: room for max_num_seqs full-length sequences, at most this share of
+# the RAM available once the weights are loaded (what gpu_memory_utilization is on a GPU)
+CPU_KV_CACHE_RAM_FRACTION = 0.5
 DEFAULT_MAX_NUM_SEQS = 256
 
 

@@ -6,13 +6,15 @@ that sizes the KV cache by free memory), what
 on the card (the CUDA context, other processes), the peak of the costliest eager step
 (the largest forward, then the sampler with every option on max_num_seqs rows and a
 chunk of prompt log-probs) and the CUDA graphs' private pool (the largest decode
-batch's forward) are counted; on CPU, room for max_num_seqs full-length sequences, capped.
+batch's forward) are counted; on CPU, room for max_num_seqs full-length sequences, at most
+a share of the RAM available.
 A byte budget buys at most PREFIX_CACHE_HEADROOM times what max_num_seqs full-length
 sequences can fill. CPU sizing is cpu_kv_blocks'.
 """
 
 import logging
 import os
+from pathlib import Path
 
 import torch
 
@@ -21,7 +23,7 @@ from ..model.attention import DenseCausalAttention
 from ..model.gpt import GPT
 from ..platform import Platform, cuda
 from ..sampling_params import MAX_LOGPROBS, SamplingParams
-from .config import MAX_DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
+from .config import CPU_KV_CACHE_RAM_FRACTION, EngineConfig
 from .kv_cache import DecodeKVView, PagedKVCache
 from .logprobs import PROMPT_LOGPROBS_CHUNK, logprob_table
 from .sampler import Sampler
@@ -133,22 +135,40 @@ def describe_kv_cache(kv_cache: PagedKVCache, platform: Platform) -> str:
 
 def cpu_kv_blocks(max_num_seqs: int, max_model_len: int, block_size: int, bytes_per_block: int) -> int:
     """Room for max_num_seqs full-length sequences, all the scheduler can ever hold (so
-    nothing is preempted), but at most MAX_DEFAULT_CPU_KV_CACHE_MEMORY and a quarter of
-    the RAM available now: a block takes RAM from its first use on, and a long run
-    (prefix caching keeps freed blocks) ends up using them all. Never less than one
-    full-length sequence."""
+    nothing is preempted), but at most CPU_KV_CACHE_RAM_FRACTION of the RAM available now,
+    with the weights loaded; never less than one full-length sequence.
+
+    The pool is reserved, not committed: a block takes RAM from its first write on, and
+    the CPU block manager reuses freed blocks before untouched ones, so a run commits what
+    its busiest moment holds. The share is of what is available, not of all RAM: engines
+    built one after another each see what the ones before them left."""
     blocks_per_seq = cdiv(max_model_len, block_size)
-    cap = min(MAX_DEFAULT_CPU_KV_CACHE_MEMORY, available_ram() // 4) // bytes_per_block
-    return min(max_num_seqs * blocks_per_seq, max(cap, blocks_per_seq))
+    wanted = max_num_seqs * blocks_per_seq
+    available = available_ram()
+    affordable = int(available * CPU_KV_CACHE_RAM_FRACTION) // bytes_per_block
+    if wanted <= affordable:
+        logger.info(f"KV cache: room for max_num_seqs={max_num_seqs} sequences of max_model_len={max_model_len}")
+        return wanted
+    num_blocks = max(affordable, blocks_per_seq)
+    logger.info(f"KV cache: {CPU_KV_CACHE_RAM_FRACTION:.0%} of the {available / GIB:.1f} GiB of RAM available, "
+                f"{num_blocks / wanted:.0%} of what max_num_seqs={max_num_seqs} sequences of max_model_len="
+                f"{max_model_len} can fill (kv_cache_memory or num_blocks set it)")
+    return num_blocks
 
 
 def available_ram() -> int:
-    """Bytes of RAM the kernel could hand out now (MemAvailable), else its free pages."""
+    """Bytes of RAM the kernel could hand out now (MemAvailable, else its free pages),
+    within the cgroup v2 memory limit of this process, where there is one."""
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            available = min(available, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 memory limit visible
+    return max(available, 0)

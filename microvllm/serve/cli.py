@@ -35,7 +35,8 @@ ENGINE_FLAG_HELP = {
     "block_size": "tokens per KV block (default: the attention backend's)",
     "num_blocks": "KV blocks (default: sized from the memory budget)",
     "kv_cache_memory": "bytes for the KV cache (default: on cpu, room for max-num-seqs full-length "
-                       "sequences, at most 1 GiB; on cuda, from --gpu-memory-utilization)",
+                       "sequences, at most half the RAM available once the weights are loaded; on cuda, "
+                       "from --gpu-memory-utilization)",
     "gpu_memory_utilization": "on cuda without --kv-cache-memory: the share of GPU memory to fill",
     "max_num_seqs": "sequences in the running batch",
     "max_num_batched_tokens": "tokens one engine step computes at most",
