@@ -31,6 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 MODELS = {  # era A, sequence_len 1024
     "6x384": dict(n_layer=6, n_embd=384, n_head=6, vocab_size=512),
+    "6x384-v65536": dict(n_layer=6, n_embd=384, n_head=6, vocab_size=65536),  # nanochat's vocabulary
     "12x768": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=4096),
     "d20": dict(n_layer=20, n_embd=1280, n_head=10, vocab_size=65536),  # nanochat's d20, about 560M
 }
@@ -194,6 +195,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=2, help="runs of each engine per workload")
     parser.add_argument("--workloads", nargs="*", choices=range(len(WORKLOADS)), type=int,
                         help="indices into the workload list (default: all)")
+    parser.add_argument("--model", choices=list(MODELS), help="run every chosen workload on this model "
+                        "instead of its own")
     parser.add_argument("--dtype", help="microvllm dtype (default: its own default)")
     parser.add_argument("--vllm-dtype", help="vLLM dtype (default: its own default)")
     parser.add_argument("--baseline-repo", type=Path, help="another microvllm checkout to run side by side")
@@ -213,7 +216,8 @@ def main(argv=None):
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="vs_vllm_"))
     chosen = [list(WORKLOADS)[i] for i in (args.workloads if args.workloads is not None else range(len(WORKLOADS)))]
-    models = {WORKLOADS[name][0] for name in chosen}
+    model_of = {name: args.model or WORKLOADS[name][0] for name in chosen}
+    models = set(model_of.values())
     for name in sorted(models):
         both_formats(root / name, name, args.vllm_python or sys.executable)
 
@@ -224,7 +228,8 @@ def main(argv=None):
         engines["vLLM"] = (args.vllm_python, "vllm", "hf", args.vllm_dtype, REPO)
     rows = []
     for name in chosen:
-        model, num_requests, prompt_lens, output_lens = WORKLOADS[name]
+        _, num_requests, prompt_lens, output_lens = WORKLOADS[name]
+        model = model_of[name]
         vocab_size = MODELS[model]["vocab_size"]
         prompts, max_tokens = make_workload(num_requests, prompt_lens, output_lens, vocab_size)
         warmup_prompts, warmup_max_tokens = make_workload(num_requests, prompt_lens, output_lens, vocab_size, seed=1)
@@ -241,7 +246,7 @@ def main(argv=None):
                 print(f"  {name} | {engine:9} round {r}: {result['tok_s']:7.0f} out tok/s "
                       f"(first generate {result['first_tok_s']:.0f}, start-up {result['startup']:.1f} s, "
                       f"{result['dtype']})", flush=True)
-        rows.append((name, results))
+        rows.append((f"{name}, {model}" if args.model else name, results))
 
     print(f"\n{os.cpu_count()} CPUs ({cpu_features()}), median of {args.rounds} rounds, output tokens/s")
     others = [e for e in engines if e != "microvllm"]
