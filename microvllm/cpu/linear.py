@@ -10,11 +10,12 @@ has no bfloat16 kernels to pack for.
 float32: `F.linear` calls MKL's sgemm, whose result for a row changes with the number of
 rows beside it (a one-row product takes another kernel, and larger ones block the rows
 differently), so a request's greedy tokens could depend on its batch. oneDNN's packed
-float32 kernel gives a row the same bits at every padded row count, and it is faster
-where an engine spends its time: decode batches of 8 rows and more, the LM head, prefill
-chunks (measured in docs/performance.md, "Packed float32 linears"). Its sums are ordered
-differently from sgemm's: outputs differ from `F.linear`'s by float32 rounding (~1e-6).
-A single row runs slower packed than through sgemm: the price of the invariance.
+float32 kernel gives a row the same bits at every padded row count, and from 384 wide up
+it is faster where an engine spends its time: decode batches of 8 rows and more, the LM
+head, prefill chunks (measured in docs/performance.md, "Packed float32 linears"). Its
+sums are ordered differently from sgemm's: outputs differ from `F.linear`'s by float32
+rounding (~1e-6). Fewer than 8 rows, and narrow layers, run slower packed than through
+sgemm: the price of the invariance.
 
 oneDNN builds and keeps a kernel per distinct row count, and every step's token count
 is a new row count: a long-running process would grow without bound. So the rows are
