@@ -32,6 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 MODELS = {  # era A, sequence_len 1024
     "6x384": dict(n_layer=6, n_embd=384, n_head=6, vocab_size=512),
+    "6x384-v65536": dict(n_layer=6, n_embd=384, n_head=6, vocab_size=65536),  # nanochat's vocabulary
     "12x768": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=4096),
     "d20": dict(n_layer=20, n_embd=1280, n_head=10, vocab_size=65536),  # nanochat's d20, about 560M
 }
@@ -219,11 +220,12 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=2, help="runs of each engine per workload")
     parser.add_argument("--workloads", nargs="*", choices=range(len(WORKLOADS)), type=int,
                         help="indices into the workload list (default: all)")
+    parser.add_argument("--model", choices=list(MODELS), help="run every chosen workload on this model "
+                        "instead of its own")
     parser.add_argument("--dtype", help="microvllm dtype (default: its own default)")
     parser.add_argument("--vllm-dtype", help="vLLM dtype (default: its own default)")
     parser.add_argument("--baseline-repo", type=Path, help="another microvllm checkout to run side by side")
     parser.add_argument("--dir", help="where to write the checkpoints (default: a temporary dir)")
-    parser.add_argument("--model", choices=MODELS, help="run every chosen workload on this model instead of its own")
     parser.add_argument("--profile", action="store_true",
                         help="profile each timed generate (torch.profiler): top ops by self CPU time, a file "
                              "per engine and round in --dir (tok/s then include the profiler's cost)")

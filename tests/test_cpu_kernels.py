@@ -10,7 +10,7 @@ import torch
 from microvllm import LLM
 from microvllm.cpu import kernels as cpu_kernels
 from microvllm.cpu.kernels import load_library
-from microvllm.cpu.linear import PackedLinear, native_bfloat16
+from microvllm.cpu.linear import PackedLinear, native_bfloat16, packs_linears
 from microvllm.cpu.ops import CpuOps
 from microvllm.platform import cpu as platform_cpu
 from microvllm.model.gpt import TorchOps
@@ -84,16 +84,39 @@ def test_the_cpu_backend_brings_the_fused_ops(checkpoint_dir, backend, ops):
 
 @pytest.mark.skipif(not native_bfloat16(), reason="packing is for CPUs with native bfloat16")
 @pytest.mark.parametrize("rows", [1, 7, 64, 256, 300, 600])  # padded rows or not
-def test_packed_linear_gives_what_linear_gives(rows):
+def test_packed_bfloat16_linear_gives_what_linear_gives(rows):
     linear = torch.nn.Linear(96, 160, bias=False).to(torch.bfloat16)
     x = torch.randn(rows, 96).to(torch.bfloat16)
     assert torch.equal(PackedLinear(linear)(x), linear(x))
 
 
+@pytest.mark.skipif(not packs_linears(torch.float32), reason="torch is built without oneDNN")
+@pytest.mark.parametrize("rows", [1, 7, 64, 256, 300, 600])
+def test_packed_float32_linear_gives_what_linear_gives_to_float32_rounding(rows):
+    linear = torch.nn.Linear(96, 160, bias=False)
+    x = torch.randn(rows, 96)
+    torch.testing.assert_close(PackedLinear(linear)(x), linear(x), **TOLERANCES[torch.float32])
+
+
+@pytest.mark.skipif(not packs_linears(torch.float32), reason="torch is built without oneDNN")
+def test_a_packed_float32_row_has_the_same_bits_whatever_rows_run_beside_it():
+    # 1,536 inputs: a shape whose one-row product, unpadded, rounds differently
+    linear = PackedLinear(torch.nn.Linear(1536, 384, bias=False))
+    x = torch.randn(300, 1536)
+    alone = linear(x[:1])
+    assert all(torch.equal(linear(x[:rows])[:1], alone) for rows in range(2, 301))
+
+
 @pytest.mark.skipif(not native_bfloat16(), reason="packing is for CPUs with native bfloat16")
-def test_bfloat16_engines_pack_their_linears_and_float32_ones_do_not(checkpoint_dir):
+def test_bfloat16_engines_pack_their_linears(checkpoint_dir):
     assert isinstance(LLM(checkpoint_dir, dtype="bfloat16").engine.model.lm_head, PackedLinear)
-    assert isinstance(LLM(checkpoint_dir, dtype="float32").engine.model.lm_head, torch.nn.Linear)
+
+
+@pytest.mark.skipif(not packs_linears(torch.float32), reason="torch is built without oneDNN")
+def test_float32_engines_pack_their_linears_and_quantized_ones_keep_theirs(checkpoint_dir):
+    assert isinstance(LLM(checkpoint_dir, dtype="float32").engine.model.lm_head, PackedLinear)
+    quantized = LLM(checkpoint_dir, dtype="float32", quantization="int8").engine.model
+    assert not any(isinstance(m, PackedLinear) for m in quantized.modules())
 
 
 def test_the_cpu_default_dtype_is_bfloat16_only_where_the_cpu_has_bfloat16_instructions(monkeypatch):

@@ -1,9 +1,11 @@
 """Every era's greedy tokens and log-probs equal a plain full-recompute forward."""
 
 import pytest
+import torch
 
 from checkpoints import load_reference
 from microvllm import LLM, SamplingParams
+from microvllm.cpu.linear import PackedLinear, packs_linears
 from reference import reference_greedy, reference_logits
 
 # D and E only slide their short windows beyond 128 tokens, so they get a longer context
@@ -26,6 +28,18 @@ def test_greedy_tokens_and_logprobs_match_full_recompute(make_checkpoint, era):
     got_logprobs = [entry[t].logprob for entry, t in zip(out.logprobs, out.token_ids)]
     assert got_logprobs == pytest.approx(want_logprobs, abs=1e-4)
     assert out.cumulative_logprob == pytest.approx(sum(want_logprobs), abs=1e-3)
+
+
+@pytest.mark.skipif(not packs_linears(torch.float32), reason="torch is built without oneDNN")
+def test_packed_float32_engine_serves_the_reference_tokens_alone_and_in_a_batch(checkpoint_dir):
+    sd, cfg = load_reference(checkpoint_dir)
+    prompts = [[(7 * i + 3 * k + 1) % 256 for i in range(5 + 3 * k)] for k in range(12)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm = LLM(checkpoint_dir, dtype="float32")
+    assert isinstance(llm.engine.model.lm_head, PackedLinear)
+    batched = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    alone = [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    assert batched == alone == [reference_greedy(sd, cfg, "E", p, 8)[0] for p in prompts]
 
 
 def test_prompt_logprobs_match_full_recompute(checkpoint_dir):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from microvllm import LLM, SamplingParams
-from microvllm.cpu.linear import native_bfloat16
+from microvllm.cpu.linear import packs_linears
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
@@ -300,26 +300,30 @@ def test_work_per_sample_does_not_grow_with_n(checkpoint_dir):
 
 # run in a fresh process: in this one, heap freed by earlier tests would hide the growth
 PLATEAU_CHECK = """
+import sys
 import torch
 from benchmarks.soak import rss_mib
 from microvllm.cpu.linear import PackedLinear, padded_rows
 
-linear = PackedLinear(torch.nn.Linear(384, 1536, bias=False).to(torch.bfloat16))
+dtype = getattr(torch, sys.argv[1])
+linear = PackedLinear(torch.nn.Linear(384, 1536, bias=False).to(dtype))
 for rows in sorted({padded_rows(n) for n in range(1, 301)}):
-    linear(torch.ones(rows, 384, dtype=torch.bfloat16))
+    linear(torch.ones(rows, 384, dtype=dtype))
 before = rss_mib()
 for rows in range(1, 301):
-    assert linear(torch.ones(rows, 384, dtype=torch.bfloat16)).shape == (rows, 1536)
+    assert linear(torch.ones(rows, 384, dtype=dtype)).shape == (rows, 1536)
 print(rss_mib() - before)
 """
 
 
-@pytest.mark.skipif(not native_bfloat16(), reason="bfloat16 linears are packed only on CPUs with bfloat16 instructions")
-def test_bfloat16_linear_memory_reaches_a_plateau_over_every_row_count():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_packed_linear_memory_reaches_a_plateau_over_every_row_count(dtype):
     """A server meets every token count from 1 to max_num_batched_tokens; oneDNN keeps
     a kernel per row count it sees, so the memory must stop growing once every padded
     row count has been met."""
+    if not packs_linears(getattr(torch, dtype)):
+        pytest.skip(f"this CPU runs {dtype} linears unpacked")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent.parent))
-    growth = subprocess.run([sys.executable, "-c", PLATEAU_CHECK], env=env, check=True,
+    growth = subprocess.run([sys.executable, "-c", PLATEAU_CHECK, dtype], env=env, check=True,
                             capture_output=True, text=True).stdout
     assert float(growth) < 16

@@ -5,6 +5,7 @@ import torch
 
 from microvllm import LLM, SamplingParams
 from microvllm.engine.sampler import uniform_noise
+from microvllm.model.loader import find_checkpoint, read_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +43,9 @@ def test_eos_stops_unless_ignored(checkpoint_dir):
     llm = LLM(checkpoint_dir)
     tokens = greedy_tokens(llm, [4, 5, 6])
     # make <|bos|> (an EOS for nanochat) a little likelier than the token greedy picks third
-    weight = llm.engine.model.lm_head.weight
-    weight[llm.tokenizer.bos_id] = weight[tokens[2]] * 1.05
+    state = read_state_dict(find_checkpoint(checkpoint_dir)[0])
+    state["lm_head.weight"][llm.tokenizer.bos_id] = state["lm_head.weight"][tokens[2]] * 1.05
+    llm.update_weights(state)
     out = llm.generate([[4, 5, 6]], SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)[0].outputs[0]
     assert out.token_ids[-1] == llm.tokenizer.bos_id and len(out.token_ids) <= 3
     assert out.finish_reason == "stop" and out.stop_reason is None and out.text == llm.tokenizer.decode(out.token_ids[:-1])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from microvllm import LLM, SamplingParams
-from microvllm.cpu.linear import PackedLinear, native_bfloat16
+from microvllm.cpu.linear import PackedLinear, packs_linears
 from microvllm.model.loader import find_checkpoint, load_model, read_state_dict
 from microvllm.model.quantization import Fp8Linear, Int8Linear
 
@@ -63,13 +63,14 @@ def test_updated_engine_serves_what_a_fresh_one_on_the_new_weights_serves(config
     assert after != before
 
 
-def test_bfloat16_engine_on_a_bfloat16_cpu_repacks_its_packed_linears(checkpoint_dir, state_b, expected_b):
-    if not native_bfloat16():
-        pytest.skip("this CPU has no bfloat16 instructions: no packed linears")
-    llm = LLM(checkpoint_dir, **ENGINE, dtype="bfloat16")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_engine_with_packed_linears_repacks_them(checkpoint_dir, state_b, expected_b, dtype):
+    if not packs_linears(getattr(torch, dtype)):
+        pytest.skip(f"this CPU runs {dtype} linears unpacked")
+    llm = LLM(checkpoint_dir, **ENGINE, dtype=dtype)
     assert any(isinstance(m, PackedLinear) for m in llm.engine.model.modules())
     llm.update_weights(state_b)
-    assert served(llm) == expected_b["bfloat16"]
+    assert served(llm) == expected_b[dtype]
 
 
 def test_int8_engine_requantizes(checkpoint_dir, state_b, expected_b):

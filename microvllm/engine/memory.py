@@ -79,7 +79,9 @@ def gpu_bytes_for_kv_cache(config: EngineConfig, model: GPT, device: torch.devic
     graph_pool = 0
     if decode_attention is not None:
         # the largest graph's forward, run eagerly over a cache of one sequence, made first
-        view = _largest_decode_view(config, model, device, model.lm_head.weight.dtype, max_model_len, block_size)
+        # the embedding's dtype is the activations': a linear may be packed or quantized
+        view = _largest_decode_view(config, model, device, model.transformer.wte.weight.dtype, max_model_len,
+                                    block_size)
         ids = torch.zeros(config.max_num_seqs, dtype=torch.long, device=device)
         graph_pool = cuda.peak_bytes(device, lambda: model(ids, ids + max_model_len - 1, ids, decode_attention(view)))
         del view

@@ -1,4 +1,4 @@
-"""CpuPlatform: the C decode kernel and fused ops, packed bfloat16 linears, a KV cache in
+"""CpuPlatform: the C decode kernel and fused ops, packed linears, a KV cache in
 anonymous memory, numpy's argmax and the C kernel's sampling noise. The CPU's own code sits in microvllm/cpu/."""
 
 import logging
@@ -8,7 +8,7 @@ import mmap
 import torch
 
 from ..cpu.kernels import available as cpu_kernels_available, load_library
-from ..cpu.linear import native_bfloat16, pack_linears
+from ..cpu.linear import native_bfloat16, pack_linears, packs_linears
 from ..cpu.threads import apply_cpu_threads
 from ..model.attention import AttentionBackend, SdpaDecodeAttention
 from ..model.gpt import GPT
@@ -65,7 +65,8 @@ class CpuPlatform(Platform):
         if backend.name == "cpu":  # its C library fuses the forward's norms and rotary too
             from ..cpu.ops import CpuOps
             model.ops = CpuOps
-        if quantization is None and next(model.parameters()).dtype == torch.bfloat16 and native_bfloat16():
+        # quantized layers keep their own int8 / fp8 kernels
+        if quantization is None and packs_linears(next(model.parameters()).dtype):
             pack_linears(model)
         return super().prepare_model(model, backend, quantization)
 
