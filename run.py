@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="auto: bfloat16 on cuda and on CPUs with bfloat16 instructions "
                              "(AVX-512 BF16 or AMX), float32 on other CPUs; float16 (half) runs "
                              "as bfloat16 on a CPU, as in vLLM (default: auto)")
+    parser.add_argument("--speculative-config", metavar="JSON",
+                        help="speculative decoding, as JSON: '{\"method\": \"ngram\", "
+                             "\"num_speculative_tokens\": 4}' or '{\"model\": DRAFT_DIR, "
+                             "\"num_speculative_tokens\": 4}'; the same outputs (default: none)")
     parser.add_argument("--cpu-threads", type=int,
                         help="torch threads on cpu (default: $OMP_NUM_THREADS if set, else the "
                              "cores this process may use less those other processes keep busy, "
@@ -125,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     # imported here so that --help and flag errors answer without loading torch
     from microvllm import LLM, SamplingParams
     from microvllm.engine.config import EngineConfig
+    from microvllm.validation import json_object_argument
 
     try:
         # one seed per prompt (seed, seed+1, ...): reproducible, yet prompts don't share draws
@@ -134,10 +139,16 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, TypeError) as e:
         parser.error(f"bad sampling value: {e}")
     try:
+        speculative_config = (None if args.speculative_config is None
+                              else json_object_argument(args.speculative_config))
+    except argparse.ArgumentTypeError as e:
+        parser.error(f"argument --speculative-config: {e}")
+    try:
         # every sequence runs at once, and the KV cache holds just those (on cpu, its
         # default is room for max_num_seqs full-length sequences)
         llm = LLM(model=args.model, tokenizer=args.tokenizer, step=args.step,
                   device=args.device, dtype=args.dtype, cpu_threads=args.cpu_threads,
+                  speculative_config=speculative_config,
                   max_num_seqs=min(len(prompts) * args.n, EngineConfig.max_num_seqs))
     # TypeError too: a checkpoint's meta may hold a value of the wrong type. Caught here
     # only, where input is checked, so that a TypeError from a bug keeps its traceback.

@@ -8,6 +8,8 @@ never what a user meant by `max_tokens=True`. numpy's integers and floats are ac
 and returned as plain Python numbers.
 """
 
+import argparse
+import json
 import math
 import numbers
 
@@ -71,3 +73,14 @@ def _range(minimum, maximum) -> str:
     if maximum is not None:
         return f" <= {maximum}"
     return ""
+
+
+def json_object_argument(text: str) -> dict:
+    """A command-line flag's JSON object (argparse reports the error as the flag's)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"method\": \"ngram\", ...}}', got {text!r}")
+    return value

@@ -159,3 +159,18 @@ def test_cpu_threads_help_states_the_default_the_engine_uses():
     assert "less one" not in help_of("--cpu-threads")
     assert "the cores this process may use less those other processes keep busy, at least one" \
         in help_of("--cpu-threads")
+
+
+def test_speculative_config_leaves_greedy_completions_as_they_were(main):
+    args = ("--prompt", "ROMEO.\\nI am", "--max-tokens", "24", "--temperature", "0")
+    plain = main(*args)
+    speculative = main(*args, "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 4}')
+    assert plain[0] == speculative[0] == 0
+    assert plain[1].split("requests 1 |")[0] == speculative[1].split("requests 1 |")[0]
+
+
+@pytest.mark.parametrize("value, message", [("{bad", "not valid JSON"), ("[1]", "must be a JSON object"),
+                                            ('{"method": "eagle"}', "speculative_config")])
+def test_a_bad_speculative_config_is_refused_by_name(main, value, message):
+    code, _, err = main("--speculative-config", value)
+    assert code == 2 and message in err

@@ -6,7 +6,6 @@ The engine flags are LLM's settings, one per EngineConfig field, spelt as vLLM's
 """
 
 import argparse
-import json
 import logging
 import os
 import typing
@@ -17,6 +16,7 @@ import uvicorn
 from ..engine.config import EngineConfig
 from ..model.attention import ATTENTION_BACKENDS
 from ..model.quantization import QUANTIZATIONS
+from ..validation import json_object_argument
 from .api import ServerSettings, build_app
 from .async_engine import AsyncEngine
 from .engine_process import EngineProcess
@@ -100,20 +100,9 @@ def _add_engine_flag(group, field) -> None:
     if kind is bool:
         group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
     elif kind is dict:
-        group.add_argument(flag, type=json_object, default=default, help=text)
+        group.add_argument(flag, type=json_object_argument, default=default, help=text)
     else:
         group.add_argument(flag, type=kind, default=default, help=text)
-
-
-def json_object(text: str) -> dict:
-    """A flag's JSON object (argparse reports the error as the flag's)."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"method\": \"ngram\", ...}}', got {text!r}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> None:
