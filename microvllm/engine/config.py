@@ -8,7 +8,7 @@ import torch
 from ..model.attention import ATTENTION_BACKENDS
 from ..model.quantization import QUANTIZATIONS
 from ..platform import pick_device
-from ..speculative.config import parse_speculative_config
+from ..speculative.config import SpeculativeConfig, parse_speculative_config
 from ..validation import check_bool, check_choice, check_int, check_real, check_type
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,9 +45,9 @@ class EngineConfig:
     seed: int = 0                           # draws the seeds of requests that set none
     step_timing: bool = False               # EngineStats gains host and device ms per step
     cpu_threads: int | None = None          # on cpu; None = OMP_NUM_THREADS if set, else cpu_threads.py's default
-    # vLLM's {"method": "ngram", "num_speculative_tokens": k, ...} or {"model": DIR, ...}
-    # (speculative/config.py); None = no speculative decoding
-    speculative_config: dict | None = None
+    # vLLM's {"method": "ngram", "num_speculative_tokens": k, ...} or {"model": DIR, ...},
+    # stored checked as a SpeculativeConfig (speculative/config.py); None = no speculative decoding
+    speculative_config: dict | SpeculativeConfig | None = None
 
     def __post_init__(self):
         """Checks every setting by type and range, and stores it normalised."""
@@ -88,7 +88,7 @@ class EngineConfig:
         if self.cpu_threads is not None:
             self.cpu_threads = check_int("cpu_threads", self.cpu_threads, 1)
         check_choice("quantization", self.quantization, QUANTIZATIONS + (None,))
-        parse_speculative_config(self.speculative_config)
+        self.speculative_config = parse_speculative_config(self.speculative_config)
 
     def resolve_device(self) -> torch.device:
         return pick_device(self.device)

@@ -33,7 +33,6 @@ from ..model.weights import load_weights
 from ..outputs import RequestOutput
 from ..platform import platform_for
 from ..sampling_params import RequestOutputKind, SamplingParams
-from ..speculative.config import parse_speculative_config
 from ..speculative.factory import make_proposer
 from ..speculative.speculator import Speculator
 from ..structured.grammars import Grammars
@@ -109,7 +108,7 @@ class LLMEngine(Engine):
         self.runner = ModelRunner(self.model, self.kv_cache, attention_backend, sampler, self.device, decode_graphs,
                                   StepTimer(platform.device_clock) if config.step_timing else None)
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler, self.max_model_len)
-        speculative = parse_speculative_config(config.speculative_config)
+        speculative = config.speculative_config
         self.speculates = speculative is not None
         self.speculator = None if speculative is None else Speculator(
             make_proposer(speculative, self.tokenizer, self.dtype, self.device, platform),

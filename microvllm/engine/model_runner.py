@@ -50,7 +50,6 @@ def _batch_order(item: ScheduledSequence) -> int:
     return kind * BATCH_KIND_STRIDE + computed + item.num_new_tokens
 
 
-
 # what an eager step sends the device, in its one copy
 EAGER_INPUTS = ("input_ids", "positions", "prev_ids", "slot_mapping", "block_tables",
                 "cu_query_lens", "cu_context_lens")
@@ -127,8 +126,8 @@ class ModelRunner:
         ends = inputs["cu_query_lens"][1:]
         row_views = None
         if guessing:
-            sampled_seqs, row_views, last_rows = self._guessed_rows(batch, inputs)
             num_guesses = int_array([len(s.guesses) for s in batch])
+            sampled_seqs, row_views, last_rows = self._guessed_rows(batch, inputs, num_guesses)
             # single queries replay the decode graphs; a backend whose chunk rows are exact
             # decodes needs them split for nothing else
             if self.decode_graphs or num_guesses.max() + 1 > self.attention_backend.exact_chunk_rows:
@@ -171,10 +170,11 @@ class ModelRunner:
                           self.timer.stop() if self.timer else None, row_views)
 
     @staticmethod
-    def _guessed_rows(batch: list[ScheduledSequence], inputs: dict) -> tuple[list, list, np.ndarray]:
+    def _guessed_rows(batch: list[ScheduledSequence], inputs: dict,
+                      num_guesses: np.ndarray) -> tuple[list, list, np.ndarray]:
         """(the item of each sampled row, the row's view of its sequence, the rows) in a
-        step that checks guesses: an item that samples does so at its last 1 + g rows."""
-        num_guesses = int_array([len(s.guesses) for s in batch])
+        step that checks guesses (`num_guesses` per item): an item that samples does so
+        at its last 1 + g rows."""
         samples = inputs["context_lens"] == int_array([len(s.seq.token_ids) for s in batch]) + num_guesses
         counts = num_guesses[samples] + 1
         firsts = inputs["cu_query_lens"][1:][samples] - counts
